@@ -1,0 +1,134 @@
+"""Command line: `klein-ray render | validate | status | demo | make-tiny-model` (SPEC's surface).
+
+Each command parses its arguments, calls one function, and turns known failures into a clear
+one-line message and SPEC's exit code (no tracebacks for user errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from klein_ray.config import ConfigError, load_config
+from klein_ray.driver import EXIT_INTERRUPTED, EXIT_INVALID, Driver, RenderJob
+from klein_ray.manifest import ManifestError
+from klein_ray.storage import StorageError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="klein-ray", description="Batch rendering of FLUX.2 [klein] "
+                                "manifests on Ray into S3-compatible storage.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("render", help="render every row of a manifest (re-run to resume)",
+                       description="Render every row of MANIFEST into OUT. Re-running the same "
+                       "command resumes: committed rows are skipped. Exit codes: 0 all rows "
+                       "committed, 1 some rows failed (see OUT/_job/errors.parquet), 2 invalid "
+                       "invocation/config/manifest, 130 interrupted.")
+    r.add_argument("manifest", help="Parquet file, directory of Parquet files, or s3:// prefix")
+    r.add_argument("--output", "-o", required=True, help="s3://bucket/prefix or a local directory")
+    r.add_argument("--config", "-c", help="job config YAML (default: one CPU variant, the tiny model)")
+    r.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+    v = sub.add_parser("validate", help="check a manifest without rendering",
+                       description="Print every problem of MANIFEST (row id, column, reason); "
+                       "exit 0 if clean, 2 if not.")
+    v.add_argument("manifest")
+    v.add_argument("--config", "-c")
+
+    s = sub.add_parser("status", help="committed / failed / remaining counts of an output",
+                       description="Counts from storage alone (no Ray). The last line is JSON.")
+    s.add_argument("output")
+    s.add_argument("--config", "-c", help="job config (for storage settings)")
+
+    d = sub.add_parser("demo", help="render the sample manifest with the tiny model on a local Ray",
+                       description="Build the tiny offline models if missing and render "
+                       "manifests/example.parquet; writes images, metadata and _job/report.html.")
+    d.add_argument("--output", "-o", default="demo-output")
+
+    m = sub.add_parser("make-tiny-model", help="write the tiny random FLUX.2 klein pipeline",
+                       description="Write a small randomly initialised Flux2KleinPipeline in "
+                       "diffusers layout, offline. Its images are noise.")
+    m.add_argument("directory")
+    m.add_argument("--base", action="store_true", help="mark it undistilled (Base: CFG, 50 steps)")
+    m.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except (ConfigError, ManifestError) as exc:
+        print(f"klein-ray: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except StorageError as exc:
+        print(f"klein-ray: storage error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except KeyboardInterrupt:
+        print("klein-ray: interrupted; re-run the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def cmd_render(args) -> int:
+    config = load_config(args.config)
+    job = RenderJob(args.manifest, args.output, config, args.address, not args.no_progress)
+    summary, code = Driver(job).run()
+    print(json.dumps(summary), flush=True)
+    return code
+
+
+def cmd_validate(args) -> int:
+    from klein_ray.validate import validate_manifest
+
+    config = load_config(args.config)
+    problems = validate_manifest(args.manifest, config)
+    for p in problems:
+        print(f"{p.manifest_file}: row {p.manifest_row} id={p.id} column={p.column or '-'}: {p.message}")
+    print(json.dumps({"problems": len(problems), "rows_with_problems": len({(p.manifest_file, p.manifest_row) for p in problems})}))
+    return EXIT_INVALID if problems else 0
+
+
+def cmd_status(args) -> int:
+    from klein_ray.status import output_status
+
+    config = load_config(args.config)
+    st = output_status(args.output, config.storage)
+    print(f"output:    {args.output}\nmanifest:  {st.manifest or '-'}\ntotal:     {st.total if st.total is not None else '-'}")
+    print(json.dumps(st.counts()))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from klein_ray import demo
+
+    output = str(Path(args.output).absolute())
+    os.chdir(demo.REPO)  # the sample's reference paths are relative to the repository root
+    demo.ensure_tiny_models(demo.REPO)
+    manifest = demo.REPO / "manifests" / "example.parquet"
+    if not manifest.is_file():
+        demo.write_example(manifest.parent)
+    config = load_config(demo.REPO / "jobs" / "demo.yaml")
+    summary, code = Driver(RenderJob(str(manifest), output, config)).run()
+    print(f"report: {output}/_job/report.html  (images come from a random test model: noise)")
+    print(json.dumps(summary), flush=True)
+    return code
+
+
+def cmd_make_tiny_model(args) -> int:
+    from klein_ray.model.tiny import make_tiny_model
+
+    path = make_tiny_model(args.directory, seed=args.seed, distilled=not args.base)
+    print(f"wrote a tiny random FLUX.2 klein pipeline to {path} (its images are noise)")
+    return 0
+
+
+_COMMANDS = {"render": cmd_render, "validate": cmd_validate, "status": cmd_status,
+             "demo": cmd_demo, "make-tiny-model": cmd_make_tiny_model}
+
+if __name__ == "__main__":
+    sys.exit(main())

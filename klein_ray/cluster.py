@@ -1,0 +1,133 @@
+"""The Ray executor: the only module that imports ray. It decides *how* work runs, not *what*.
+
+It connects to (or starts) Ray, creates actor pools of ``RenderWorker`` with the configured
+resources, submits units and reports what finished. The driver decides what to submit and when.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from klein_ray.types import UnitOutcome, WorkUnit
+from klein_ray.worker import RenderWorker, WorkerSpec
+
+ACTOR_RESTARTS = 3  # a killed worker process comes back (its model reloads)
+
+
+class WorkerLost(Exception):
+    """The actor running a unit died (process killed, node lost); the unit can be retried."""
+
+
+class WorkerFailed(Exception):
+    """The worker raised; ``cause`` is the original exception (classify by its type)."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.cause = cause
+
+
+@dataclass
+class Pool:
+    variant: str
+    actors: list[Any]
+    in_flight: dict[int, int] = field(default_factory=dict)  # actor index -> units queued
+
+
+def _worker_class():
+    import ray
+
+    class _Actor(RenderWorker):
+        def __init__(self, spec: WorkerSpec):
+            # Keep model libraries quiet and single-minded inside the actor.
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+            os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+            os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+            super().__init__(spec)
+
+    _Actor.__name__ = _Actor.__qualname__ = "RenderWorker"
+    return ray.remote(_Actor)
+
+
+class RayExecutor:
+    def __init__(self, address: str | None = None):
+        import ray
+
+        self._ray = ray
+        self.started_local = not (address or os.environ.get("RAY_ADDRESS"))
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = dict(address=address or None, log_to_driver=False,
+                                          configure_logging=True, logging_level="ERROR")
+            if self.started_local:
+                kwargs.update(include_dashboard=False, num_cpus=os.cpu_count() or 1)
+            ray.init(**kwargs)
+        self._actor_cls = _worker_class()
+        self._refs: dict[Any, tuple[Pool, int, WorkUnit]] = {}
+
+    def cluster_cpus(self) -> float:
+        return float(self._ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+
+    def start_pool(self, spec: WorkerSpec, count: int, num_cpus: float, num_gpus: float) -> Pool:
+        opts = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=ACTOR_RESTARTS,
+                    max_task_retries=0, max_concurrency=1)
+        actors = [self._actor_cls.options(**opts).remote(spec) for _ in range(count)]
+        return Pool(spec.variant, actors, {i: 0 for i in range(count)})
+
+    def wait_ready(self, pool: Pool, timeout: float | None = None) -> list[dict]:
+        """Block until every actor loaded its model; raises WorkerFailed on a load error."""
+        refs = [a.describe.remote() for a in pool.actors]
+        try:
+            return self._ray.get(refs, timeout=timeout)
+        except self._ray.exceptions.RayActorError as exc:
+            cause = getattr(exc, "cause", None) or exc
+            raise WorkerFailed(_unwrap(cause)) from None
+        except self._ray.exceptions.RayTaskError as exc:
+            raise WorkerFailed(_unwrap(exc)) from None
+
+    def submit(self, pool: Pool, unit: WorkUnit) -> None:
+        index = min(pool.in_flight, key=pool.in_flight.get)  # least-loaded actor
+        ref = pool.actors[index].render_unit.remote(unit)
+        pool.in_flight[index] += 1
+        self._refs[ref] = (pool, index, unit)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._refs)
+
+    def collect(self, timeout: float) -> list[tuple[WorkUnit, UnitOutcome | Exception]]:
+        """Finished units since the last call, each with its outcome or a WorkerLost/WorkerFailed."""
+        if not self._refs:
+            return []
+        ready, _ = self._ray.wait(list(self._refs), num_returns=len(self._refs), timeout=timeout)
+        done = []
+        for ref in ready:
+            pool, index, unit = self._refs.pop(ref)
+            pool.in_flight[index] -= 1
+            try:
+                done.append((unit, self._ray.get(ref)))
+            except self._ray.exceptions.RayActorError as exc:
+                done.append((unit, WorkerLost(str(exc).splitlines()[0][:300])))
+            except self._ray.exceptions.RayTaskError as exc:
+                done.append((unit, WorkerFailed(_unwrap(exc))))
+        return done
+
+    def shutdown_pool(self, pool: Pool) -> None:
+        for actor in pool.actors:
+            self._ray.kill(actor, no_restart=True)
+
+    def shutdown(self, pools: list[Pool]) -> None:
+        for pool in pools:
+            self.shutdown_pool(pool)
+        if self.started_local:
+            self._ray.shutdown()
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The application exception inside a RayTaskError (classify by type, not message)."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException) and cause is not exc:
+        return _unwrap(cause)
+    as_instance = getattr(exc, "as_instanceof_cause", None)
+    return as_instance() if callable(as_instance) else exc

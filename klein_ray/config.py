@@ -1,0 +1,161 @@
+"""The job config: typed, validated (pydantic), with a description on every field.
+
+`render` works with only a manifest and an output: without `--config` the job uses one variant,
+`tiny`, pointing at the offline tiny model (``./.cache/tiny-klein``), so nothing is downloaded by
+surprise. Real jobs name their variants in YAML (see ``jobs/``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_TINY_MODEL = ".cache/tiny-klein"
+
+
+class ConfigError(ValueError):
+    """The job config cannot be used (exit code 2)."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are typos more often than intent: reject them loudly.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VariantConfig(_Strict):
+    source: str = Field(
+        description="Hugging Face repo id, a local diffusers directory, or an s3:// prefix of one "
+        "(synced once per node into cache_dir)."
+    )
+    pipeline: Literal["auto", "distilled", "base", "kv"] = Field(
+        "auto",
+        description="Which FLUX.2 klein pipeline: 'distilled' (4-step), 'base' (undistilled, CFG), "
+        "'kv' (Flux2KleinKVPipeline, reference K/V cached). 'auto' reads model_index.json.",
+    )
+    actors: int = Field(1, ge=1, le=1024, description="Ray actors that each keep this variant loaded.")
+    gpus_per_actor: float = Field(0, ge=0, description="GPUs reserved per actor; 0 runs on CPU.")
+    cpus_per_actor: float | None = Field(
+        None,
+        gt=0,
+        description="CPUs reserved per actor. Unset: GPU actors reserve 1; CPU actors reserve none "
+        "and share the node's cores (torch threads = node cores / CPU actors).",
+    )
+    batch_size: int = Field(4, ge=1, le=64, description="Most rows in one diffusers call.")
+    steps: int | None = Field(
+        None, ge=1, le=1000, description="Default denoising steps (4 distilled, 50 base)."
+    )
+    guidance: float = Field(
+        4.0, ge=0, le=100, description="Default CFG scale; only used by base (undistilled) variants."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights' dtype: 'auto' is bfloat16 on GPU, float32 on CPU."
+    )
+    max_sequence_length: int = Field(
+        512, ge=16, le=512, description="Text tokens given to the encoder (the pipeline's limit)."
+    )
+
+
+class StorageConfig(_Strict):
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint; AWS_ENDPOINT_URL_S3 overrides it when set."
+    )
+    region: str | None = Field(None, description="Region name for S3 requests.")
+    max_attempts: int = Field(
+        5, ge=1, le=20, description="botocore 'standard' mode total attempts per request."
+    )
+    connect_timeout: float = Field(5.0, gt=0, description="Seconds to open a connection.")
+    read_timeout: float = Field(60.0, gt=0, description="Seconds to wait for a response.")
+
+    def resolved_endpoint(self) -> str | None:
+        return os.environ.get("AWS_ENDPOINT_URL_S3") or self.endpoint_url
+
+
+class OutputConfig(_Strict):
+    format: Literal["png", "jpeg", "webp"] = Field("png", description="Default image format.")
+    jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality.")
+    webp_quality: int = Field(90, ge=1, le=100, description="WebP quality (lossy).")
+    webp_lossless: bool = Field(False, description="Write lossless WebP instead.")
+
+
+class ReferenceConfig(_Strict):
+    max_count: int = Field(10, ge=0, le=64, description="Most references one row may give.")
+    max_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="Size cap on every reference, from every source."
+    )
+    timeout: float = Field(30.0, gt=0, description="Connect/read timeout for http(s) references.")
+    allow_private_hosts: list[str] = Field(
+        default_factory=list,
+        description="http(s) hosts or CIDRs allowed although loopback/private/link-local.",
+    )
+
+
+class RunConfig(_Strict):
+    in_flight_per_actor: int = Field(
+        2, ge=1, le=64, description="Work units queued per actor so it never waits for the driver."
+    )
+    cache_dir: str = Field(
+        "~/.cache/klein-ray", description="Per-node cache for models synced from s3://."
+    )
+    model_load_attempts: int = Field(
+        2, ge=1, le=10, description="Tries to load a variant before the job fails."
+    )
+
+
+class JobConfig(_Strict):
+    default_variant: str = Field("tiny", description="Variant for rows that name none.")
+    variants: dict[str, VariantConfig] = Field(
+        default_factory=lambda: {"tiny": VariantConfig(source=DEFAULT_TINY_MODEL)},
+        description="Variant name -> model source and actors.",
+    )
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="S3 settings.")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="Output defaults.")
+    references: ReferenceConfig = Field(
+        default_factory=ReferenceConfig, description="Reference-image limits."
+    )
+    run: RunConfig = Field(default_factory=RunConfig, description="Scheduling and caching.")
+
+    @field_validator("variants")
+    @classmethod
+    def _names(cls, variants: dict[str, VariantConfig]) -> dict[str, VariantConfig]:
+        if not variants:
+            raise ValueError("at least one variant is required")
+        for name in variants:
+            if not name or not all(c.isalnum() or c in "._-" for c in name):
+                raise ValueError(f"variant name {name!r} must be letters, digits, '.', '_' or '-'")
+        return variants
+
+    @model_validator(mode="after")
+    def _default_exists(self) -> "JobConfig":
+        if self.default_variant not in self.variants:
+            raise ValueError(
+                f"default_variant {self.default_variant!r} is not one of {sorted(self.variants)}"
+            )
+        return self
+
+
+def load_config(path: str | Path | None) -> JobConfig:
+    """Read and validate a YAML job config; ``None`` gives the defaults."""
+    if path is None:
+        return JobConfig()
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config {p}: file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {p}: not valid YAML: {exc}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {p}: expected a mapping at the top level")
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"config {p}: {problems}") from None

@@ -1,0 +1,295 @@
+"""The driver: the only place that schedules. Reads the manifest, skips what the ledger says is
+done, plans work units, keeps every actor fed with a bounded number of units, retries by
+failure class, and writes the job log. It renders nothing itself.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from collections import Counter, defaultdict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from klein_ray import modelsource
+from klein_ray.config import ConfigError, JobConfig
+from klein_ray.joblog import JobLog
+from klein_ray.ledger import Ledger
+from klein_ray.manifest import Manifest, id_hash
+from klein_ray.model.tiny import is_tiny_model
+from klein_ray.planner import Planner, split_unit
+from klein_ray.rows import RowValidator
+from klein_ray.storage import open_store
+from klein_ray.types import RowError, RowSpec, UnitOutcome, WorkUnit
+
+MAX_ROW_ATTEMPTS = 3
+INTERRUPT_GRACE_S = 5.0
+EXIT_OK, EXIT_ROWS_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+@dataclass
+class RenderJob:
+    manifest: str
+    output: str
+    config: JobConfig
+    address: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class _Tally:
+    committed: int = 0
+    skipped: int = 0
+    errors: list[RowError] = field(default_factory=list)
+    attempts: Counter = field(default_factory=Counter)  # only rows that failed at least once
+
+
+class Driver:
+    def __init__(self, job: RenderJob):
+        self.job = job
+        self.cfg = job.config
+        self.store = open_store(job.output, self.cfg.storage)
+        self.ledger = Ledger(self.store)
+        self.tally = _Tally()
+        self.interrupted = False
+        self.sources = self._check_sources()
+
+    def run(self) -> tuple[dict, int]:
+        """Render the job; returns (summary, exit code)."""
+        started = time.monotonic()
+        with Manifest(self.job.manifest, self.cfg.storage) as manifest:
+            committed = self.ledger.committed_ids()
+            duplicates, pending = prescan(manifest, committed, self.cfg.default_variant)
+            log = JobLog(self.store, self.cfg, self.job.manifest)
+            log.start(manifest.total_rows)
+            rows = self._rows(manifest, committed, duplicates)
+            old_handlers = _trap_signals(self._on_signal)
+            try:
+                if sum(pending.values()):
+                    self._render(rows, pending, log)
+                else:
+                    for _ in rows:  # nothing to render: still count skips and record bad rows
+                        pass
+            finally:
+                _restore_signals(old_handlers)
+            summary = self._summary(manifest.total_rows, started, log.run_id)
+            noise = any(is_tiny_model(s) for s in self.sources.values() if not s.startswith("s3://"))
+            log.finish(self.tally.errors, summary, len(committed) + self.tally.committed, noise)
+        return summary, self._exit_code()
+
+    # -- rows ------------------------------------------------------------------------------
+
+    def _rows(self, manifest: Manifest, committed: set[str], duplicates: set[int]) -> Iterator[RowSpec]:
+        validator = RowValidator(self.cfg, base_dir=Path.cwd())
+        for mf, index, raw in manifest.iter_rows():
+            row_id = raw.get("id")
+            if isinstance(row_id, str) and row_id in committed:
+                self.tally.skipped += 1
+                continue
+            if isinstance(row_id, str) and id_hash(row_id) in duplicates:
+                self.tally.errors.append(RowError(row_id, "validate", "DuplicateId",
+                    "id occurs more than once in the manifest; every row with it is rejected",
+                    1, mf.name, index, "id"))
+                continue
+            checked = validator.validate(raw, mf.name, index)
+            if isinstance(checked, list):
+                self.tally.errors.append(checked[0])
+                continue
+            yield checked
+
+    # -- rendering -------------------------------------------------------------------------
+
+    def _render(self, rows: Iterator[RowSpec], pending: Counter, log: JobLog) -> None:
+        from klein_ray.cluster import RayExecutor
+
+        executor = RayExecutor(self.job.address)
+        pools, failed_variants = self._start_pools(executor, pending)
+        planner = Planner({v: c.batch_size for v, c in self.cfg.variants.items()})
+        units = planner.plan(rows)
+        queues: dict[str, deque[WorkUnit]] = defaultdict(deque)
+        bar = _progress(sum(pending.values()), self.job.progress)
+        try:
+            exhausted = False
+            while not self.interrupted and (not exhausted or any(queues.values()) or executor.in_flight):
+                exhausted = self._top_up(units, queues, pools, exhausted)
+                for variant, queue in queues.items():
+                    if variant in failed_variants:
+                        self._fail_unloadable(queue, failed_variants[variant], bar)
+                        continue
+                    pool = pools[variant]
+                    while queue and sum(pool.in_flight.values()) < self._capacity(pool):
+                        executor.submit(pool, queue.popleft())
+                for unit, outcome in executor.collect(timeout=0.2):
+                    self._settle(unit, outcome, queues, log, bar)
+            if self.interrupted:
+                self._drain(executor, queues, log, bar)
+        finally:
+            bar.close()
+            executor.shutdown(list(pools.values()))
+
+    def _start_pools(self, executor, pending: Counter) -> tuple[dict, dict[str, str]]:
+        from klein_ray.cluster import WorkerFailed
+        from klein_ray.worker import WorkerSpec
+
+        cpu_actors = sum(c.actors for v, c in self.cfg.variants.items()
+                         if v in pending and c.gpus_per_actor == 0 and c.cpus_per_actor is None)
+        shared_threads = max(1, int(executor.cluster_cpus() // max(1, cpu_actors)))
+        pools, failed = {}, {}
+        for variant in sorted(v for v in pending if v in self.cfg.variants):
+            vcfg = self.cfg.variants[variant]
+            num_cpus = vcfg.cpus_per_actor if vcfg.cpus_per_actor is not None else (1 if vcfg.gpus_per_actor else 0)
+            threads = int(num_cpus) if num_cpus else shared_threads
+            spec = WorkerSpec(variant, self.cfg, self.store.uri, self.sources[variant], threads)
+            for attempt in range(1, self.cfg.run.model_load_attempts + 1):
+                pool = executor.start_pool(spec, vcfg.actors, num_cpus, vcfg.gpus_per_actor)
+                try:
+                    executor.wait_ready(pool)
+                    pools[variant] = pool
+                    break
+                except WorkerFailed as exc:
+                    executor.shutdown_pool(pool)
+                    failed[variant] = f"variant {variant!r} failed to load after {attempt} attempts: {exc}"
+            if variant in pools:
+                failed.pop(variant, None)
+            else:
+                print(f"klein-ray: {failed[variant]}", file=sys.stderr)
+        return pools, failed
+
+    def _top_up(self, units: Iterator[WorkUnit], queues, pools, exhausted: bool) -> bool:
+        """Plan ahead just far enough that no actor waits; False until the manifest is done."""
+        limit = 2 * sum(self._capacity(p) for p in pools.values()) + 2
+        while not exhausted and sum(len(q) for q in queues.values()) < limit:
+            unit = next(units, None)
+            if unit is None:
+                return True
+            queues[unit.variant].append(unit)
+        return exhausted
+
+    def _capacity(self, pool) -> int:
+        return len(pool.actors) * self.cfg.run.in_flight_per_actor
+
+    def _settle(self, unit: WorkUnit, outcome, queues, log: JobLog, bar) -> None:
+        """Record a finished unit: commit results, retry by failure class, or fail rows."""
+        from klein_ray.cluster import WorkerFailed, WorkerLost
+
+        if isinstance(outcome, UnitOutcome):
+            for result in outcome.results:
+                self.tally.committed += 1
+                log.add_result(result)
+                bar.update(1)
+            for error in outcome.errors:
+                self._retry_or_fail(unit, error, queues, bar, retry=error.stage == "store")
+            return
+        if isinstance(outcome, WorkerFailed) and unit.size > 1:
+            # Isolate: retry each row alone so one poisonous row cannot sink its batchmates.
+            queues[unit.variant].extendleft(reversed(split_unit(unit)))
+            return
+        stage = "render"
+        for row in unit.rows:
+            err = RowError(row.id, stage, type(getattr(outcome, "cause", outcome)).__name__,
+                           str(outcome)[:500], 1, row.manifest_file, row.manifest_row)
+            self._retry_or_fail(unit, err, queues, bar, retry=isinstance(outcome, (WorkerLost, WorkerFailed)))
+
+    def _retry_or_fail(self, unit: WorkUnit, error: RowError, queues, bar, retry: bool) -> None:
+        self.tally.attempts[error.id] += 1
+        error.attempts = self.tally.attempts[error.id]
+        if retry and error.attempts < MAX_ROW_ATTEMPTS:
+            row = next(r for r in unit.rows if r.id == error.id)
+            queues[unit.variant].appendleft(WorkUnit(unit.unit_id, unit.variant, unit.width, unit.height,
+                                                     unit.steps, unit.guidance, unit.references, (row,)))
+            return
+        self.tally.errors.append(error)
+        bar.update(1)
+
+    def _fail_unloadable(self, queue: deque, reason: str, bar) -> None:
+        while queue:
+            unit = queue.popleft()
+            for row in unit.rows:
+                self.tally.errors.append(RowError(row.id, "render", "ModelLoadError", reason[:500],
+                                                  1, row.manifest_file, row.manifest_row))
+                bar.update(1)
+
+    def _drain(self, executor, queues, log: JobLog, bar) -> None:
+        """After an interrupt: let in-flight commits land for a few seconds, take nothing new."""
+        deadline = time.monotonic() + INTERRUPT_GRACE_S
+        queues.clear()
+        while executor.in_flight and time.monotonic() < deadline:
+            for unit, outcome in executor.collect(timeout=0.2):
+                if isinstance(outcome, UnitOutcome):
+                    self._settle(unit, outcome, queues, log, bar)
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    def _check_sources(self) -> dict[str, str]:
+        sources = {}
+        for name, vcfg in self.cfg.variants.items():
+            try:
+                sources[name] = modelsource.normalise(vcfg.source)
+            except (modelsource.ModelSourceError, ValueError) as exc:
+                raise ConfigError(f"variant {name!r}: {exc}") from None
+        return sources
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.interrupted:  # a second Ctrl-C: stop waiting
+            raise KeyboardInterrupt
+        self.interrupted = True
+        print("\nklein-ray: interrupted; finishing in-flight commits (Ctrl-C again to abandon)",
+              file=sys.stderr)
+
+    def _summary(self, total: int, started: float, run_id: str) -> dict:
+        return {"total": total, "committed": self.tally.committed, "skipped": self.tally.skipped,
+                "failed": len(self.tally.errors), "output": self.store.uri,
+                "seconds": round(time.monotonic() - started, 3), "run_id": run_id,
+                "interrupted": self.interrupted}
+
+    def _exit_code(self) -> int:
+        if self.interrupted:
+            return EXIT_INTERRUPTED
+        return EXIT_ROWS_FAILED if self.tally.errors else EXIT_OK
+
+
+def prescan(manifest: Manifest, committed: set[str], default_variant: str) -> tuple[set[int], Counter]:
+    """One pass over ``id`` (and ``variant``): duplicate-id hashes and rows pending per variant.
+
+    Ids are kept as 8-byte hashes in numpy arrays, so this stays ~8 bytes a row.
+    """
+    chunks, pending = [], Counter()
+    for batch in manifest.iter_batches(["id", "variant"]):
+        ids = batch.column("id").to_pylist()
+        chunks.append(np.fromiter((id_hash(v) for v in ids), dtype=np.uint64, count=len(ids)))
+        variants = (batch.column("variant").to_pylist() if "variant" in batch.schema.names
+                    else [None] * len(ids))
+        for row_id, variant in zip(ids, variants):
+            if row_id not in committed:
+                pending[variant or default_variant] += 1
+    if not chunks:
+        return set(), pending
+    hashes = np.sort(np.concatenate(chunks))
+    dup = hashes[1:][hashes[1:] == hashes[:-1]]
+    return {int(h) for h in np.unique(dup)}, pending
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not enabled, unit="img", file=sys.stderr, dynamic_ncols=True,
+                smoothing=0.1, desc="rendering")
+
+
+def _trap_signals(handler) -> dict:
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread (e.g. embedded use)
+            pass
+    return old
+
+
+def _restore_signals(old: dict) -> None:
+    for sig, handler in old.items():
+        signal.signal(sig, handler)

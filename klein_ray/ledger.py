@@ -1,0 +1,87 @@
+"""The ledger: the only place that decides a row is done, and the commit protocol that makes it so.
+
+A row is done exactly when ``meta/{id}.json`` exists and names an image whose sha256 matches.
+Commit order: the image first (overwriting any uncommitted leftover of an earlier attempt, with
+its sha256 in the object's metadata), then the metadata marker last with a conditional create.
+If the marker already exists (a retried write that had landed, or another writer), it is read
+back: the same image sha256 means our own earlier attempt; anything else is a conflict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from klein_ray.rows import image_key, meta_key
+from klein_ray.storage import AlreadyExists, NotFound, Store
+
+META_PREFIX = "meta/"
+
+
+class CommitConflict(Exception):
+    """The row was committed by someone else with a different image."""
+
+
+@dataclass(frozen=True)
+class Receipt:
+    image_key: str
+    meta_key: str
+    sha256: str
+    bytes: int
+
+
+class Ledger:
+    def __init__(self, store: Store):
+        self.store = store
+
+    # -- deciding ----------------------------------------------------------------------
+
+    def committed_ids(self) -> set[str]:
+        """Ids whose marker exists (markers are only written after their image)."""
+        ids = set()
+        for obj in self.store.list(META_PREFIX):
+            name = obj.key[len(META_PREFIX):]
+            if name.endswith(".json") and "/" not in name:
+                ids.add(name[: -len(".json")])
+        return ids
+
+    def read_meta(self, row_id: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.store.get(meta_key(row_id)))
+        except NotFound:
+            return None
+
+    def verify(self, row_id: str) -> bool:
+        """The full check: marker present, and its image present with the sha256 it names."""
+        meta = self.read_meta(row_id)
+        if not meta:
+            return False
+        try:
+            data = self.store.get(meta["image"]["key"])
+        except (NotFound, KeyError, TypeError):
+            return False
+        return hashlib.sha256(data).hexdigest() == meta["image"]["sha256"]
+
+    # -- committing --------------------------------------------------------------------
+
+    def commit(self, row_id: str, fmt: str, image: bytes, content_type: str,
+               meta: dict[str, Any]) -> Receipt:
+        """Write the image, then the marker; returns what was committed."""
+        sha = hashlib.sha256(image).hexdigest()
+        receipt = Receipt(image_key(row_id, fmt), meta_key(row_id), sha, len(image))
+        self.store.put(receipt.image_key, image, content_type=content_type, metadata={"sha256": sha})
+        record = dict(meta)
+        record["image"] = {"key": receipt.image_key, "sha256": sha, "bytes": len(image),
+                           "content_type": content_type}
+        body = json.dumps(record, sort_keys=True, indent=1, default=str).encode()
+        try:
+            self.store.put(receipt.meta_key, body, content_type="application/json", if_absent=True)
+        except AlreadyExists:
+            existing = self.read_meta(row_id) or {}
+            if existing.get("image", {}).get("sha256") != sha:
+                raise CommitConflict(
+                    f"{receipt.meta_key} already names a different image; another job wrote this id"
+                ) from None
+        return receipt

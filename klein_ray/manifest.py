@@ -1,0 +1,171 @@
+"""The manifest reader: finds the Parquet files, checks their schema, streams their rows.
+
+A manifest is a Parquet file, a directory of them, or an ``s3://`` prefix of them. Files are
+read in record batches, never whole. Problems with the manifest as a whole raise
+``ManifestError`` (exit code 2, nothing rendered); problems with one row are the validator's.
+Objects under ``s3://`` are first copied to a private temporary directory, streamed to disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from klein_ray.config import StorageConfig
+from klein_ray.storage import is_s3, local_path, s3_client, split_s3
+
+READ_BATCH_ROWS = 4096
+
+_STRING = (pa.types.is_string, pa.types.is_large_string)
+_INTEGER = (pa.types.is_integer,)
+_NUMBER = (pa.types.is_integer, pa.types.is_floating)
+COLUMN_TYPES = {
+    "id": ("string", _STRING),
+    "prompt": ("string", _STRING),
+    "variant": ("string", _STRING),
+    "width": ("integer", _INTEGER),
+    "height": ("integer", _INTEGER),
+    "steps": ("integer", _INTEGER),
+    "guidance": ("float", _NUMBER),
+    "seed": ("int64", _INTEGER),
+    "format": ("string", _STRING),
+}
+
+
+class ManifestError(ValueError):
+    """The manifest cannot be used as a whole (exit code 2)."""
+
+
+@dataclass(frozen=True)
+class ManifestFile:
+    name: str  # as the user knows it (s3:// URI or path), for messages and error records
+    path: Path  # local file to read
+    rows: int
+
+
+class Manifest:
+    """The Parquet files of one manifest, schema-checked. Use as a context manager."""
+
+    def __init__(self, uri: str, storage: StorageConfig | None = None):
+        self.uri = uri
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self.files = self._open(uri, storage or StorageConfig())
+
+    def __enter__(self) -> "Manifest":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    @property
+    def total_rows(self) -> int:
+        return sum(f.rows for f in self.files)
+
+    def iter_rows(self, columns: list[str] | None = None) -> Iterator[tuple[ManifestFile, int, dict[str, Any]]]:
+        """Yield (file, row index in file, row dict), one record batch in memory at a time."""
+        for mf in self.files:
+            pf = pq.ParquetFile(mf.path)
+            index = 0
+            for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns):
+                for row in batch.to_pylist():
+                    yield mf, index, row
+                    index += 1
+
+    def iter_batches(self, columns: list[str], batch_size: int = 65536) -> Iterator[pa.RecordBatch]:
+        """Record batches of only ``columns`` (those the files have), for cheap pre-passes."""
+        for mf in self.files:
+            pf = pq.ParquetFile(mf.path)
+            present = [c for c in columns if c in pf.schema_arrow.names]
+            for batch in pf.iter_batches(batch_size=batch_size, columns=present):
+                yield batch
+
+    # -- opening -------------------------------------------------------------------------
+
+    def _open(self, uri: str, storage: StorageConfig) -> list[ManifestFile]:
+        if is_s3(uri):
+            paths = self._download_s3(uri, storage)
+        else:
+            paths = _local_files(uri)
+        files = [self._check(name, path) for name, path in paths]
+        if not files:
+            raise ManifestError(f"manifest {uri}: no Parquet files found")
+        return files
+
+    def _download_s3(self, uri: str, storage: StorageConfig) -> list[tuple[str, Path]]:
+        bucket, prefix = split_s3(uri)
+        client = s3_client(storage)
+        keys = _s3_parquet_keys(client, bucket, prefix, uri)
+        self._tmp = tempfile.TemporaryDirectory(prefix="klein-ray-manifest-")
+        out = []
+        for i, key in enumerate(keys):
+            dest = Path(self._tmp.name) / f"{i:06d}.parquet"
+            try:
+                with open(dest, "wb") as fh:
+                    client.download_fileobj(bucket, key, fh)
+            except Exception as exc:  # noqa: BLE001
+                raise ManifestError(f"manifest s3://{bucket}/{key}: cannot read ({type(exc).__name__})") from None
+            out.append((f"s3://{bucket}/{key}", dest))
+        return out
+
+    @staticmethod
+    def _check(name: str, path: Path) -> ManifestFile:
+        try:
+            pf = pq.ParquetFile(path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ManifestError(f"manifest {name}: not a Parquet file ({exc})") from None
+        schema = pf.schema_arrow
+        for column in ("id", "prompt"):
+            if column not in schema.names:
+                raise ManifestError(f"manifest {name}: missing required column {column!r}")
+        for column, (wanted, checks) in COLUMN_TYPES.items():
+            if column in schema.names and not _type_ok(schema.field(column).type, checks):
+                raise ManifestError(
+                    f"manifest {name}: column {column!r} has type {schema.field(column).type}, expected {wanted}"
+                )
+        if "references" in schema.names:
+            t = schema.field("references").type
+            if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not _type_ok(t.value_type, _STRING):
+                raise ManifestError(f"manifest {name}: column 'references' has type {t}, expected list<string>")
+        return ManifestFile(name, path, pf.metadata.num_rows)
+
+
+def id_hash(value: object) -> int:
+    return int.from_bytes(hashlib.blake2b(str(value).encode(), digest_size=8).digest(), "big")
+
+
+def _type_ok(t: pa.DataType, checks) -> bool:
+    return pa.types.is_null(t) or any(check(t) for check in checks)
+
+
+def _local_files(uri: str) -> list[tuple[str, Path]]:
+    path = local_path(uri)
+    if path.is_file():
+        return [(str(path), path)]
+    if path.is_dir():
+        found = sorted(p for p in path.rglob("*.parquet") if p.is_file() and not p.name.startswith("."))
+        return [(str(p), p) for p in found]
+    raise ManifestError(f"manifest {uri}: no such file or directory")
+
+
+def _s3_parquet_keys(client, bucket: str, prefix: str, uri: str) -> list[str]:
+    keys = []
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            keys += [o["Key"] for o in page.get("Contents", []) if o["Key"].endswith(".parquet")]
+    except Exception as exc:  # noqa: BLE001
+        raise ManifestError(f"manifest {uri}: cannot list ({type(exc).__name__})") from None
+    if not keys:
+        raise ManifestError(f"manifest {uri}: no Parquet objects under this prefix")
+    return sorted(keys)
+

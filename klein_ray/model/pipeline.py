@@ -1,0 +1,143 @@
+"""The model layer: loads one FLUX.2 [klein] variant with diffusers and renders requests.
+
+The only place (with ``tiny.py``) that imports torch and diffusers. It does no storage or
+network I/O of its own: it receives a local directory or a Hugging Face repo id, prompts, seeds
+and already-decoded reference images, and returns PIL images. Inputs are validated loudly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DISTILLED_STEPS = 4
+BASE_STEPS = 50
+MIN_REF_SIDE = 64
+MAX_REF_ASPECT = 8.0
+
+
+class ModelInputError(ValueError):
+    """A request the pipeline would reject or silently alter (row-level error)."""
+
+
+@dataclass
+class RenderRequest:
+    """One diffusers call: prompts share size, steps, guidance and the reference set."""
+
+    prompts: list[str]
+    seeds: list[int]
+    width: int | None
+    height: int | None
+    steps: int | None
+    guidance: float
+    references: list[Any] = field(default_factory=list)  # PIL images, RGB
+    max_sequence_length: int = 512
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    source: str
+    pipeline_class: str
+    distilled: bool
+    dtype: str
+    device: str
+    versions: dict[str, str]
+
+
+def read_model_index(source: str) -> dict[str, Any] | None:
+    index = Path(source) / "model_index.json"
+    return json.loads(index.read_text()) if index.is_file() else None
+
+
+class KleinModel:
+    """A loaded pipeline plus what a render needs to know about it."""
+
+    def __init__(self, source: str, pipeline: str = "auto", dtype: str = "auto",
+                 device: str | None = None, threads: int | None = None):
+        import diffusers
+        import torch
+        import transformers
+
+        # 1. Where and how to run.
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = _torch_dtype(dtype, self.device)
+
+        # 2. Which pipeline class; 'base'/'distilled' override the checkpoint's own flag.
+        cls = diffusers.Flux2KleinKVPipeline if pipeline == "kv" else diffusers.Flux2KleinPipeline
+        kwargs: dict[str, Any] = {"dtype": self.dtype}
+        if pipeline in ("base", "distilled"):
+            kwargs["is_distilled"] = pipeline == "distilled"
+
+        # 3. Load (local directory or Hub repo id; the same code path either way).
+        self.pipe = cls.from_pretrained(source, **kwargs).to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        distilled = bool(getattr(self.pipe.config, "is_distilled", True)) or pipeline == "kv"
+        self.info = ModelInfo(
+            source=source,
+            pipeline_class=cls.__name__,
+            distilled=distilled,
+            dtype=str(self.dtype).replace("torch.", ""),
+            device=self.device,
+            versions={"torch": torch.__version__, "diffusers": diffusers.__version__,
+                      "transformers": transformers.__version__},
+        )
+
+    def default_steps(self) -> int:
+        return DISTILLED_STEPS if self.info.distilled else BASE_STEPS
+
+    def render(self, req: RenderRequest) -> list[Any]:
+        """Render one image per prompt; image i depends only on (prompt i, seed i, the rest)."""
+        import torch
+
+        # 1. Validate: what diffusers would reject mid-batch, or alter with only a warning.
+        self._check(req)
+
+        # 2. One CPU generator per image: noise independent of batch position and device.
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in req.seeds]
+
+        # 3. Call the pipeline.
+        kwargs: dict[str, Any] = dict(
+            prompt=list(req.prompts),
+            image=list(req.references) or None,
+            height=req.height,
+            width=req.width,
+            num_inference_steps=req.steps or self.default_steps(),
+            generator=generators,
+            max_sequence_length=req.max_sequence_length,
+        )
+        if self.info.pipeline_class != "Flux2KleinKVPipeline":
+            # Distilled models ignore guidance; passing 1.0 avoids diffusers' warning per call.
+            kwargs["guidance_scale"] = 1.0 if self.info.distilled else float(req.guidance)
+        with torch.inference_mode():
+            images = self.pipe(**kwargs).images
+
+        # 4. Check the result has the shape we promised.
+        if len(images) != len(req.prompts):
+            raise RuntimeError(f"pipeline returned {len(images)} images for {len(req.prompts)} prompts")
+        return images
+
+    @staticmethod
+    def _check(req: RenderRequest) -> None:
+        if not req.prompts or len(req.prompts) != len(req.seeds):
+            raise ModelInputError("need one seed per prompt and at least one prompt")
+        for side in (req.width, req.height):
+            if side is not None and (side % 16 or side < 64):
+                raise ModelInputError(f"output sides must be multiples of 16, at least 64; got {side}")
+        for i, ref in enumerate(req.references):
+            w, h = ref.size
+            if min(w, h) < MIN_REF_SIDE:
+                raise ModelInputError(f"reference {i} is {w}x{h}; each side must be at least {MIN_REF_SIDE} px")
+            if max(w, h) / min(w, h) > MAX_REF_ASPECT:
+                raise ModelInputError(f"reference {i} is {w}x{h}; aspect ratio must be at most 8:1")
+
+
+def _torch_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)

@@ -1,0 +1,96 @@
+"""Model sources: a Hub repo id, a local diffusers directory, or an ``s3://`` prefix of one.
+
+An ``s3://`` source is copied once per node into the cache directory: the first actor on a node
+takes a file lock and syncs, the others wait on the lock and find the ``.complete`` marker,
+which is written last. BFL-format single files at the prefix root are skipped: diffusers does
+not need them and they are as large as the transformer itself.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import re
+from pathlib import Path
+
+from klein_ray.config import StorageConfig
+from klein_ray.storage import is_s3, local_path, s3_client, split_s3
+
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+COMPLETE = ".complete"
+
+
+class ModelSourceError(ValueError):
+    """The variant's model source cannot be used."""
+
+
+def classify(source: str) -> str:
+    """'s3', 'local' or 'hub' (raises for anything else)."""
+    if is_s3(source):
+        split_s3(source)
+        return "s3"
+    path = local_path(source)
+    if source.startswith(("file://", "/", ".", "~")) or path.exists():
+        return "local"
+    if REPO_ID.fullmatch(source):
+        return "hub"
+    raise ModelSourceError(
+        f"model source {source!r} is neither an existing directory, an s3:// prefix nor a Hub repo id"
+    )
+
+
+def normalise(source: str) -> str:
+    """Make local sources absolute on the driver, so every worker sees the same path."""
+    if classify(source) == "local":
+        return str(local_path(source))
+    return source
+
+
+def resolve(source: str, cache_dir: str, storage: StorageConfig) -> str:
+    """What ``from_pretrained`` should load: a local directory or a Hub repo id."""
+    kind = classify(source)
+    if kind == "hub":
+        return source
+    if kind == "local":
+        path = local_path(source)
+        if not (path / "model_index.json").is_file():
+            raise ModelSourceError(f"model source {path}: no model_index.json (not a diffusers directory)")
+        return str(path)
+    return str(sync_s3(source, Path(cache_dir).expanduser(), storage))
+
+
+def sync_s3(source: str, cache_dir: Path, storage: StorageConfig) -> Path:
+    bucket, prefix = split_s3(source)
+    digest = hashlib.sha256(f"{bucket}/{prefix}".encode()).hexdigest()[:16]
+    dest = cache_dir / "models" / digest
+    dest.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f"{digest}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one syncer per node; the rest wait here
+        if (dest / COMPLETE).is_file():
+            return dest
+        client = s3_client(storage)
+        root = f"{prefix}/" if prefix else ""
+        count = 0
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=root):
+            for obj in page.get("Contents", []):
+                rel = obj["Key"][len(root):]
+                if not rel or rel.endswith("/") or _skip(rel):
+                    continue
+                target = dest / rel
+                if ".." in Path(rel).parts:
+                    raise ModelSourceError(f"model source {source}: unsafe key {obj['Key']!r}")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if not (target.is_file() and target.stat().st_size == obj["Size"]):
+                    part = target.with_name(target.name + ".part")
+                    client.download_file(bucket, obj["Key"], str(part))
+                    part.replace(target)
+                count += 1
+        if not (dest / "model_index.json").is_file():
+            raise ModelSourceError(f"model source {source}: no model_index.json under this prefix")
+        (dest / COMPLETE).write_text(f"{count} files from {source}\n")
+        return dest
+
+
+def _skip(rel: str) -> bool:
+    # Root-level weight files are BFL's single-file format, not part of the diffusers layout.
+    return "/" not in rel and rel.endswith((".safetensors", ".sft", ".ckpt", ".pth"))

@@ -1,0 +1,189 @@
+"""Reference images: fetched from s3://, http(s)://, file:// or paths, capped, checked, decoded.
+
+Every source is size-capped while reading. ``http(s)`` requests connect to an address that was
+resolved and checked once (no second lookup a DNS rebinding could change), refuse loopback,
+private and link-local addresses unless allow-listed, and re-check every redirect. Decoding
+keeps Pillow's decompression-bomb guard, applies EXIF orientation and converts to RGB.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import io
+import ipaddress
+import socket
+import ssl
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit, urlunsplit
+
+from klein_ray.config import ReferenceConfig, StorageConfig
+from klein_ray.storage import TooLarge, local_path, open_store, split_s3
+
+MAX_REDIRECTS = 5
+
+
+class ReferenceError(Exception):
+    """A reference that cannot be used; the message is safe to record (no secrets)."""
+
+
+@dataclass
+class Reference:
+    uri: str  # redacted for records
+    sha256: str
+    bytes: int
+    width: int
+    height: int
+    image: object  # PIL.Image.Image, RGB
+
+
+def redact(uri: str) -> str:
+    """Drop credentials and query strings (signed URLs carry their signature there)."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return uri
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    query = "REDACTED" if parts.query else ""
+    return urlunsplit((parts.scheme, host, parts.path, query, ""))
+
+
+class ReferenceFetcher:
+    def __init__(self, cfg: ReferenceConfig, storage: StorageConfig):
+        self.cfg = cfg
+        self.storage = storage
+
+    def fetch(self, uri: str) -> Reference:
+        data = self.read(uri)
+        image = decode_image(data, redact(uri))
+        return Reference(redact(uri), hashlib.sha256(data).hexdigest(), len(data),
+                         image.width, image.height, image)
+
+    def read(self, uri: str) -> bytes:
+        limit = self.cfg.max_bytes
+        try:
+            if uri.startswith("s3://"):
+                bucket, key = split_s3(uri)
+                return open_store(f"s3://{bucket}", self.storage).get(key, max_bytes=limit)
+            if uri.startswith(("http://", "https://")):
+                return self._http_get(uri)
+            return _read_file(uri, limit)
+        except TooLarge:
+            raise ReferenceError(f"reference {redact(uri)} is larger than {limit} bytes") from None
+        except ReferenceError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported per row, without request details
+            raise ReferenceError(f"reference {redact(uri)}: {type(exc).__name__}: {_short(exc)}") from None
+
+    def _http_get(self, uri: str) -> bytes:
+        for _ in range(MAX_REDIRECTS + 1):
+            parts = urlsplit(uri)
+            host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+            ip = self._checked_address(host, port)
+            conn = _pinned_connection(parts.scheme, host, ip, port, self.cfg.timeout)
+            try:
+                path = parts.path or "/"
+                conn.request("GET", f"{path}?{parts.query}" if parts.query else path,
+                             headers={"User-Agent": "klein-ray", "Host": parts.netloc.rsplit("@", 1)[-1]})
+                resp = conn.getresponse()
+                if resp.status in (301, 302, 303, 307, 308):
+                    uri = urljoin(uri, resp.getheader("Location") or "")
+                    continue
+                if resp.status != 200:
+                    raise ReferenceError(f"reference {redact(uri)}: HTTP {resp.status}")
+                return _read_capped(resp, self.cfg.max_bytes, uri)
+            finally:
+                conn.close()
+        raise ReferenceError(f"reference {redact(uri)}: more than {MAX_REDIRECTS} redirects")
+
+    def _checked_address(self, host: str, port: int) -> str:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror:
+            raise ReferenceError(f"reference host {host!r} does not resolve") from None
+        ip = infos[0][4][0]
+        if not self._allowed(host, ipaddress.ip_address(ip)):
+            raise ReferenceError(
+                f"reference host {host!r} resolves to a loopback, private or link-local address "
+                f"({ip}); add it to references.allow_private_hosts to allow it"
+            )
+        return ip
+
+    def _allowed(self, host: str, ip: ipaddress._BaseAddress) -> bool:
+        if ip.is_global and not ip.is_multicast:
+            return True
+        for entry in self.cfg.allow_private_hosts:
+            if entry == host:
+                return True
+            try:
+                if ip in ipaddress.ip_network(entry, strict=False):
+                    return True
+            except ValueError:
+                continue
+        return False
+
+
+def decode_image(data: bytes, label: str):
+    """Bytes -> RGB PIL image, or ReferenceError saying why not."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # truncated files fail here; bombs raise DecompressionBombError
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                rgba = img.convert("RGBA")
+                background = Image.new("RGB", rgba.size, (255, 255, 255))
+                background.paste(rgba, mask=rgba.getchannel("A"))
+                return background
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                img = img.point(lambda v: v / 256).convert("L")
+            return img.convert("RGB")
+    except Image.DecompressionBombError:
+        raise ReferenceError(f"reference {label}: image too large to decode safely") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ReferenceError(f"reference {label}: not a readable image ({_short(exc)})") from None
+
+
+def _read_file(uri: str, limit: int) -> bytes:
+    path = local_path(uri)
+    with open(path, "rb") as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise TooLarge(uri)
+    return data
+
+
+def _read_capped(resp, limit: int, uri: str) -> bytes:
+    declared = resp.getheader("Content-Length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ReferenceError(f"reference {redact(uri)} is larger than {limit} bytes")
+    chunks, total = [], 0
+    while chunk := resp.read(1 << 20):
+        total += len(chunk)
+        if total > limit:
+            raise ReferenceError(f"reference {redact(uri)} is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _pinned_connection(scheme: str, host: str, ip: str, port: int, timeout: float):
+    """A connection to ``ip`` that still speaks to ``host`` (Host header, SNI, certificate)."""
+
+    class Pinned(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = socket.create_connection((ip, port), timeout)
+
+    class PinnedTLS(http.client.HTTPSConnection):
+        def connect(self):
+            sock = socket.create_connection((ip, port), timeout)
+            self.sock = self._context.wrap_socket(sock, server_hostname=host)
+
+    if scheme == "https":
+        return PinnedTLS(host, port, timeout=timeout, context=ssl.create_default_context())
+    return Pinned(host, port, timeout=timeout)
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__

@@ -1,0 +1,184 @@
+"""Row validation: one manifest row (a dict from Parquet) becomes a ``RowSpec`` or ``RowError``s.
+
+Every check names the column and the reason, so `validate` can print all of a row's problems
+at once and `render` can record the first in the errors table. Ids map to storage keys here
+too, since the id pattern is what keeps every key inside OUT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from klein_ray.config import JobConfig
+from klein_ray.types import RowError, RowSpec
+
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+KNOWN_COLUMNS = (
+    "id", "prompt", "variant", "references", "width", "height", "steps", "guidance", "seed",
+    "format",
+)
+FORMATS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 64, 2048, 16
+MAX_SEED = 2**63 - 1
+REFERENCE_SCHEMES = ("s3://", "http://", "https://", "file://")
+
+
+def derive_seed(row_id: str) -> int:
+    """The seed of a row that gives none: stable across runs, machines and Python versions."""
+    digest = hashlib.sha256(f"klein-ray/seed/{row_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & MAX_SEED
+
+
+def valid_id(row_id: object) -> bool:
+    return isinstance(row_id, str) and ID_PATTERN.fullmatch(row_id) is not None
+
+
+def image_key(row_id: str, fmt: str) -> str:
+    return f"images/{row_id}.{FORMATS[fmt]}"
+
+
+def meta_key(row_id: str) -> str:
+    return f"meta/{row_id}.json"
+
+
+def normalise_reference(uri: str, base_dir: Path) -> str:
+    """A reference as an absolute URI; plain paths are resolved against ``base_dir`` (the CWD)."""
+    if uri.startswith(REFERENCE_SCHEMES):
+        return uri
+    if "://" in uri:
+        scheme = uri.split("://", 1)[0]
+        raise ValueError(f"unsupported reference scheme {scheme!r} (use s3://, http(s)://, file:// or a path)")
+    return (base_dir / Path(uri).expanduser()).resolve().as_uri()
+
+
+class RowValidator:
+    """Validates rows against SPEC and the job config; holds nothing per row."""
+
+    def __init__(self, config: JobConfig, base_dir: Path | None = None):
+        self.config = config
+        self.base_dir = base_dir or Path.cwd()
+
+    def validate(self, raw: dict[str, Any], file: str, index: int) -> RowSpec | list[RowError]:
+        """Return the row as a ``RowSpec``, or every problem found with it."""
+        row_id = raw.get("id")
+        label = row_id if valid_id(row_id) else _label(row_id, index)
+        problems: list[tuple[str, str]] = []
+
+        def bad(column: str, reason: str) -> None:
+            problems.append((column, reason))
+
+        # 1. Identity and text.
+        if not valid_id(row_id):
+            bad("id", _id_reason(row_id))
+        prompt = raw.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            bad("prompt", "prompt is empty or null")
+
+        # 2. Variant, then its defaults.
+        variant = raw.get("variant") or self.config.default_variant
+        vcfg = self.config.variants.get(variant)
+        if vcfg is None:
+            bad("variant", f"unknown variant {variant!r}; the config has {sorted(self.config.variants)}")
+
+        # 3. Geometry and sampling.
+        width = self._side(raw.get("width"), "width", bad)
+        height = self._side(raw.get("height"), "height", bad)
+        steps = raw.get("steps")
+        if steps is not None and (not _is_int(steps) or steps < 1 or steps > 1000):
+            bad("steps", f"steps must be an integer in [1, 1000], got {steps!r}")
+        guidance = raw.get("guidance")
+        if guidance is not None and (not _is_number(guidance) or not 0 <= guidance <= 100):
+            bad("guidance", f"guidance must be a finite number in [0, 100], got {guidance!r}")
+        seed = raw.get("seed")
+        if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
+            bad("seed", f"seed must be an integer in [0, 2^63-1], got {seed!r}")
+        fmt = raw.get("format") or self.config.output.format
+        if fmt not in FORMATS:
+            bad("format", f"unknown format {fmt!r}; use png, jpeg or webp")
+
+        # 4. References: count and scheme here; size, content and address when fetched.
+        references = self._references(raw.get("references"), bad)
+
+        if problems:
+            return [
+                RowError(str(label), "validate", "InvalidRow", reason, 1, file, index, column)
+                for column, reason in problems
+            ]
+        if width is None and height is None and not references:
+            width = height = 1024
+        elif not references:
+            width, height = width or 1024, height or 1024
+        return RowSpec(
+            id=row_id,
+            prompt=prompt,
+            variant=variant,
+            references=references,
+            width=width,
+            height=height,
+            # None: the worker applies the loaded model's default (4 distilled, 50 base).
+            steps=int(steps) if steps is not None else vcfg.steps,
+            guidance=float(guidance) if guidance is not None else vcfg.guidance,
+            seed=int(seed) if seed is not None else derive_seed(row_id),
+            seed_source="manifest" if seed is not None else "derived",
+            format=fmt,
+            passthrough={k: v for k, v in raw.items() if k not in KNOWN_COLUMNS},
+            manifest_file=file,
+            manifest_row=index,
+        )
+
+    @staticmethod
+    def _side(value: Any, column: str, bad) -> int | None:
+        if value is None:
+            return None
+        if not _is_int(value) or value % SIDE_MULTIPLE or not MIN_SIDE <= value <= MAX_SIDE:
+            bad(column, f"{column} must be a multiple of 16 in [64, 2048], got {value!r}")
+            return None
+        return int(value)
+
+    def _references(self, value: Any, bad) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        if isinstance(value, str) or not hasattr(value, "__iter__"):
+            bad("references", "references must be a list of URIs")
+            return ()
+        refs = list(value)
+        limit = self.config.references.max_count
+        if len(refs) > limit:
+            bad("references", f"{len(refs)} references, at most {limit} allowed")
+            return ()
+        out = []
+        for i, ref in enumerate(refs):
+            if not isinstance(ref, str) or not ref.strip():
+                bad("references", f"reference {i} is empty or not a string")
+                continue
+            try:
+                out.append(normalise_reference(ref.strip(), self.base_dir))
+            except ValueError as exc:
+                bad("references", f"reference {i}: {exc}")
+        return tuple(out)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _label(row_id: object, index: int) -> str:
+    return f"<row {index}>" if row_id is None or row_id == "" else repr(row_id)[:140]
+
+
+def _id_reason(row_id: object) -> str:
+    if row_id is None or row_id == "":
+        return "id is empty or null"
+    if not isinstance(row_id, str):
+        return f"id must be a string, got {type(row_id).__name__}"
+    if len(row_id) > 128:
+        return f"id is {len(row_id)} characters, at most 128 allowed"
+    return f"id {row_id!r} must match [A-Za-z0-9][A-Za-z0-9._-]{{0,127}} (no spaces, slashes or '..' at the start)"

@@ -1,0 +1,122 @@
+"""The S3 implementation of ``Store`` (boto3), for AWS and S3-compatible servers.
+
+Error translation lives here so that callers only ever see ``NotFound``, ``AlreadyExists``,
+``TooLarge`` or ``StorageError``; botocore's messages never carry credentials, but we still
+build our own messages from the operation and key rather than echoing request details.
+"""
+
+from __future__ import annotations
+
+from klein_ray.config import StorageConfig
+from klein_ray.storage import (
+    AlreadyExists,
+    NotFound,
+    ObjectInfo,
+    Store,
+    StorageError,
+    TooLarge,
+    check_key,
+    s3_client,
+    split_s3,
+)
+
+_CHUNK = 1024 * 1024
+
+
+class S3Store(Store):
+    def __init__(self, uri: str, cfg: StorageConfig):
+        self.bucket, self.prefix = split_s3(uri)
+        self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        self.client = s3_client(cfg)
+
+    def _key(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put(self, key, data, *, content_type=None, metadata=None, if_absent=False):
+        kwargs = {"Bucket": self.bucket, "Key": self._key(key), "Body": data}
+        if content_type:
+            kwargs["ContentType"] = content_type
+        if metadata:
+            kwargs["Metadata"] = metadata
+        if if_absent:
+            kwargs["IfNoneMatch"] = "*"
+        try:
+            self.client.put_object(**kwargs)
+        except Exception as exc:  # noqa: BLE001 - translated below
+            code = _code(exc)
+            if code in ("PreconditionFailed", "412"):
+                raise AlreadyExists(key) from None
+            raise StorageError(f"put {self.url_of(key)}: {_describe(exc)}") from exc
+
+    def get(self, key, max_bytes=None):
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as exc:  # noqa: BLE001
+            if _code(exc) in ("NoSuchKey", "404", "NotFound"):
+                raise NotFound(key) from None
+            raise StorageError(f"get {self.url_of(key)}: {_describe(exc)}") from exc
+        body = resp["Body"]
+        try:
+            if max_bytes is not None and resp.get("ContentLength", 0) > max_bytes:
+                raise TooLarge(f"{key}: {resp['ContentLength']} bytes, limit {max_bytes}")
+            chunks, total = [], 0
+            while chunk := body.read(_CHUNK):
+                total += len(chunk)
+                # Enforced while reading too: Content-Length can lie or be absent.
+                if max_bytes is not None and total > max_bytes:
+                    raise TooLarge(f"{key}: larger than {max_bytes} bytes")
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            body.close()
+
+    def head(self, key):
+        try:
+            resp = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as exc:  # noqa: BLE001
+            if _code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise StorageError(f"head {self.url_of(key)}: {_describe(exc)}") from exc
+        return ObjectInfo(key, resp["ContentLength"], dict(resp.get("Metadata") or {}))
+
+    def list(self, prefix=""):
+        rel = prefix.strip("/")
+        if rel:
+            check_key(rel)
+        full = "/".join(x for x in (self.prefix, rel) if x)
+        if full and (prefix.endswith("/") or not rel):
+            full += "/"
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+                for obj in page.get("Contents", []):
+                    yield ObjectInfo(obj["Key"][strip:], obj["Size"])
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"list {self.uri}/{prefix}: {_describe(exc)}") from exc
+
+    def delete(self, key):
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"delete {self.url_of(key)}: {_describe(exc)}") from exc
+
+
+def _code(exc: Exception) -> str:
+    response = getattr(exc, "response", None) or {}
+    err = response.get("Error", {})
+    code = str(err.get("Code", ""))
+    if not code:
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        code = str(status or "")
+    return code
+
+
+def _describe(exc: Exception) -> str:
+    code = _code(exc)
+    response = getattr(exc, "response", None) or {}
+    message = response.get("Error", {}).get("Message", "")
+    if code:
+        return f"{code} {message}".strip()
+    return f"{type(exc).__name__}: {exc}"

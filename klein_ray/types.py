@@ -1,0 +1,97 @@
+"""Named types that cross module boundaries: a validated row, a work unit, a row's outcome.
+
+Everything that travels between the driver and the Ray workers is one of these dataclasses, so
+both sides agree on the fields without sharing code paths or dicts of unknown shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# Stages a row passes through; an error record names the one it failed in.
+STAGES = ("validate", "fetch", "render", "encode", "store")
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One validated manifest row, with every default resolved except reference-derived sizes."""
+
+    id: str
+    prompt: str
+    variant: str
+    references: tuple[str, ...]  # normalised URIs (s3://, http(s)://, file://)
+    width: int | None  # None: from the first reference (diffusers' rule) or 1024
+    height: int | None
+    steps: int | None  # None: the model's default (4 distilled, 50 base)
+    guidance: float
+    seed: int
+    seed_source: str  # "manifest" or "derived"
+    format: str  # png | jpeg | webp
+    passthrough: dict[str, Any] = field(default_factory=dict)
+    manifest_file: str = ""
+    manifest_row: int = -1  # 0-based row index within manifest_file
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """Rows that share one diffusers call: same variant, size, steps, guidance and references."""
+
+    unit_id: int
+    variant: str
+    width: int | None
+    height: int | None
+    steps: int | None
+    guidance: float
+    references: tuple[str, ...]
+    rows: tuple[RowSpec, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+
+@dataclass
+class RowError:
+    """A row that could not be committed, with the stage it failed in and why."""
+
+    id: str
+    stage: str
+    error_type: str
+    message: str
+    attempts: int = 1
+    manifest_file: str = ""
+    manifest_row: int = -1
+    column: str = ""
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"unknown stage {self.stage!r}")
+
+
+@dataclass
+class RowResult:
+    """A row committed by a worker: what was written and how long each stage took."""
+
+    id: str
+    variant: str
+    image_key: str
+    meta_key: str
+    sha256: str
+    bytes: int
+    width: int
+    height: int
+    seed: int
+    prompt: str
+    timings: dict[str, float]
+    worker: str
+    thumbnail: bytes = b""  # a small JPEG for the contact sheet; never stored per row
+
+
+@dataclass
+class UnitOutcome:
+    """What a worker returns for one work unit: every row is either a result or an error."""
+
+    unit_id: int
+    results: list[RowResult] = field(default_factory=list)
+    errors: list[RowError] = field(default_factory=list)

@@ -1,0 +1,29 @@
+"""`klein-ray validate`: every problem of a manifest at once, without rendering anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from klein_ray.config import JobConfig
+from klein_ray.driver import prescan
+from klein_ray.manifest import Manifest, id_hash
+from klein_ray.rows import RowValidator
+from klein_ray.types import RowError
+
+
+def validate_manifest(uri: str, config: JobConfig) -> list[RowError]:
+    """All row problems (several per row when a row has several); raises ManifestError for
+    problems with the manifest as a whole."""
+    problems: list[RowError] = []
+    with Manifest(uri, config.storage) as manifest:
+        duplicates, _ = prescan(manifest, set(), config.default_variant)
+        validator = RowValidator(config, base_dir=Path.cwd())
+        for mf, index, raw in manifest.iter_rows():
+            row_id = raw.get("id")
+            if isinstance(row_id, str) and id_hash(row_id) in duplicates:
+                problems.append(RowError(row_id, "validate", "DuplicateId",
+                                         "id occurs more than once in the manifest", 1, mf.name, index, "id"))
+            checked = validator.validate(raw, mf.name, index)
+            if isinstance(checked, list):
+                problems.extend(checked)
+    return problems

@@ -1,0 +1,163 @@
+"""The render worker: keeps one variant loaded and turns work units into committed rows.
+
+Plain Python (``cluster.py`` wraps it as a Ray actor), so it can be driven in-process too. For
+each unit: fetch references, render, then per row encode and commit through the ledger. Every
+row ends as a ``RowResult`` or a ``RowError`` naming its stage; one bad row never sinks the
+unit's other rows once rendering succeeded.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from klein_ray import __version__
+from klein_ray.config import JobConfig
+from klein_ray.encode import CONTENT_TYPES, encode_image
+from klein_ray.ledger import Ledger
+from klein_ray.refs import ReferenceError, ReferenceFetcher
+from klein_ray.storage import open_store
+from klein_ray.types import RowError, RowResult, RowSpec, UnitOutcome, WorkUnit
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    variant: str
+    config: JobConfig
+    output_uri: str
+    source: str  # normalised: absolute local path, s3:// prefix or Hub repo id
+    threads: int | None
+
+
+class RenderWorker:
+    def __init__(self, spec: WorkerSpec):
+        from klein_ray import modelsource
+        from klein_ray.model.pipeline import KleinModel
+
+        self.spec = spec
+        vcfg = spec.config.variants[spec.variant]
+        started = time.perf_counter()
+        local = modelsource.resolve(spec.source, spec.config.run.cache_dir, spec.config.storage)
+        self.model = KleinModel(local, pipeline=vcfg.pipeline, dtype=vcfg.dtype, threads=spec.threads)
+        self.load_seconds = time.perf_counter() - started
+        self.ledger = Ledger(open_store(spec.output_uri, spec.config.storage))
+        self.fetcher = ReferenceFetcher(spec.config.references, spec.config.storage)
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def describe(self) -> dict:
+        info = self.model.info
+        return {"worker": self.name, "variant": self.spec.variant, "distilled": info.distilled,
+                "pipeline": info.pipeline_class, "device": info.device, "dtype": info.dtype,
+                "load_seconds": round(self.load_seconds, 3)}
+
+    def render_unit(self, unit: WorkUnit) -> UnitOutcome:
+        from klein_ray.model.pipeline import ModelInputError, RenderRequest
+        from klein_ray.report import make_thumbnail
+
+        outcome = UnitOutcome(unit.unit_id)
+        timings: dict[str, float] = {}
+
+        # 1. References, once for the whole unit (its rows share them).
+        t0 = time.perf_counter()
+        try:
+            refs = [self.fetcher.fetch(uri) for uri in unit.references]
+        except ReferenceError as exc:
+            outcome.errors = [_error(r, "fetch", exc) for r in unit.rows]
+            return outcome
+        timings["fetch"] = time.perf_counter() - t0
+
+        # 2. Render the unit in one call.
+        t0 = time.perf_counter()
+        request = RenderRequest(
+            prompts=[r.prompt for r in unit.rows], seeds=[r.seed for r in unit.rows],
+            width=unit.width, height=unit.height, steps=unit.steps, guidance=unit.guidance,
+            references=[r.image for r in refs],
+            max_sequence_length=self.spec.config.variants[unit.variant].max_sequence_length,
+        )
+        try:
+            images = self.model.render(request)
+        except ModelInputError as exc:
+            outcome.errors = [_error(r, "render", exc) for r in unit.rows]
+            return outcome
+        timings["render"] = (time.perf_counter() - t0) / unit.size  # per image
+
+        # 3. Encode and commit each row.
+        for row, image in zip(unit.rows, images):
+            result = self._commit_row(unit, row, image, refs, dict(timings))
+            if isinstance(result, RowError):
+                outcome.errors.append(result)
+            else:
+                result.thumbnail = make_thumbnail(image)
+                outcome.results.append(result)
+        return outcome
+
+    def _commit_row(self, unit, row: RowSpec, image, refs, timings) -> RowResult | RowError:
+        t0 = time.perf_counter()
+        try:
+            data = encode_image(image, row.format, self.spec.config.output)
+        except Exception as exc:  # noqa: BLE001 - recorded as this row's error
+            return _error(row, "encode", exc)
+        timings["encode"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        meta = self._meta(unit, row, image, refs, timings)
+        try:
+            receipt = self.ledger.commit(row.id, row.format, data, CONTENT_TYPES[row.format], meta)
+        except Exception as exc:  # noqa: BLE001
+            return _error(row, "store", exc)
+        timings["store"] = time.perf_counter() - t0
+        return RowResult(
+            id=row.id, variant=row.variant, image_key=receipt.image_key, meta_key=receipt.meta_key,
+            sha256=receipt.sha256, bytes=receipt.bytes, width=image.width, height=image.height,
+            seed=row.seed, prompt=row.prompt, timings=timings, worker=self.name,
+        )
+
+    def _meta(self, unit: WorkUnit, row: RowSpec, image, refs, timings) -> dict:
+        info = self.model.info
+        return {
+            "id": row.id,
+            "prompt": row.prompt,
+            "variant": row.variant,
+            "model": {"source": _safe_source(self.spec.source), "pipeline": info.pipeline_class,
+                      "distilled": info.distilled, "dtype": info.dtype, "device": info.device},
+            "width": image.width,
+            "height": image.height,
+            "steps": unit.steps or self.model.default_steps(),
+            "guidance": unit.guidance if not info.distilled else None,
+            "seed": row.seed,
+            "seed_source": row.seed_source,
+            "format": row.format,
+            "references": [{"uri": r.uri, "sha256": r.sha256, "bytes": r.bytes,
+                            "width": r.width, "height": r.height} for r in refs],
+            # What a bitwise re-render needs: the batch it was rendered in.
+            "batch": {"size": unit.size, "position": unit.rows.index(row),
+                      "ids": [r.id for r in unit.rows]},
+            "timings": {k: round(v, 4) for k, v in timings.items()},
+            "attempt": 1,
+            "worker": self.name,
+            "created_at": datetime.now(timezone.utc).isoformat(),
+            "versions": dict(info.versions, **{"klein_ray": __version__, "python": platform.python_version()}),
+            "manifest": {"file": row.manifest_file, "row": row.manifest_row},
+            "passthrough": row.passthrough,
+            "generated_by_test_model": _is_tiny(self.spec.source),
+        }
+
+
+def _error(row: RowSpec, stage: str, exc: BaseException) -> RowError:
+    message = str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
+    return RowError(row.id, stage, type(exc).__name__, message, 1, row.manifest_file, row.manifest_row)
+
+
+def _safe_source(source: str) -> str:
+    from klein_ray.refs import redact
+
+    return redact(source)
+
+
+def _is_tiny(source: str) -> bool:
+    from klein_ray.model.tiny import is_tiny_model
+
+    return not source.startswith("s3://") and is_tiny_model(source)
