@@ -56,11 +56,13 @@ class RayExecutor:
         import ray
 
         self._ray = ray
-        self.started_local = not (address or os.environ.get("RAY_ADDRESS"))
-        if not ray.is_initialized():
+        # Only a Ray this executor started is shut down by it (tests and notebooks share theirs).
+        self.owns_ray = not ray.is_initialized()
+        if self.owns_ray:
+            local = not (address or os.environ.get("RAY_ADDRESS"))
             kwargs: dict[str, Any] = dict(address=address or None, log_to_driver=False,
                                           configure_logging=True, logging_level="ERROR")
-            if self.started_local:
+            if local:
                 kwargs.update(include_dashboard=False, num_cpus=os.cpu_count() or 1)
             ray.init(**kwargs)
         self._actor_cls = _worker_class()
@@ -120,7 +122,7 @@ class RayExecutor:
     def shutdown(self, pools: list[Pool]) -> None:
         for pool in pools:
             self.shutdown_pool(pool)
-        if self.started_local:
+        if self.owns_ray:
             self._ray.shutdown()
 
 

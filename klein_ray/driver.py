@@ -51,7 +51,12 @@ class _Tally:
 class Driver:
     def __init__(self, job: RenderJob):
         self.job = job
-        self.cfg = job.config
+        # Workers may run on other nodes with another environment: resolve the endpoint here,
+        # once, so every worker writes where the driver reads. Credentials are not copied: each
+        # node uses its own AWS chain (a local Ray inherits the driver's environment).
+        storage = job.config.storage
+        self.cfg = job.config.model_copy(update={"storage": storage.model_copy(
+            update={"endpoint_url": storage.resolved_endpoint()})})
         self.store = open_store(job.output, self.cfg.storage)
         self.ledger = Ledger(self.store)
         self.tally = _Tally()

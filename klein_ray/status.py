@@ -29,8 +29,13 @@ def output_status(uri: str, storage: StorageConfig | None = None) -> OutputStatu
     store = open_store(uri, storage or StorageConfig())
     committed_ids = Ledger(store).committed_ids()
     errors = read_errors(store)
-    failed_ids = set(errors.column("id").to_pylist()) - committed_ids if errors is not None else set()
+    # Count failed rows, not ids: rows sharing a duplicate id each failed.
+    failed_rows = set()
+    if errors is not None:
+        for e in errors.select(["id", "manifest_file", "manifest_row"]).to_pylist():
+            if e["id"] not in committed_ids:
+                failed_rows.add((e["manifest_file"], e["manifest_row"]))
     state = read_state(store) or {}
     total = state.get("total")
-    remaining = max(0, total - len(committed_ids) - len(failed_ids)) if total is not None else None
-    return OutputStatus(len(committed_ids), len(failed_ids), remaining, total, state.get("manifest"))
+    remaining = max(0, total - len(committed_ids) - len(failed_rows)) if total is not None else None
+    return OutputStatus(len(committed_ids), len(failed_rows), remaining, total, state.get("manifest"))

@@ -1,0 +1,51 @@
+# klein-ray: `make demo` and `make test` work on a fresh clone (they create .venv themselves).
+# On a machine without a GPU the CPU build of torch is used (TORCH_SPEC); on a GPU machine run
+# `make venv TORCH_SPEC=torch` to take PyPI's CUDA build instead.
+
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN        := $(VENV)/bin
+APT_PKGS   := radosgw ceph-mon ceph-osd chromium chromium-driver curl
+SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: venv demo test test-fast system-deps tiny-model example-manifest clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+	$(BIN)/pip install -q "$(TORCH_SPEC)" 2>&1 | grep -v '^WARNING: Location' || true
+	$(BIN)/pip install -q -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
+	$(BIN)/python -c "import klein_ray, torch, diffusers, ray, boto3, selenium, moto"
+	touch $@
+
+# The real S3 server (Ceph RADOS Gateway) and the browser the tests use, from Debian packages.
+system-deps:
+	@missing=""; for t in radosgw ceph-mon ceph-osd chromium chromedriver curl; do \
+	  command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages for:$$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(APT_PKGS) >/dev/null; \
+	fi
+
+demo: venv
+	$(BIN)/klein-ray demo --output demo-output
+
+test: venv system-deps
+	$(BIN)/pytest -q
+
+# Unit tests only (no Ray, no Ceph, no browser).
+test-fast: venv
+	$(BIN)/pytest -q -m "not slow"
+
+tiny-model: venv
+	$(BIN)/klein-ray make-tiny-model .cache/tiny-klein
+
+example-manifest: venv
+	$(BIN)/python -c "from pathlib import Path; from klein_ray.demo import write_example; write_example(Path('manifests'))"
+
+clean:
+	rm -rf demo-output .pytest_cache

@@ -1,0 +1,132 @@
+"""Shared test fixtures: the tiny real models, one local Ray per session, and real S3 servers.
+
+- ``rgw``: Ceph's RADOS Gateway from Debian packages (a real S3 implementation), started once
+  per session by ``infra/ceph-rgw-up.sh``.
+- ``moto_s3``: moto's threaded server, for fast storage unit tests.
+- ``ray_address``: one local Ray started in this process; CLI subprocesses join it with
+  ``--address``, so no test pays Ray's start-up twice.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))  # tests' own helpers (browser, faultproxy)
+
+S3_KEY, S3_SECRET = "testkey", "testsecret"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: needs Ray, Ceph or a browser")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    from klein_ray.model.tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "tiny": make_tiny_model(root / "tiny-klein", seed=0, distilled=True),
+        "tiny-base": make_tiny_model(root / "tiny-klein-base", seed=1, distilled=False),
+    }
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    import ray
+
+    # Actors inherit the environment of the process that starts Ray: give them the test
+    # servers' credentials (the endpoint travels in the job config).
+    os.environ.update(AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET,
+                      AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+class S3Server:
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+
+    def client(self):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint, region_name="us-east-1",
+            aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET,
+            config=Config(s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
+                          response_checksum_validation="when_required"),
+        )
+
+    def new_bucket(self) -> str:
+        name = f"t-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def env(self) -> dict[str, str]:
+        """Environment for a klein-ray process talking to this server."""
+        return dict(os.environ, AWS_ENDPOINT_URL_S3=self.endpoint, AWS_ACCESS_KEY_ID=S3_KEY,
+                    AWS_SECRET_ACCESS_KEY=S3_SECRET, AWS_DEFAULT_REGION="us-east-1",
+                    AWS_EC2_METADATA_DISABLED="true")
+
+
+@pytest.fixture(scope="session")
+def rgw(tmp_path_factory):
+    if not shutil.which("radosgw"):
+        pytest.fail("radosgw is not installed: run `make system-deps` (make test does)")
+    d = tmp_path_factory.mktemp("ceph")
+    for attempt in range(2):  # a port taken between probing and binding: try fresh ones
+        port = free_port()
+        mon_port = next(p for p in iter(free_port, None) if p != port)
+        proc = subprocess.run(["bash", str(REPO / "infra" / "ceph-rgw-up.sh"), str(d), str(port), str(mon_port)],
+                              capture_output=True, text=True, timeout=180)
+        if proc.returncode == 0:
+            break
+        subprocess.run(["bash", str(REPO / "infra" / "ceph-rgw-down.sh"), str(d)])
+    else:
+        pytest.fail(f"Ceph RGW did not start (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    yield S3Server(f"http://127.0.0.1:{port}")
+    subprocess.run(["bash", str(REPO / "infra" / "ceph-rgw-down.sh"), str(d)], timeout=60)
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield S3Server(f"http://{host}:{port}")
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(monkeypatch):
+    """Point this process's klein-ray storage at a server (use with rgw or moto_s3)."""
+
+    def apply(server: S3Server):
+        for k, v in server.env().items():
+            if k.startswith("AWS_"):
+                monkeypatch.setenv(k, v)
+        from klein_ray import storage
+
+        storage._clients.clear()  # clients are cached per endpoint; start clean
+        return server
+
+    return apply

@@ -1,0 +1,82 @@
+"""Helpers shared by the end-to-end tests: running the CLI, writing manifests and job configs,
+and checking SPEC's definition of done against a store."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+MANIFEST_SCHEMA = pa.schema([
+    ("id", pa.string()), ("prompt", pa.string()), ("variant", pa.string()),
+    ("references", pa.list_(pa.string())), ("width", pa.int32()), ("height", pa.int32()),
+    ("steps", pa.int32()), ("guidance", pa.float64()), ("seed", pa.int64()),
+    ("format", pa.string()), ("sku", pa.string()), ("priority", pa.int64()),
+])
+
+
+def row(**kw) -> dict:
+    base = {name: None for name in MANIFEST_SCHEMA.names}
+    base.update(kw)
+    return base
+
+
+def write_manifest(path: Path, rows: list[dict], schema: pa.Schema = MANIFEST_SCHEMA) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return path
+
+
+def write_config(path: Path, models: dict[str, Path], **extra) -> Path:
+    cfg = {
+        "default_variant": "tiny",
+        "variants": {
+            "tiny": {"source": str(models["tiny"]), "pipeline": "distilled", "actors": 1, "batch_size": 4},
+            "tiny-base": {"source": str(models["tiny-base"]), "pipeline": "base", "actors": 1,
+                          "batch_size": 2, "steps": 6, "guidance": 3.0},
+        },
+    }
+    cfg.update(extra)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 300):
+    """Run `python -m klein_ray ARGS`; returns the CompletedProcess (text)."""
+    env = dict(env or os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return subprocess.run([sys.executable, "-m", "klein_ray", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd or REPO, timeout=timeout)
+
+
+def last_json(stdout: str) -> dict:
+    lines = [line for line in stdout.strip().splitlines() if line.strip()]
+    assert lines, "no output"
+    return json.loads(lines[-1])
+
+
+def assert_done(store, row_id: str) -> dict:
+    """SPEC: meta/{id}.json exists and names an image whose sha256 matches. Returns the meta."""
+    meta = json.loads(store.get(f"meta/{row_id}.json"))
+    data = store.get(meta["image"]["key"])
+    assert hashlib.sha256(data).hexdigest() == meta["image"]["sha256"], row_id
+    assert len(data) == meta["image"]["bytes"]
+    return meta
+
+
+def snapshot(store) -> dict[str, tuple[int, str]]:
+    """Key -> (size, sha256) of every image and marker, to prove a re-run changed nothing."""
+    out = {}
+    for prefix in ("images/", "meta/"):
+        for obj in store.list(prefix):
+            out[obj.key] = (obj.size, hashlib.sha256(store.get(obj.key)).hexdigest())
+    return out
