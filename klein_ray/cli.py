@@ -14,6 +14,7 @@ from pathlib import Path
 
 from klein_ray.config import ConfigError, load_config
 from klein_ray.driver import EXIT_INTERRUPTED, EXIT_INVALID, Driver, RenderJob
+from klein_ray.lease import LeaseHeld
 from klein_ray.manifest import ManifestError
 from klein_ray.storage import StorageError
 
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except (ConfigError, ManifestError) as exc:
+    except (ConfigError, ManifestError, LeaseHeld) as exc:
         print(f"klein-ray: {exc}", file=sys.stderr)
         return EXIT_INVALID
     except StorageError as exc:

@@ -69,6 +69,10 @@ class StorageConfig(_Strict):
     )
     connect_timeout: float = Field(5.0, gt=0, description="Seconds to open a connection.")
     read_timeout: float = Field(60.0, gt=0, description="Seconds to wait for a response.")
+    outer_retry_seconds: float = Field(
+        300.0, ge=0, description="How long klein-ray keeps retrying a transient storage failure "
+        "after botocore gave up (outages outlast botocore's retry budget).",
+    )
 
     def resolved_endpoint(self) -> str | None:
         return os.environ.get("AWS_ENDPOINT_URL_S3") or self.endpoint_url

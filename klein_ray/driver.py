@@ -17,14 +17,16 @@ import numpy as np
 
 from klein_ray import modelsource
 from klein_ray.config import ConfigError, JobConfig
-from klein_ray.joblog import JobLog
+from klein_ray.checkpoint import DoneSet
+from klein_ray.joblog import JobLog, new_run_id
+from klein_ray.lease import Lease
 from klein_ray.ledger import Ledger
 from klein_ray.manifest import Manifest, id_hash
 from klein_ray.model.tiny import is_tiny_model
-from klein_ray.planner import Planner, split_unit
+from klein_ray.planner import Planner, halve_unit, split_unit
 from klein_ray.rows import RowValidator
 from klein_ray.storage import open_store
-from klein_ray.types import RowError, RowSpec, UnitOutcome, WorkUnit
+from klein_ray.types import RenderOOM, RowError, RowSpec, UnitOutcome, WorkUnit
 
 MAX_ROW_ATTEMPTS = 3
 INTERRUPT_GRACE_S = 5.0
@@ -58,61 +60,67 @@ class Driver:
         self.cfg = job.config.model_copy(update={"storage": storage.model_copy(
             update={"endpoint_url": storage.resolved_endpoint()})})
         self.store = open_store(job.output, self.cfg.storage)
-        self.ledger = Ledger(self.store)
+        self.run_id = new_run_id()
+        self.ledger = Ledger(self.store, self.run_id)
         self.tally = _Tally()
         self.interrupted = False
         self.sources = self._check_sources()
 
     def run(self) -> tuple[dict, int]:
-        """Render the job; returns (summary, exit code)."""
+        """Render the job; returns (summary, exit code). Raises LeaseHeld if OUT is in use."""
         started = time.monotonic()
-        with Manifest(self.job.manifest, self.cfg.storage) as manifest:
-            committed = self.ledger.committed_ids()
-            duplicates, pending = prescan(manifest, committed, self.cfg.default_variant)
-            log = JobLog(self.store, self.cfg, self.job.manifest)
+        with Manifest(self.job.manifest, self.cfg.storage) as manifest, Lease(self.store, self.run_id):
+            done = self.ledger.done()
+            fresh = not len(done) and self.ledger.is_fresh()
+            duplicates, pending = prescan(manifest, done, self.cfg.default_variant)
+            log = JobLog(self.store, self.cfg, self.job.manifest, self.run_id)
             log.start(manifest.total_rows)
-            rows = self._rows(manifest, committed, duplicates)
+            rows = self._rows(manifest, done, duplicates)
             old_handlers = _trap_signals(self._on_signal)
             try:
                 if sum(pending.values()):
-                    self._render(rows, pending, log)
+                    self._render(rows, pending, log, check_markers=not fresh)
                 else:
                     for _ in rows:  # nothing to render: still count skips and record bad rows
                         pass
             finally:
                 _restore_signals(old_handlers)
-            summary = self._summary(manifest.total_rows, started, log.run_id)
+                self.ledger.checkpoint.flush()
+            self.ledger.checkpoint.compact()
+            summary = self._summary(manifest.total_rows, started)
             noise = any(is_tiny_model(s) for s in self.sources.values() if not s.startswith("s3://"))
-            log.finish(self.tally.errors, summary, len(committed) + self.tally.committed, noise)
+            log.finish(self.tally.errors, summary, len(done) + self.tally.committed, noise)
         return summary, self._exit_code()
 
     # -- rows ------------------------------------------------------------------------------
 
-    def _rows(self, manifest: Manifest, committed: set[str], duplicates: set[int]) -> Iterator[RowSpec]:
+    def _rows(self, manifest: Manifest, done: DoneSet, duplicates: set[int]) -> Iterator[RowSpec]:
         validator = RowValidator(self.cfg, base_dir=Path.cwd())
-        for mf, index, raw in manifest.iter_rows():
-            row_id = raw.get("id")
-            if isinstance(row_id, str) and row_id in committed:
-                self.tally.skipped += 1
-                continue
-            if isinstance(row_id, str) and id_hash(row_id) in duplicates:
-                self.tally.errors.append(RowError(row_id, "validate", "DuplicateId",
-                    "id occurs more than once in the manifest; every row with it is rejected",
-                    1, mf.name, index, "id"))
-                continue
-            checked = validator.validate(raw, mf.name, index)
-            if isinstance(checked, list):
-                self.tally.errors.append(checked[0])
-                continue
-            yield checked
+        for mf, start, batch in manifest.iter_row_batches():
+            committed = done.mask([raw.get("id") for raw in batch])
+            for offset, (raw, is_done) in enumerate(zip(batch, committed)):
+                if is_done:
+                    self.tally.skipped += 1
+                    continue
+                row_id, index = raw.get("id"), start + offset
+                if isinstance(row_id, str) and id_hash(row_id) in duplicates:
+                    self.tally.errors.append(RowError(row_id, "validate", "DuplicateId",
+                        "id occurs more than once in the manifest; every row with it is rejected",
+                        1, mf.name, index, "id"))
+                    continue
+                checked = validator.validate(raw, mf.name, index)
+                if isinstance(checked, list):
+                    self.tally.errors.append(checked[0])
+                    continue
+                yield checked
 
     # -- rendering -------------------------------------------------------------------------
 
-    def _render(self, rows: Iterator[RowSpec], pending: Counter, log: JobLog) -> None:
+    def _render(self, rows: Iterator[RowSpec], pending: Counter, log: JobLog, check_markers: bool) -> None:
         from klein_ray.cluster import RayExecutor
 
         executor = RayExecutor(self.job.address)
-        pools, failed_variants = self._start_pools(executor, pending)
+        pools, failed_variants = self._start_pools(executor, pending, check_markers)
         planner = Planner({v: c.batch_size for v, c in self.cfg.variants.items()})
         units = planner.plan(rows)
         queues: dict[str, deque[WorkUnit]] = defaultdict(deque)
@@ -136,7 +144,7 @@ class Driver:
             bar.close()
             executor.shutdown(list(pools.values()))
 
-    def _start_pools(self, executor, pending: Counter) -> tuple[dict, dict[str, str]]:
+    def _start_pools(self, executor, pending: Counter, check_markers: bool) -> tuple[dict, dict[str, str]]:
         from klein_ray.cluster import WorkerFailed
         from klein_ray.worker import WorkerSpec
 
@@ -148,7 +156,7 @@ class Driver:
             vcfg = self.cfg.variants[variant]
             num_cpus = vcfg.cpus_per_actor if vcfg.cpus_per_actor is not None else (1 if vcfg.gpus_per_actor else 0)
             threads = int(num_cpus) if num_cpus else shared_threads
-            spec = WorkerSpec(variant, self.cfg, self.store.uri, self.sources[variant], threads)
+            spec = WorkerSpec(variant, self.cfg, self.store.uri, self.sources[variant], threads, check_markers)
             for attempt in range(1, self.cfg.run.model_load_attempts + 1):
                 pool = executor.start_pool(spec, vcfg.actors, num_cpus, vcfg.gpus_per_actor)
                 try:
@@ -183,11 +191,20 @@ class Driver:
 
         if isinstance(outcome, UnitOutcome):
             for result in outcome.results:
-                self.tally.committed += 1
-                log.add_result(result)
+                self.ledger.record(result)
+                if result.already:
+                    self.tally.skipped += 1
+                else:
+                    self.tally.committed += 1
+                    log.add_result(result)
                 bar.update(1)
             for error in outcome.errors:
                 self._retry_or_fail(unit, error, queues, bar, retry=error.stage == "store")
+            return
+        cause = getattr(outcome, "cause", None)
+        if isinstance(cause, RenderOOM) and unit.size > 1:
+            # Out of memory: the same rows in halves (each half keeps sharing its references).
+            queues[unit.variant].extendleft(reversed(halve_unit(unit)))
             return
         if isinstance(outcome, WorkerFailed) and unit.size > 1:
             # Isolate: retry each row alone so one poisonous row cannot sink its batchmates.
@@ -245,10 +262,10 @@ class Driver:
         print("\nklein-ray: interrupted; finishing in-flight commits (Ctrl-C again to abandon)",
               file=sys.stderr)
 
-    def _summary(self, total: int, started: float, run_id: str) -> dict:
+    def _summary(self, total: int, started: float) -> dict:
         return {"total": total, "committed": self.tally.committed, "skipped": self.tally.skipped,
                 "failed": len(self.tally.errors), "output": self.store.uri,
-                "seconds": round(time.monotonic() - started, 3), "run_id": run_id,
+                "seconds": round(time.monotonic() - started, 3), "run_id": self.run_id,
                 "interrupted": self.interrupted}
 
     def _exit_code(self) -> int:
@@ -257,7 +274,7 @@ class Driver:
         return EXIT_ROWS_FAILED if self.tally.errors else EXIT_OK
 
 
-def prescan(manifest: Manifest, committed: set[str], default_variant: str) -> tuple[set[int], Counter]:
+def prescan(manifest: Manifest, done: DoneSet | None, default_variant: str) -> tuple[set[int], Counter]:
     """One pass over ``id`` (and ``variant``): duplicate-id hashes and rows pending per variant.
 
     Ids are kept as 8-byte hashes in numpy arrays, so this stays ~8 bytes a row.
@@ -268,8 +285,9 @@ def prescan(manifest: Manifest, committed: set[str], default_variant: str) -> tu
         chunks.append(np.fromiter((id_hash(v) for v in ids), dtype=np.uint64, count=len(ids)))
         variants = (batch.column("variant").to_pylist() if "variant" in batch.schema.names
                     else [None] * len(ids))
-        for row_id, variant in zip(ids, variants):
-            if row_id not in committed:
+        committed = done.mask(ids) if done is not None else [False] * len(ids)
+        for variant, is_done in zip(variants, committed):
+            if not is_done:
                 pending[variant or default_variant] += 1
     if not chunks:
         return set(), pending

@@ -1,16 +1,15 @@
 """The job log under ``OUT/_job/``: resolved config, state, results and errors tables, summary,
 contact-sheet entries and ``report.html``. Written by the driver only; read by ``status``.
 
-Results are written in parts as the run goes (so a 2-million-row run never holds them all in
-memory); errors of the run are one table, rewritten at the end of each run, since every run
-retries every row that is not committed.
+The results table is the ledger's checkpoint (``_job/results/``, see ``checkpoint.py``). Errors
+of the run are one table, rewritten at the end of each run, since every run retries every row
+that is not committed.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import time
 import uuid
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -25,14 +24,7 @@ from klein_ray.storage import NotFound, Store
 from klein_ray.types import RowError, RowResult
 
 JOB = "_job"
-RESULTS_PART_ROWS = 50_000
 
-RESULTS_SCHEMA = pa.schema([
-    ("id", pa.string()), ("variant", pa.string()), ("image_key", pa.string()),
-    ("meta_key", pa.string()), ("sha256", pa.string()), ("bytes", pa.int64()),
-    ("width", pa.int32()), ("height", pa.int32()), ("seed", pa.int64()),
-    ("render_s", pa.float64()), ("worker", pa.string()), ("run_id", pa.string()),
-])
 ERRORS_SCHEMA = pa.schema([
     ("id", pa.string()), ("stage", pa.string()), ("error_type", pa.string()),
     ("message", pa.string()), ("attempts", pa.int32()), ("column", pa.string()),
@@ -41,13 +33,11 @@ ERRORS_SCHEMA = pa.schema([
 
 
 class JobLog:
-    def __init__(self, store: Store, config: JobConfig, manifest_uri: str):
+    def __init__(self, store: Store, config: JobConfig, manifest_uri: str, run_id: str):
         self.store = store
-        self.run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+        self.run_id = run_id
         self.config = config
         self.manifest_uri = manifest_uri
-        self._results: list[RowResult] = []
-        self._part = 0
         self.contact = self._load_contact()
         self._contact_ids = {e.id for e in self.contact}
 
@@ -59,8 +49,8 @@ class JobLog:
                                       "run_id": self.run_id, "started_at": _now()})
 
     def add_result(self, result: RowResult) -> None:
-        self._results.append(result)
-        if len(self.contact) < MAX_CONTACT_ENTRIES and result.id not in self._contact_ids:
+        """Keep the first images of the output for the contact sheet (thumbnails are small)."""
+        if len(self.contact) < MAX_CONTACT_ENTRIES and result.id not in self._contact_ids and result.thumbnail:
             self.contact.append(ContactEntry(
                 id=result.id, prompt=result.prompt, variant=result.variant, seed=result.seed,
                 width=result.width, height=result.height,
@@ -68,26 +58,9 @@ class JobLog:
                 thumbnail=result.thumbnail,
             ))
             self._contact_ids.add(result.id)
-        if len(self._results) >= RESULTS_PART_ROWS:
-            self.flush_results()
-
-    def flush_results(self) -> None:
-        if not self._results:
-            return
-        rows = [{
-            "id": r.id, "variant": r.variant, "image_key": r.image_key, "meta_key": r.meta_key,
-            "sha256": r.sha256, "bytes": r.bytes, "width": r.width, "height": r.height,
-            "seed": r.seed, "render_s": r.timings.get("render"), "worker": r.worker,
-            "run_id": self.run_id,
-        } for r in self._results]
-        self._put_table(f"results/{self.run_id}-{self._part:05d}.parquet",
-                        pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA))
-        self._part += 1
-        self._results.clear()
 
     def finish(self, errors: list[RowError], summary: dict, committed_total: int, noise_model: bool) -> None:
         """Write the errors table, summary, contact entries and the report (in that order)."""
-        self.flush_results()
         rows = [dict(asdict(e), run_id=self.run_id) for e in errors]
         self._put_table("errors.parquet", pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA))
         self._put_json("summary.json", summary)
@@ -132,5 +105,5 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
-def elapsed(start: float) -> float:
-    return round(time.monotonic() - start, 3)
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]

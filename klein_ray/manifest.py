@@ -74,13 +74,18 @@ class Manifest:
 
     def iter_rows(self, columns: list[str] | None = None) -> Iterator[tuple[ManifestFile, int, dict[str, Any]]]:
         """Yield (file, row index in file, row dict), one record batch in memory at a time."""
+        for mf, start, rows in self.iter_row_batches(columns):
+            for offset, row in enumerate(rows):
+                yield mf, start + offset, row
+
+    def iter_row_batches(self, columns: list[str] | None = None) -> Iterator[tuple[ManifestFile, int, list[dict]]]:
+        """Yield (file, index of the first row, rows as dicts) per record batch."""
         for mf in self.files:
             pf = pq.ParquetFile(mf.path)
             index = 0
             for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns):
-                for row in batch.to_pylist():
-                    yield mf, index, row
-                    index += 1
+                yield mf, index, batch.to_pylist()
+                index += batch.num_rows
 
     def iter_batches(self, columns: list[str], batch_size: int = 65536) -> Iterator[pa.RecordBatch]:
         """Record batches of only ``columns`` (those the files have), for cheap pre-passes."""

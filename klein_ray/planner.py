@@ -68,3 +68,13 @@ def split_unit(unit: WorkUnit) -> list[WorkUnit]:
                  unit.references, (row,))
         for row in unit.rows
     ]
+
+
+def halve_unit(unit: WorkUnit) -> list[WorkUnit]:
+    """The unit's rows as two smaller units (same id): a batch that ran out of memory."""
+    mid = (unit.size + 1) // 2
+    return [
+        WorkUnit(unit.unit_id, unit.variant, unit.width, unit.height, unit.steps, unit.guidance,
+                 unit.references, rows)
+        for rows in (unit.rows[:mid], unit.rows[mid:])
+    ]

@@ -21,10 +21,15 @@ from klein_ray.config import ReferenceConfig, StorageConfig
 from klein_ray.storage import TooLarge, local_path, open_store, split_s3
 
 MAX_REDIRECTS = 5
+HTTP_ATTEMPTS = 4
 
 
 class ReferenceError(Exception):
     """A reference that cannot be used; the message is safe to record (no secrets)."""
+
+
+class _TransientHTTP(OSError):
+    """A server answer worth retrying (5xx, 429)."""
 
 
 @dataclass
@@ -67,7 +72,7 @@ class ReferenceFetcher:
                 bucket, key = split_s3(uri)
                 return open_store(f"s3://{bucket}", self.storage).get(key, max_bytes=limit)
             if uri.startswith(("http://", "https://")):
-                return self._http_get(uri)
+                return self._http_get_retrying(uri)
             return _read_file(uri, limit)
         except TooLarge:
             raise ReferenceError(f"reference {redact(uri)} is larger than {limit} bytes") from None
@@ -75,6 +80,20 @@ class ReferenceFetcher:
             raise
         except Exception as exc:  # noqa: BLE001 - reported per row, without request details
             raise ReferenceError(f"reference {redact(uri)}: {type(exc).__name__}: {_short(exc)}") from None
+
+    def _http_get_retrying(self, uri: str) -> bytes:
+        """Retry what a busy or flaky server does (5xx, 429, resets, timeouts), with backoff."""
+        import random
+        import time
+
+        for attempt in range(1, HTTP_ATTEMPTS + 1):
+            try:
+                return self._http_get(uri)
+            except (_TransientHTTP, OSError):
+                if attempt == HTTP_ATTEMPTS:
+                    raise
+                time.sleep(random.uniform(0, 0.5 * 2**attempt))
+        raise AssertionError("unreachable")
 
     def _http_get(self, uri: str) -> bytes:
         for _ in range(MAX_REDIRECTS + 1):
@@ -90,6 +109,8 @@ class ReferenceFetcher:
                 if resp.status in (301, 302, 303, 307, 308):
                     uri = urljoin(uri, resp.getheader("Location") or "")
                     continue
+                if resp.status == 429 or resp.status >= 500:
+                    raise _TransientHTTP(f"reference {redact(uri)}: HTTP {resp.status}")
                 if resp.status != 200:
                     raise ReferenceError(f"reference {redact(uri)}: HTTP {resp.status}")
                 return _read_capped(resp, self.cfg.max_bytes, uri)

@@ -7,6 +7,10 @@ build our own messages from the operation and key rather than echoing request de
 
 from __future__ import annotations
 
+import random
+import time
+from typing import Callable, TypeVar
+
 from klein_ray.config import StorageConfig
 from klein_ray.storage import (
     AlreadyExists,
@@ -21,6 +25,13 @@ from klein_ray.storage import (
 )
 
 _CHUNK = 1024 * 1024
+T = TypeVar("T")
+# Worth another try after botocore gave up: throttling, server errors, a conflicting
+# conditional write, and every connection-level failure (resets, timeouts).
+TRANSIENT_CODES = {
+    "SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "RequestTimeTooSkewed",
+    "Throttling", "ThrottlingException", "ConditionalRequestConflict", "500", "502", "503", "504", "409",
+}
 
 
 class S3Store(Store):
@@ -28,6 +39,20 @@ class S3Store(Store):
         self.bucket, self.prefix = split_s3(uri)
         self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self.client = s3_client(cfg)
+        self.retry_seconds = cfg.outer_retry_seconds
+
+    def _retrying(self, fn: Callable[[], T]) -> T:
+        """botocore's retries, plus ours with backoff: its retry budget runs dry in a long outage."""
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 0.5
+        while True:
+            try:
+                return fn()
+            except Exception as exc:  # noqa: BLE001 - re-raised unless transient
+                if not _transient(exc) or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(random.uniform(0, delay))  # full jitter, like botocore
+            delay = min(delay * 2, 20.0)
 
     def _key(self, key: str) -> str:
         check_key(key)
@@ -42,7 +67,7 @@ class S3Store(Store):
         if if_absent:
             kwargs["IfNoneMatch"] = "*"
         try:
-            self.client.put_object(**kwargs)
+            self._retrying(lambda: self.client.put_object(**kwargs))
         except Exception as exc:  # noqa: BLE001 - translated below
             code = _code(exc)
             if code in ("PreconditionFailed", "412"):
@@ -51,11 +76,16 @@ class S3Store(Store):
 
     def get(self, key, max_bytes=None):
         try:
-            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return self._retrying(lambda: self._get_once(key, max_bytes))
+        except (NotFound, TooLarge):
+            raise
         except Exception as exc:  # noqa: BLE001
             if _code(exc) in ("NoSuchKey", "404", "NotFound"):
                 raise NotFound(key) from None
             raise StorageError(f"get {self.url_of(key)}: {_describe(exc)}") from exc
+
+    def _get_once(self, key: str, max_bytes: int | None) -> bytes:
+        resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
         body = resp["Body"]
         try:
             if max_bytes is not None and resp.get("ContentLength", 0) > max_bytes:
@@ -73,7 +103,7 @@ class S3Store(Store):
 
     def head(self, key):
         try:
-            resp = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            resp = self._retrying(lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key)))
         except Exception as exc:  # noqa: BLE001
             if _code(exc) in ("404", "NoSuchKey", "NotFound"):
                 return None
@@ -88,17 +118,21 @@ class S3Store(Store):
         if full and (prefix.endswith("/") or not rel):
             full += "/"
         strip = len(self.prefix) + 1 if self.prefix else 0
-        paginator = self.client.get_paginator("list_objects_v2")
-        try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
-                for obj in page.get("Contents", []):
-                    yield ObjectInfo(obj["Key"][strip:], obj["Size"])
-        except Exception as exc:  # noqa: BLE001
-            raise StorageError(f"list {self.uri}/{prefix}: {_describe(exc)}") from exc
+        kwargs = {"Bucket": self.bucket, "Prefix": full}
+        while True:
+            try:
+                page = self._retrying(lambda: self.client.list_objects_v2(**kwargs))
+            except Exception as exc:  # noqa: BLE001
+                raise StorageError(f"list {self.uri}/{prefix}: {_describe(exc)}") from exc
+            for obj in page.get("Contents", []):
+                yield ObjectInfo(obj["Key"][strip:], obj["Size"])
+            if not page.get("IsTruncated"):
+                return
+            kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
     def delete(self, key):
         try:
-            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+            self._retrying(lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)))
         except Exception as exc:  # noqa: BLE001
             raise StorageError(f"delete {self.url_of(key)}: {_describe(exc)}") from exc
 
@@ -120,3 +154,12 @@ def _describe(exc: Exception) -> str:
     if code:
         return f"{code} {message}".strip()
     return f"{type(exc).__name__}: {exc}"
+
+
+def _transient(exc: Exception) -> bool:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if isinstance(exc, ClientError):
+        return _code(exc) in TRANSIENT_CODES
+    # Connection resets, read/connect timeouts, closed connections, truncated bodies.
+    return isinstance(exc, (BotoCoreError, ConnectionError, TimeoutError))

@@ -86,6 +86,7 @@ class RowResult:
     timings: dict[str, float]
     worker: str
     thumbnail: bytes = b""  # a small JPEG for the contact sheet; never stored per row
+    already: bool = False  # committed by an earlier attempt (found by the marker check)
 
 
 @dataclass
@@ -95,3 +96,7 @@ class UnitOutcome:
     unit_id: int
     results: list[RowResult] = field(default_factory=list)
     errors: list[RowError] = field(default_factory=list)
+
+
+class RenderOOM(RuntimeError):
+    """The accelerator ran out of memory on a batch: retry it as smaller batches."""

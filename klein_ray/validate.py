@@ -16,7 +16,7 @@ def validate_manifest(uri: str, config: JobConfig) -> list[RowError]:
     problems with the manifest as a whole."""
     problems: list[RowError] = []
     with Manifest(uri, config.storage) as manifest:
-        duplicates, _ = prescan(manifest, set(), config.default_variant)
+        duplicates, _ = prescan(manifest, None, config.default_variant)
         validator = RowValidator(config, base_dir=Path.cwd())
         for mf, index, raw in manifest.iter_rows():
             row_id = raw.get("id")

@@ -31,6 +31,7 @@ class WorkerSpec:
     output_uri: str
     source: str  # normalised: absolute local path, s3:// prefix or Hub repo id
     threads: int | None
+    check_markers: bool = True  # False only for an output that had no marker when the job began
 
 
 class RenderWorker:
@@ -60,6 +61,12 @@ class RenderWorker:
 
         outcome = UnitOutcome(unit.unit_id)
         timings: dict[str, float] = {}
+
+        # 0. Rows committed since the driver's checkpoint was written are done: never redo them.
+        if self.spec.check_markers:
+            unit, outcome.results = self._drop_committed(unit)
+            if not unit.rows:
+                return outcome
 
         # 1. References, once for the whole unit (its rows share them).
         t0 = time.perf_counter()
@@ -94,6 +101,24 @@ class RenderWorker:
                 result.thumbnail = make_thumbnail(image)
                 outcome.results.append(result)
         return outcome
+
+    def _drop_committed(self, unit: WorkUnit) -> tuple[WorkUnit, list[RowResult]]:
+        from dataclasses import replace
+
+        todo, done = [], []
+        for row in unit.rows:
+            meta = self.ledger.existing(row.id)
+            if meta is None:
+                todo.append(row)
+                continue
+            image = meta["image"]
+            done.append(RowResult(
+                id=row.id, variant=row.variant, image_key=image["key"], meta_key=f"meta/{row.id}.json",
+                sha256=image["sha256"], bytes=image["bytes"], width=meta.get("width", 0),
+                height=meta.get("height", 0), seed=meta.get("seed", row.seed), prompt=row.prompt,
+                timings={}, worker=self.name, already=True,
+            ))
+        return replace(unit, rows=tuple(todo)), done
 
     def _commit_row(self, unit, row: RowSpec, image, refs, timings) -> RowResult | RowError:
         t0 = time.perf_counter()

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from klein_ray.types import RenderOOM
+
 DISTILLED_STEPS = 4
 BASE_STEPS = 50
 MIN_REF_SIDE = 64
@@ -112,8 +114,13 @@ class KleinModel:
         if self.info.pipeline_class != "Flux2KleinKVPipeline":
             # Distilled models ignore guidance; passing 1.0 avoids diffusers' warning per call.
             kwargs["guidance_scale"] = 1.0 if self.info.distilled else float(req.guidance)
-        with torch.inference_mode():
-            images = self.pipe(**kwargs).images
+        try:
+            with torch.inference_mode():
+                images = self.pipe(**kwargs).images
+        except torch.OutOfMemoryError as exc:
+            # A type the driver can classify without importing torch: it splits the batch.
+            raise RenderOOM(f"out of memory rendering {len(req.prompts)} images "
+                            f"at {req.width}x{req.height}") from exc
 
         # 4. Check the result has the shape we promised.
         if len(images) != len(req.prompts):
