@@ -33,6 +33,16 @@ class Pool:
     variant: str
     actors: list[Any]
     in_flight: dict[int, int] = field(default_factory=dict)  # actor index -> units queued
+    down: set[int] = field(default_factory=set)  # restarting: no work until a ping answers
+    dead: set[int] = field(default_factory=set)  # out of restarts
+
+    @property
+    def healthy(self) -> list[int]:
+        return [i for i in self.in_flight if i not in self.down and i not in self.dead]
+
+    @property
+    def all_dead(self) -> bool:
+        return len(self.dead) == len(self.actors)
 
 
 def _worker_class():
@@ -67,6 +77,7 @@ class RayExecutor:
             ray.init(**kwargs)
         self._actor_cls = _worker_class()
         self._refs: dict[Any, tuple[Pool, int, WorkUnit]] = {}
+        self._pings: dict[Any, tuple[Pool, int]] = {}
 
     def cluster_cpus(self) -> float:
         return float(self._ray.cluster_resources().get("CPU", os.cpu_count() or 1))
@@ -89,7 +100,7 @@ class RayExecutor:
             raise WorkerFailed(_unwrap(exc)) from None
 
     def submit(self, pool: Pool, unit: WorkUnit) -> None:
-        index = min(pool.in_flight, key=pool.in_flight.get)  # least-loaded actor
+        index = min(pool.healthy, key=pool.in_flight.get)  # least-loaded healthy actor
         ref = pool.actors[index].render_unit.remote(unit)
         pool.in_flight[index] += 1
         self._refs[ref] = (pool, index, unit)
@@ -100,20 +111,43 @@ class RayExecutor:
 
     def collect(self, timeout: float) -> list[tuple[WorkUnit, UnitOutcome | Exception]]:
         """Finished units since the last call, each with its outcome or a WorkerLost/WorkerFailed."""
-        if not self._refs:
+        waiting = list(self._refs) + list(self._pings)
+        if not waiting:
             return []
-        ready, _ = self._ray.wait(list(self._refs), num_returns=len(self._refs), timeout=timeout)
+        ready, _ = self._ray.wait(waiting, num_returns=len(waiting), timeout=timeout)
         done = []
         for ref in ready:
+            if ref in self._pings:
+                self._settle_ping(ref)
+                continue
             pool, index, unit = self._refs.pop(ref)
             pool.in_flight[index] -= 1
             try:
                 done.append((unit, self._ray.get(ref)))
             except self._ray.exceptions.RayActorError as exc:
+                # The process died (or is restarting): stop feeding it until it answers a ping.
+                self._mark_down(pool, index)
                 done.append((unit, WorkerLost(str(exc).splitlines()[0][:300])))
             except self._ray.exceptions.RayTaskError as exc:
                 done.append((unit, WorkerFailed(_unwrap(exc))))
         return done
+
+    def _mark_down(self, pool: Pool, index: int) -> None:
+        if index in pool.down or index in pool.dead:
+            return
+        pool.down.add(index)
+        self._pings[pool.actors[index].describe.remote()] = (pool, index)
+
+    def _settle_ping(self, ref) -> None:
+        pool, index = self._pings.pop(ref)
+        try:
+            self._ray.get(ref)
+            pool.down.discard(index)  # restarted, model loaded: back to work
+        except self._ray.exceptions.ActorUnavailableError:
+            self._pings[pool.actors[index].describe.remote()] = (pool, index)  # still restarting
+        except (self._ray.exceptions.RayActorError, self._ray.exceptions.RayTaskError):
+            pool.down.discard(index)
+            pool.dead.add(index)
 
     def shutdown_pool(self, pool: Pool) -> None:
         for actor in pool.actors:

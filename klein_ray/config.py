@@ -61,7 +61,7 @@ class VariantConfig(_Strict):
 
 class StorageConfig(_Strict):
     endpoint_url: str | None = Field(
-        None, description="S3-compatible endpoint; AWS_ENDPOINT_URL_S3 overrides it when set."
+        None, description="S3-compatible endpoint; when unset, AWS_ENDPOINT_URL_S3 is used."
     )
     region: str | None = Field(None, description="Region name for S3 requests.")
     max_attempts: int = Field(
@@ -75,7 +75,8 @@ class StorageConfig(_Strict):
     )
 
     def resolved_endpoint(self) -> str | None:
-        return os.environ.get("AWS_ENDPOINT_URL_S3") or self.endpoint_url
+        # The job config is the more deliberate choice; the environment fills in when it is silent.
+        return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
 
 
 class OutputConfig(_Strict):

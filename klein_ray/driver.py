@@ -28,7 +28,8 @@ from klein_ray.rows import RowValidator
 from klein_ray.storage import open_store
 from klein_ray.types import RenderOOM, RowError, RowSpec, UnitOutcome, WorkUnit
 
-MAX_ROW_ATTEMPTS = 3
+MAX_ROW_ATTEMPTS = 3  # a row whose render or store keeps failing
+MAX_LOST = 4  # a unit whose worker process keeps dying under it
 INTERRUPT_GRACE_S = 5.0
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -48,6 +49,7 @@ class _Tally:
     skipped: int = 0
     errors: list[RowError] = field(default_factory=list)
     attempts: Counter = field(default_factory=Counter)  # only rows that failed at least once
+    lost: Counter = field(default_factory=Counter)  # rows whose worker died under them
 
 
 class Driver:
@@ -120,6 +122,7 @@ class Driver:
         from klein_ray.cluster import RayExecutor
 
         executor = RayExecutor(self.job.address)
+        _trap_signals(self._on_signal)  # again: ray.init installs its own SIGTERM handler
         pools, failed_variants = self._start_pools(executor, pending, check_markers)
         planner = Planner({v: c.batch_size for v, c in self.cfg.variants.items()})
         units = planner.plan(rows)
@@ -130,6 +133,8 @@ class Driver:
             while not self.interrupted and (not exhausted or any(queues.values()) or executor.in_flight):
                 exhausted = self._top_up(units, queues, pools, exhausted)
                 for variant, queue in queues.items():
+                    if variant in pools and pools[variant].all_dead:
+                        failed_variants[variant] = f"every actor of variant {variant!r} died and used up its restarts"
                     if variant in failed_variants:
                         self._fail_unloadable(queue, failed_variants[variant], bar)
                         continue
@@ -174,7 +179,7 @@ class Driver:
 
     def _top_up(self, units: Iterator[WorkUnit], queues, pools, exhausted: bool) -> bool:
         """Plan ahead just far enough that no actor waits; False until the manifest is done."""
-        limit = 2 * sum(self._capacity(p) for p in pools.values()) + 2
+        limit = 2 * sum(len(p.actors) * self.cfg.run.in_flight_per_actor for p in pools.values()) + 2
         while not exhausted and sum(len(q) for q in queues.values()) < limit:
             unit = next(units, None)
             if unit is None:
@@ -183,7 +188,7 @@ class Driver:
         return exhausted
 
     def _capacity(self, pool) -> int:
-        return len(pool.actors) * self.cfg.run.in_flight_per_actor
+        return len(pool.healthy) * self.cfg.run.in_flight_per_actor
 
     def _settle(self, unit: WorkUnit, outcome, queues, log: JobLog, bar) -> None:
         """Record a finished unit: commit results, retry by failure class, or fail rows."""
@@ -210,11 +215,29 @@ class Driver:
             # Isolate: retry each row alone so one poisonous row cannot sink its batchmates.
             queues[unit.variant].extendleft(reversed(split_unit(unit)))
             return
-        stage = "render"
+        if isinstance(outcome, WorkerLost):
+            self._requeue_lost(unit, outcome, queues, bar)
+            return
         for row in unit.rows:
-            err = RowError(row.id, stage, type(getattr(outcome, "cause", outcome)).__name__,
+            err = RowError(row.id, "render", type(getattr(outcome, "cause", outcome)).__name__,
                            str(outcome)[:500], 1, row.manifest_file, row.manifest_row)
-            self._retry_or_fail(unit, err, queues, bar, retry=isinstance(outcome, (WorkerLost, WorkerFailed)))
+            self._retry_or_fail(unit, err, queues, bar, retry=isinstance(outcome, WorkerFailed))
+
+    def _requeue_lost(self, unit: WorkUnit, outcome, queues, bar) -> None:
+        """The worker process died under the unit (killed, preempted, node lost): run it again,
+        whole; a unit that keeps killing workers is split so a poisonous row is found alone."""
+        for row in unit.rows:
+            self.tally.lost[row.id] += 1
+        losses = max(self.tally.lost[row.id] for row in unit.rows)
+        if losses < MAX_LOST:
+            queues[unit.variant].appendleft(unit)
+        elif unit.size > 1:
+            queues[unit.variant].extendleft(reversed(split_unit(unit)))
+        else:
+            row = unit.rows[0]
+            self.tally.errors.append(RowError(row.id, "render", "WorkerLost", str(outcome)[:500],
+                                              losses, row.manifest_file, row.manifest_row))
+            bar.update(1)
 
     def _retry_or_fail(self, unit: WorkUnit, error: RowError, queues, bar, retry: bool) -> None:
         self.tally.attempts[error.id] += 1

@@ -32,6 +32,7 @@ class Receipt:
     meta_key: str
     sha256: str
     bytes: int
+    already: bool = False  # the row was committed by another attempt; this one wrote nothing final
 
 
 class Ledger:
@@ -55,8 +56,7 @@ class Ledger:
 
     def existing(self, row_id: str) -> dict[str, Any] | None:
         """The row's marker if it exists already (committed by an earlier attempt)."""
-        meta = self.read_meta(row_id)
-        return meta if meta and "image" in meta else None
+        return self.read_meta(row_id)
 
     def committed_ids(self) -> set[str]:
         """Ids whose marker exists, by listing every marker (exact, ~1 request per 1,000 rows)."""
@@ -68,10 +68,15 @@ class Ledger:
         return ids
 
     def read_meta(self, row_id: str) -> dict[str, Any] | None:
+        """The row's marker, or None if absent or unreadable (a damaged marker commits nothing)."""
         try:
-            return json.loads(self.store.get(meta_key(row_id)))
-        except NotFound:
+            meta = json.loads(self.store.get(meta_key(row_id)))
+        except (NotFound, ValueError):
             return None
+        image = meta.get("image") if isinstance(meta, dict) else None
+        if not isinstance(image, dict) or not {"key", "sha256", "bytes"} <= image.keys():
+            return None
+        return meta
 
     def verify(self, row_id: str) -> bool:
         """The full check: marker present, and its image present with the sha256 it names."""
@@ -80,7 +85,7 @@ class Ledger:
             return False
         try:
             data = self.store.get(meta["image"]["key"])
-        except (NotFound, KeyError, TypeError):
+        except (NotFound, ValueError):
             return False
         return hashlib.sha256(data).hexdigest() == meta["image"]["sha256"]
 
@@ -99,9 +104,31 @@ class Ledger:
         try:
             self.store.put(receipt.meta_key, body, content_type="application/json", if_absent=True)
         except AlreadyExists:
-            existing = self.read_meta(row_id) or {}
-            if existing.get("image", {}).get("sha256") != sha:
-                raise CommitConflict(
-                    f"{receipt.meta_key} already names a different image; another job wrote this id"
-                ) from None
+            return self._resolve(row_id, receipt, body)
         return receipt
+
+    def _resolve(self, row_id: str, ours: Receipt, body: bytes) -> Receipt:
+        """The marker exists: decide from stored sha256s, never by guessing.
+
+        - it names our image: our earlier attempt landed (a retried write whose reply was lost);
+        - it names the image now stored: another attempt committed consistently; keep theirs;
+        - the stored image is ours (we overwrote theirs after they committed): make the marker
+          name what is stored, so the row stays consistent;
+        - anything else is someone else's write in progress: a conflict (the caller retries).
+        """
+        existing = self.read_meta(row_id) or {}
+        named = existing.get("image", {}).get("sha256")
+        if named == ours.sha256:
+            return ours
+        head = self.store.head(ours.image_key)
+        stored = (head.metadata or {}).get("sha256") if head else None
+        if stored is not None and stored == named:
+            image = existing["image"]
+            return Receipt(image["key"], ours.meta_key, image["sha256"], image["bytes"], already=True)
+        if stored == ours.sha256:
+            self.store.put(ours.meta_key, body, content_type="application/json")
+            old_key = existing.get("image", {}).get("key")
+            if old_key and old_key != ours.image_key:
+                self.store.delete(old_key)  # one image per id, even across a change of format
+            return ours
+        raise CommitConflict(f"{ours.meta_key} names an image another writer is replacing; retry")

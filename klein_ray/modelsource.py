@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from klein_ray.config import StorageConfig
-from klein_ray.storage import is_s3, local_path, s3_client, split_s3
+from klein_ray.storage import check_key, is_s3, local_path, s3_client, split_s3
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 COMPLETE = ".complete"
@@ -76,9 +76,10 @@ def sync_s3(source: str, cache_dir: Path, storage: StorageConfig) -> Path:
                 rel = obj["Key"][len(root):]
                 if not rel or rel.endswith("/") or _skip(rel):
                     continue
-                target = dest / rel
-                if ".." in Path(rel).parts:
-                    raise ModelSourceError(f"model source {source}: unsafe key {obj['Key']!r}")
+                try:
+                    target = dest / check_key(rel)  # never outside the cache (no '..', '//', '/')
+                except ValueError:
+                    raise ModelSourceError(f"model source {source}: unsafe key {obj['Key']!r}") from None
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if not (target.is_file() and target.stat().st_size == obj["Size"]):
                     part = target.with_name(target.name + ".part")

@@ -52,7 +52,11 @@ def normalise_reference(uri: str, base_dir: Path) -> str:
     if "://" in uri:
         scheme = uri.split("://", 1)[0]
         raise ValueError(f"unsupported reference scheme {scheme!r} (use s3://, http(s)://, file:// or a path)")
-    return (base_dir / Path(uri).expanduser()).resolve().as_uri()
+    try:
+        path = Path(uri).expanduser()
+    except RuntimeError:  # "~user" with no such user
+        raise ValueError(f"cannot expand the home directory in {uri!r}") from None
+    return (base_dir / path).resolve().as_uri()
 
 
 class RowValidator:
@@ -80,7 +84,7 @@ class RowValidator:
 
         # 2. Variant, then its defaults.
         variant = raw.get("variant") or self.config.default_variant
-        vcfg = self.config.variants.get(variant)
+        vcfg = self.config.variants.get(variant) if isinstance(variant, str) else None
         if vcfg is None:
             bad("variant", f"unknown variant {variant!r}; the config has {sorted(self.config.variants)}")
 
@@ -97,7 +101,7 @@ class RowValidator:
         if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
             bad("seed", f"seed must be an integer in [0, 2^63-1], got {seed!r}")
         fmt = raw.get("format") or self.config.output.format
-        if fmt not in FORMATS:
+        if not isinstance(fmt, str) or fmt not in FORMATS:
             bad("format", f"unknown format {fmt!r}; use png, jpeg or webp")
 
         # 4. References: count and scheme here; size, content and address when fetched.

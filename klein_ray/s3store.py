@@ -75,6 +75,7 @@ class S3Store(Store):
             raise StorageError(f"put {self.url_of(key)}: {_describe(exc)}") from exc
 
     def get(self, key, max_bytes=None):
+        self._key(key)  # unsafe keys are the caller's bug: ValueError, not a storage error
         try:
             return self._retrying(lambda: self._get_once(key, max_bytes))
         except (NotFound, TooLarge):
@@ -102,8 +103,9 @@ class S3Store(Store):
             body.close()
 
     def head(self, key):
+        full = self._key(key)
         try:
-            resp = self._retrying(lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key)))
+            resp = self._retrying(lambda: self.client.head_object(Bucket=self.bucket, Key=full))
         except Exception as exc:  # noqa: BLE001
             if _code(exc) in ("404", "NoSuchKey", "NotFound"):
                 return None
@@ -131,8 +133,9 @@ class S3Store(Store):
             kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
     def delete(self, key):
+        full = self._key(key)
         try:
-            self._retrying(lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)))
+            self._retrying(lambda: self.client.delete_object(Bucket=self.bucket, Key=full))
         except Exception as exc:  # noqa: BLE001
             raise StorageError(f"delete {self.url_of(key)}: {_describe(exc)}") from exc
 

@@ -131,6 +131,8 @@ class LocalStore(Store):
             tmp.unlink(missing_ok=True)
         if metadata:
             _write_sidecar(path, metadata)
+        else:
+            _sidecar(path).unlink(missing_ok=True)  # S3 replaces metadata with the object
 
     def get(self, key, max_bytes=None):
         path = self._path(key)
@@ -150,23 +152,32 @@ class LocalStore(Store):
         return ObjectInfo(key, path.stat().st_size, _read_sidecar(path))
 
     def list(self, prefix=""):
-        base = self.root
-        if not base.is_dir():
+        # Walk only the directory the prefix names, in S3's order (full keys, byte-wise).
+        head = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        start = self.root / head if head else self.root
+        if not start.is_dir():
             return
-        for dirpath, dirnames, filenames in os.walk(base):
-            dirnames.sort()
-            for name in sorted(filenames):
-                if name.startswith("."):
-                    continue  # temporaries and metadata sidecars
-                full = Path(dirpath) / name
-                key = full.relative_to(base).as_posix()
-                if key.startswith(prefix):
-                    yield ObjectInfo(key, full.stat().st_size)
+        for full in _walk_sorted(start):
+            key = full.relative_to(self.root).as_posix()
+            if key.startswith(prefix):
+                yield ObjectInfo(key, full.stat().st_size)
 
     def delete(self, key):
         path = self._path(key)
         path.unlink(missing_ok=True)
         _sidecar(path).unlink(missing_ok=True)
+
+
+def _walk_sorted(directory: Path):
+    """Files under ``directory`` in the order S3 lists their keys; dot-files are ours (temporaries
+    and metadata sidecars) and never listed."""
+    entries = [p for p in directory.iterdir() if not p.name.startswith(".")]
+    entries.sort(key=lambda p: p.name + "/" if p.is_dir() else p.name)
+    for entry in entries:
+        if entry.is_dir():
+            yield from _walk_sorted(entry)
+        elif entry.is_file():
+            yield entry
 
 
 def _sidecar(path: Path) -> Path:

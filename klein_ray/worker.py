@@ -138,6 +138,7 @@ class RenderWorker:
             id=row.id, variant=row.variant, image_key=receipt.image_key, meta_key=receipt.meta_key,
             sha256=receipt.sha256, bytes=receipt.bytes, width=image.width, height=image.height,
             seed=row.seed, prompt=row.prompt, timings=timings, worker=self.name,
+            already=receipt.already,
         )
 
     def _meta(self, unit: WorkUnit, row: RowSpec, image, refs, timings) -> dict:

@@ -1,0 +1,205 @@
+"""Chaos: nothing lost, nothing duplicated, whatever dies.
+
+- the driver's whole process group SIGKILLed at random moments, then re-run to the end;
+- a render worker process SIGKILLed mid-batch: the same run still finishes;
+- every request through a fault-injecting proxy in front of Ceph RGW (503, 500, resets before
+  and after the write lands, stalls past the read timeout), a quarter of them;
+- SIGTERM (a preemption notice): exit 130 within seconds, and a re-run resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from faultproxy import FaultProxy
+from helpers import REPO, last_json, row, run_cli, write_config, write_manifest
+from klein_ray.storage import open_store
+
+pytestmark = pytest.mark.slow
+
+
+def _rows(n: int, prefix: str = "r") -> list[dict]:
+    # Two sizes and a few formats so units of several shapes are in flight when things die.
+    return [row(id=f"{prefix}{i:04d}", prompt=f"product {i % 7} on a plain background",
+                width=64 if i % 3 else 80, height=64, seed=i if i % 2 else None,
+                format=("png", "jpeg", "webp")[i % 3]) for i in range(n)]
+
+
+def _start(args, env=None) -> subprocess.Popen:
+    """The CLI in a process group of its own, so the whole group can be killed."""
+    return subprocess.Popen([sys.executable, "-m", "klein_ray", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _count_markers(store) -> int:
+    return sum(1 for _ in store.list("meta/"))
+
+
+def _assert_exactly_once(store, rows: list[dict]) -> None:
+    """Every row committed, one image per id, every sha256 matching, nothing extra."""
+    ids = {r["id"] for r in rows}
+    images = [o.key for o in store.list("images/")]
+    stems = [k.split("/", 1)[1].rsplit(".", 1)[0] for k in images]
+    assert sorted(stems) == sorted(ids), "an id has no image, or more than one"
+    metas = [o.key for o in store.list("meta/")]
+    assert len(metas) == len(ids)
+    for row_id in ids:
+        meta = json.loads(store.get(f"meta/{row_id}.json"))
+        data = store.get(meta["image"]["key"])
+        assert hashlib.sha256(data).hexdigest() == meta["image"]["sha256"], row_id
+
+
+def test_driver_killed_repeatedly_then_resumed(tmp_path, tiny_models, ray_address, rgw, s3_env):
+    s3_env(rgw)
+    rows = _rows(240)
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    config = write_config(tmp_path / "job.yaml", tiny_models)
+    out = f"s3://{rgw.new_bucket()}/chaos"
+    args = ("render", str(manifest), "--output", out, "--config", str(config),
+            "--address", ray_address, "--no-progress")
+    store = open_store(out)
+    rng = random.Random(1234)
+    kills = 0
+    for _ in range(4):
+        proc = _start(args, env=rgw.env())
+        before = _count_markers(store)
+        deadline = time.monotonic() + 120
+        # Kill at a random moment once rendering is under way (some markers landed this run).
+        target = rng.randint(3, 25)
+        while time.monotonic() < deadline and proc.poll() is None:
+            if _count_markers(store) - before >= target:
+                break
+            time.sleep(0.2)
+        time.sleep(rng.uniform(0, 1.0))
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.communicate()
+    assert kills >= 2, "the job finished before it could be killed; make it longer"
+    final = run_cli(*args, env=rgw.env())
+    assert final.returncode == 0, final.stderr[-3000:]
+    _assert_exactly_once(store, rows)
+    again = run_cli(*args, env=rgw.env())
+    summary = last_json(again.stdout)
+    assert again.returncode == 0 and summary["committed"] == 0 and summary["skipped"] == len(rows)
+
+
+def test_worker_killed_mid_batch_same_run_finishes(tmp_path, tiny_models, ray_address, rgw, s3_env):
+    s3_env(rgw)
+    rows = _rows(80, prefix="w")
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    config = write_config(tmp_path / "job.yaml", tiny_models)
+    out = f"s3://{rgw.new_bucket()}/worker-kill"
+    store = open_store(out)
+    proc = _start(("render", str(manifest), "--output", out, "--config", str(config),
+                   "--address", ray_address, "--no-progress"), env=rgw.env())
+    killed = None
+    deadline = time.monotonic() + 120
+    while killed is None and time.monotonic() < deadline and proc.poll() is None:
+        busy = [p for p in psutil.process_iter(["cmdline"])
+                if (p.info["cmdline"] or [""])[0].startswith("ray::RenderWorker.render_unit")]
+        if busy and _count_markers(store) >= 8:
+            busy[0].kill()
+            killed = busy[0].pid
+        time.sleep(0.05)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert killed is not None, "no busy worker was found to kill"
+    errors = store.get("_job/errors.parquet") if proc.returncode else b""
+    assert proc.returncode == 0, (stdout[-2000:], stderr[-2000:], _errors(errors))
+    assert last_json(stdout)["committed"] == len(rows)
+    _assert_exactly_once(store, rows)
+
+
+def test_faults_on_a_quarter_of_storage_requests(tmp_path, tiny_models, ray_address, rgw, s3_env):
+    s3_env(rgw)
+    bucket = rgw.new_bucket()
+    ref = tmp_path / "ref.png"
+    from PIL import Image
+
+    Image.new("RGB", (96, 64), (120, 40, 40)).save(ref)
+    rgw.client().upload_file(str(ref), bucket, "refs/ref.png")
+    rows = _rows(36, prefix="f") + [
+        row(id=f"edit{i}", prompt="recolour it", references=[f"s3://{bucket}/refs/ref.png"], seed=i)
+        for i in range(4)]
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    with FaultProxy(rgw.endpoint, rate=0.25, seed=99, stall_seconds=3.0) as proxy:
+        config = write_config(tmp_path / "job.yaml", tiny_models, storage={
+            "endpoint_url": proxy.url, "read_timeout": 2, "connect_timeout": 2,
+            "max_attempts": 4, "outer_retry_seconds": 120})
+        env = {k: v for k, v in rgw.env().items() if k != "AWS_ENDPOINT_URL_S3"}
+        out = f"s3://{bucket}/faulty"
+        proc = run_cli("render", str(manifest), "--output", out, "--config", str(config),
+                       "--address", ray_address, "--no-progress", env=env, timeout=600)
+        stats = proxy.stats
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert last_json(proc.stdout)["committed"] == len(rows)
+    for fault in ("slowdown", "internal", "reset_before", "reset_after", "stall"):
+        assert stats[fault] > 0, f"{fault} never fired: {stats}"
+    _assert_exactly_once(open_store(out), rows)  # checked straight against RGW
+
+
+def test_sigterm_exits_130_and_rerun_resumes(tmp_path, tiny_models, ray_address):
+    rows = _rows(120, prefix="t")
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    config = write_config(tmp_path / "job.yaml", tiny_models)
+    out = tmp_path / "out"
+    args = ("render", str(manifest), "--output", str(out), "--config", str(config),
+            "--address", ray_address, "--no-progress")
+    proc = _start(args)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list((out / "meta").glob("*.json"))) >= 10 if (out / "meta").exists() else False:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert time.monotonic() - sent < 15
+    summary = last_json(stdout)
+    assert summary["interrupted"] is True and summary["committed"] < len(rows)
+    assert not (out / "_job" / "lease.json").exists()
+    final = run_cli(*args)
+    assert final.returncode == 0, final.stderr[-3000:]
+    resumed = last_json(final.stdout)
+    assert resumed["skipped"] >= summary["committed"]
+    assert resumed["skipped"] + resumed["committed"] == len(rows)
+    _assert_exactly_once(open_store(str(out)), rows)
+
+
+def test_second_driver_on_same_output_refuses(tmp_path, tiny_models, ray_address):
+    rows = _rows(60, prefix="l")
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    config = write_config(tmp_path / "job.yaml", tiny_models)
+    out = tmp_path / "out"
+    args = ("render", str(manifest), "--output", str(out), "--config", str(config),
+            "--address", ray_address, "--no-progress")
+    first = _start(args)
+    deadline = time.monotonic() + 60
+    while not (out / "_job" / "lease.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    second = run_cli(*args)
+    assert second.returncode == 2
+    assert "another klein-ray job" in second.stderr and "Traceback" not in second.stderr
+    stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-3000:]
+    assert last_json(stdout)["committed"] == len(rows)
+
+
+def _errors(data: bytes) -> list[dict]:
+    import io
+
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(io.BytesIO(data)).read().to_pylist()[:5] if data else []
