@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
                        "exit 0 if clean, 2 if not.")
     v.add_argument("manifest")
     v.add_argument("--config", "-c")
+    v.add_argument("--check-references", action="store_true",
+                   help="also fetch and decode every reference (size caps and address rules apply)")
 
     s = sub.add_parser("status", help="committed / failed / remaining counts of an output",
                        description="Counts from storage alone (no Ray). The last line is JSON.")
@@ -87,7 +89,7 @@ def cmd_validate(args) -> int:
     from klein_ray.validate import validate_manifest
 
     config = load_config(args.config)
-    problems = validate_manifest(args.manifest, config)
+    problems = validate_manifest(args.manifest, config, check_references=args.check_references)
     for p in problems:
         print(f"{p.manifest_file}: row {p.manifest_row} id={p.id} column={p.column or '-'}: {p.message}")
     print(json.dumps({"problems": len(problems), "rows_with_problems": len({(p.manifest_file, p.manifest_row) for p in problems})}))

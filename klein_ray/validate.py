@@ -11,9 +11,14 @@ from klein_ray.rows import RowValidator
 from klein_ray.types import RowError
 
 
-def validate_manifest(uri: str, config: JobConfig) -> list[RowError]:
+def validate_manifest(uri: str, config: JobConfig, check_references: bool = False) -> list[RowError]:
     """All row problems (several per row when a row has several); raises ManifestError for
-    problems with the manifest as a whole."""
+    problems with the manifest as a whole. With ``check_references`` every distinct reference
+    of a valid row is fetched and decoded (same caps and address rules as rendering)."""
+    from klein_ray.refs import ReferenceError, ReferenceFetcher
+
+    fetcher = ReferenceFetcher(config.references, config.storage) if check_references else None
+    checked_refs: dict[str, str | None] = {}  # uri -> problem (None: fine)
     problems: list[RowError] = []
     with Manifest(uri, config.storage) as manifest:
         duplicates, _ = prescan(manifest, None, config.default_variant)
@@ -26,4 +31,15 @@ def validate_manifest(uri: str, config: JobConfig) -> list[RowError]:
             checked = validator.validate(raw, mf.name, index)
             if isinstance(checked, list):
                 problems.extend(checked)
+                continue
+            for uri in checked.references if fetcher else ():
+                if uri not in checked_refs:
+                    try:
+                        fetcher.fetch(uri)
+                        checked_refs[uri] = None
+                    except ReferenceError as exc:
+                        checked_refs[uri] = str(exc)
+                if checked_refs[uri]:
+                    problems.append(RowError(checked.id, "fetch", "ReferenceError", checked_refs[uri],
+                                             1, mf.name, index, "references"))
     return problems

@@ -93,8 +93,9 @@ class RenderWorker:
         timings["render"] = (time.perf_counter() - t0) / unit.size  # per image
 
         # 3. Encode and commit each row.
-        for row, image in zip(unit.rows, images):
-            result = self._commit_row(unit, row, image, refs, dict(timings))
+        warnings = self._prompt_warnings(unit)
+        for row, image, warning in zip(unit.rows, images, warnings):
+            result = self._commit_row(unit, row, image, refs, dict(timings), warning)
             if isinstance(result, RowError):
                 outcome.errors.append(result)
             else:
@@ -120,7 +121,14 @@ class RenderWorker:
             ))
         return replace(unit, rows=tuple(todo)), done
 
-    def _commit_row(self, unit, row: RowSpec, image, refs, timings) -> RowResult | RowError:
+    def _prompt_warnings(self, unit: WorkUnit) -> list[list[str]]:
+        """The pipeline cuts prompts at max_sequence_length silently; say so in the metadata."""
+        limit = self.spec.config.variants[unit.variant].max_sequence_length
+        counts = self.model.prompt_tokens([r.prompt for r in unit.rows])
+        return [[f"prompt is {n} tokens with the chat template; the text encoder reads the first "
+                 f"{limit}, the rest was ignored"] if n > limit else [] for n in counts]
+
+    def _commit_row(self, unit, row: RowSpec, image, refs, timings, warnings) -> RowResult | RowError:
         t0 = time.perf_counter()
         try:
             data = encode_image(image, row.format, self.spec.config.output)
@@ -129,6 +137,7 @@ class RenderWorker:
         timings["encode"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         meta = self._meta(unit, row, image, refs, timings)
+        meta["warnings"] = warnings
         try:
             receipt = self.ledger.commit(row.id, row.format, data, CONTENT_TYPES[row.format], meta)
         except Exception as exc:  # noqa: BLE001

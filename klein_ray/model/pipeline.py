@@ -88,6 +88,16 @@ class KleinModel:
                       "transformers": transformers.__version__},
         )
 
+    def prompt_tokens(self, prompts: list[str]) -> list[int]:
+        """Tokens each prompt takes after the chat template, as the text encoder would see them."""
+        tok = self.pipe.tokenizer
+        counts = []
+        for prompt in prompts:
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                           add_generation_prompt=True, enable_thinking=False)
+            counts.append(len(tok(text)["input_ids"]))
+        return counts
+
     def default_steps(self) -> int:
         return DISTILLED_STEPS if self.info.distilled else BASE_STEPS
 
