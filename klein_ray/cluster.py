@@ -83,8 +83,10 @@ class RayExecutor:
         return float(self._ray.cluster_resources().get("CPU", os.cpu_count() or 1))
 
     def start_pool(self, spec: WorkerSpec, count: int, num_cpus: float, num_gpus: float) -> Pool:
+        # As many concurrent calls as units queued per actor: the worker serialises only the
+        # model, so fetch, encode and upload of other units overlap the render.
         opts = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=ACTOR_RESTARTS,
-                    max_task_retries=0, max_concurrency=1)
+                    max_task_retries=0, max_concurrency=spec.config.run.in_flight_per_actor)
         actors = [self._actor_cls.options(**opts).remote(spec) for _ in range(count)]
         return Pool(spec.variant, actors, {i: 0 for i in range(count)})
 

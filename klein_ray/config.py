@@ -100,7 +100,8 @@ class ReferenceConfig(_Strict):
 
 class RunConfig(_Strict):
     in_flight_per_actor: int = Field(
-        2, ge=1, le=64, description="Work units queued per actor so it never waits for the driver."
+        3, ge=1, le=64, description="Work units given to each actor at once: one renders while "
+        "the others fetch references or encode and upload, so the model never waits."
     )
     cache_dir: str = Field(
         "~/.cache/klein-ray", description="Per-node cache for models synced from s3://."

@@ -1,7 +1,9 @@
 """The render worker: keeps one variant loaded and turns work units into committed rows.
 
 Plain Python (``cluster.py`` wraps it as a Ray actor), so it can be driven in-process too. For
-each unit: fetch references, render, then per row encode and commit through the ledger. Every
+each unit: fetch references, render, then per row encode and commit through the ledger. Several
+units run through one worker at once (threads): only the model call holds a lock, so fetching
+and decoding the next unit and encoding and uploading the last one overlap the render. Every
 row ends as a ``RowResult`` or a ``RowError`` naming its stage; one bad row never sinks the
 unit's other rows once rendering succeeded.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 import platform
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -48,6 +51,7 @@ class RenderWorker:
         self.ledger = Ledger(open_store(spec.output_uri, spec.config.storage))
         self.fetcher = ReferenceFetcher(spec.config.references, spec.config.storage)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self._model_lock = threading.Lock()
 
     def describe(self) -> dict:
         info = self.model.info
@@ -86,15 +90,18 @@ class RenderWorker:
             max_sequence_length=self.spec.config.variants[unit.variant].max_sequence_length,
         )
         try:
-            images = self.model.render(request)
+            # Only the model is serialised: the other units in this actor fetch references or
+            # encode and upload beside it (the actor runs in_flight_per_actor calls at once).
+            with self._model_lock:
+                rendered = self.model.render(request)
         except ModelInputError as exc:
             outcome.errors = [_error(r, "render", exc) for r in unit.rows]
             return outcome
         timings["render"] = (time.perf_counter() - t0) / unit.size  # per image
 
         # 3. Encode and commit each row.
-        warnings = self._prompt_warnings(unit)
-        for row, image, warning in zip(unit.rows, images, warnings):
+        warnings = self._prompt_warnings(unit, rendered.prompt_tokens)
+        for row, image, warning in zip(unit.rows, rendered.images, warnings):
             result = self._commit_row(unit, row, image, refs, dict(timings), warning)
             if isinstance(result, RowError):
                 outcome.errors.append(result)
@@ -121,10 +128,9 @@ class RenderWorker:
             ))
         return replace(unit, rows=tuple(todo)), done
 
-    def _prompt_warnings(self, unit: WorkUnit) -> list[list[str]]:
+    def _prompt_warnings(self, unit: WorkUnit, counts: list[int]) -> list[list[str]]:
         """The pipeline cuts prompts at max_sequence_length silently; say so in the metadata."""
         limit = self.spec.config.variants[unit.variant].max_sequence_length
-        counts = self.model.prompt_tokens([r.prompt for r in unit.rows])
         return [[f"prompt is {n} tokens with the chat template; the text encoder reads the first "
                  f"{limit}, the rest was ignored"] if n > limit else [] for n in counts]
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from klein_ray.model.text import PromptEncoder
 from klein_ray.types import RenderOOM
 
 DISTILLED_STEPS = 4
@@ -38,6 +39,12 @@ class RenderRequest:
     max_sequence_length: int = 512
 
 
+@dataclass
+class RenderResult:
+    images: list[Any]  # PIL images, one per prompt, in order
+    prompt_tokens: list[int]  # each prompt's length in tokens before the encoder's truncation
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     source: str
@@ -57,7 +64,7 @@ class KleinModel:
     """A loaded pipeline plus what a render needs to know about it."""
 
     def __init__(self, source: str, pipeline: str = "auto", dtype: str = "auto",
-                 device: str | None = None, threads: int | None = None):
+                 device: str | None = None, threads: int | None = None, prompt_cache: int = 1024):
         import diffusers
         import torch
         import transformers
@@ -77,6 +84,7 @@ class KleinModel:
         # 3. Load (local directory or Hub repo id; the same code path either way).
         self.pipe = cls.from_pretrained(source, **kwargs).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
+        self.encoder = PromptEncoder(self.pipe.text_encoder, self.pipe.tokenizer, cache_size=prompt_cache)
         distilled = bool(getattr(self.pipe.config, "is_distilled", True)) or pipeline == "kv"
         self.info = ModelInfo(
             source=source,
@@ -88,32 +96,28 @@ class KleinModel:
                       "transformers": transformers.__version__},
         )
 
-    def prompt_tokens(self, prompts: list[str]) -> list[int]:
-        """Tokens each prompt takes after the chat template, as the text encoder would see them."""
-        tok = self.pipe.tokenizer
-        counts = []
-        for prompt in prompts:
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                           add_generation_prompt=True, enable_thinking=False)
-            counts.append(len(tok(text)["input_ids"]))
-        return counts
-
     def default_steps(self) -> int:
         return DISTILLED_STEPS if self.info.distilled else BASE_STEPS
 
-    def render(self, req: RenderRequest) -> list[Any]:
+    def render(self, req: RenderRequest) -> RenderResult:
         """Render one image per prompt; image i depends only on (prompt i, seed i, the rest)."""
         import torch
 
         # 1. Validate: what diffusers would reject mid-batch, or alter with only a warning.
         self._check(req)
 
-        # 2. One CPU generator per image: noise independent of batch position and device.
+        # 2. Prompt embeddings: trimmed encoder, cached; one copy when only seeds differ.
+        same_prompt = len(set(req.prompts)) == 1
+        prompts = req.prompts[:1] if same_prompt else list(req.prompts)
+        embeds, tokens = self.encoder.encode(prompts, req.max_sequence_length)
+
+        # 3. One CPU generator per image: noise independent of batch position and device.
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in req.seeds]
 
-        # 3. Call the pipeline.
+        # 4. Call the pipeline.
         kwargs: dict[str, Any] = dict(
-            prompt=list(req.prompts),
+            prompt_embeds=embeds,
+            num_images_per_prompt=len(req.prompts) if same_prompt else 1,
             image=list(req.references) or None,
             height=req.height,
             width=req.width,
@@ -124,6 +128,9 @@ class KleinModel:
         if self.info.pipeline_class != "Flux2KleinKVPipeline":
             # Distilled models ignore guidance; passing 1.0 avoids diffusers' warning per call.
             kwargs["guidance_scale"] = 1.0 if self.info.distilled else float(req.guidance)
+            if not self.info.distilled:
+                negative, _ = self.encoder.encode([""] * len(prompts), req.max_sequence_length)
+                kwargs["negative_prompt_embeds"] = negative
         try:
             with torch.inference_mode():
                 images = self.pipe(**kwargs).images
@@ -132,10 +139,10 @@ class KleinModel:
             raise RenderOOM(f"out of memory rendering {len(req.prompts)} images "
                             f"at {req.width}x{req.height}") from exc
 
-        # 4. Check the result has the shape we promised.
+        # 5. Check the result has the shape we promised.
         if len(images) != len(req.prompts):
             raise RuntimeError(f"pipeline returned {len(images)} images for {len(req.prompts)} prompts")
-        return images
+        return RenderResult(images, tokens * len(req.prompts) if same_prompt else tokens)
 
     @staticmethod
     def _check(req: RenderRequest) -> None:
