@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 from collections import Counter, defaultdict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -244,8 +244,7 @@ class Driver:
         error.attempts = self.tally.attempts[error.id]
         if retry and error.attempts < MAX_ROW_ATTEMPTS:
             row = next(r for r in unit.rows if r.id == error.id)
-            queues[unit.variant].appendleft(WorkUnit(unit.unit_id, unit.variant, unit.width, unit.height,
-                                                     unit.steps, unit.guidance, unit.references, (row,)))
+            queues[unit.variant].appendleft(replace(unit, rows=(row,)))
             return
         self.tally.errors.append(error)
         bar.update(1)

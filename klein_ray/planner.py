@@ -10,6 +10,7 @@ manifest is and however scattered its rows.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Iterable, Iterator
 
 from klein_ray.types import RowSpec, WorkUnit
@@ -63,18 +64,10 @@ class Planner:
 
 def split_unit(unit: WorkUnit) -> list[WorkUnit]:
     """One unit per row, keeping the unit's id: used to isolate a row that keeps failing."""
-    return [
-        WorkUnit(unit.unit_id, unit.variant, unit.width, unit.height, unit.steps, unit.guidance,
-                 unit.references, (row,))
-        for row in unit.rows
-    ]
+    return [replace(unit, rows=(row,)) for row in unit.rows]
 
 
 def halve_unit(unit: WorkUnit) -> list[WorkUnit]:
     """The unit's rows as two smaller units (same id): a batch that ran out of memory."""
     mid = (unit.size + 1) // 2
-    return [
-        WorkUnit(unit.unit_id, unit.variant, unit.width, unit.height, unit.steps, unit.guidance,
-                 unit.references, rows)
-        for rows in (unit.rows[:mid], unit.rows[mid:])
-    ]
+    return [replace(unit, rows=unit.rows[:mid]), replace(unit, rows=unit.rows[mid:])]

@@ -89,17 +89,7 @@ class RowValidator:
             bad("variant", f"unknown variant {variant!r}; the config has {sorted(self.config.variants)}")
 
         # 3. Geometry and sampling.
-        width = self._side(raw.get("width"), "width", bad)
-        height = self._side(raw.get("height"), "height", bad)
-        steps = raw.get("steps")
-        if steps is not None and (not _is_int(steps) or steps < 1 or steps > 1000):
-            bad("steps", f"steps must be an integer in [1, 1000], got {steps!r}")
-        guidance = raw.get("guidance")
-        if guidance is not None and (not _is_number(guidance) or not 0 <= guidance <= 100):
-            bad("guidance", f"guidance must be a finite number in [0, 100], got {guidance!r}")
-        seed = raw.get("seed")
-        if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
-            bad("seed", f"seed must be an integer in [0, 2^63-1], got {seed!r}")
+        width, height, steps, guidance, seed = self._sampling(raw, bad)
         fmt = raw.get("format") or self.config.output.format
         if not isinstance(fmt, str) or fmt not in FORMATS:
             bad("format", f"unknown format {fmt!r}; use png, jpeg or webp")
@@ -133,6 +123,20 @@ class RowValidator:
             manifest_file=file,
             manifest_row=index,
         )
+
+    def _sampling(self, raw: dict[str, Any], bad) -> tuple:
+        width = self._side(raw.get("width"), "width", bad)
+        height = self._side(raw.get("height"), "height", bad)
+        steps = raw.get("steps")
+        if steps is not None and (not _is_int(steps) or steps < 1 or steps > 1000):
+            bad("steps", f"steps must be an integer in [1, 1000], got {steps!r}")
+        guidance = raw.get("guidance")
+        if guidance is not None and (not _is_number(guidance) or not 0 <= guidance <= 100):
+            bad("guidance", f"guidance must be a finite number in [0, 100], got {guidance!r}")
+        seed = raw.get("seed")
+        if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
+            bad("seed", f"seed must be an integer in [0, 2^63-1], got {seed!r}")
+        return width, height, steps, guidance, seed
 
     @staticmethod
     def _side(value: Any, column: str, bad) -> int | None:
