@@ -54,6 +54,12 @@ class VariantConfig(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights' dtype: 'auto' is bfloat16 on GPU, float32 on CPU."
     )
+    compile: bool = Field(False, description="torch.compile the transformer's blocks (CUDA only; "
+                          "the first batches are slower while it compiles).")
+    channels_last: bool = Field(False, description="Run the VAE in channels-last memory format (CUDA only).")
+    cpu_offload: bool = Field(False, description="diffusers' model CPU offload, for cards smaller "
+                              "than the model (CUDA only; slower).")
+    prompt_cache: int = Field(1024, ge=0, description="Prompt embeddings kept per actor (LRU); 0 disables.")
     max_sequence_length: int = Field(
         512, ge=16, le=512, description="Text tokens given to the encoder (the pipeline's limit)."
     )

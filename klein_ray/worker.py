@@ -40,13 +40,15 @@ class WorkerSpec:
 class RenderWorker:
     def __init__(self, spec: WorkerSpec):
         from klein_ray import modelsource
-        from klein_ray.model.pipeline import KleinModel
+        from klein_ray.model.pipeline import GPUSettings, KleinModel
 
         self.spec = spec
         vcfg = spec.config.variants[spec.variant]
         started = time.perf_counter()
         local = modelsource.resolve(spec.source, spec.config.run.cache_dir, spec.config.storage)
-        self.model = KleinModel(local, pipeline=vcfg.pipeline, dtype=vcfg.dtype, threads=spec.threads)
+        settings = GPUSettings(compile=vcfg.compile, channels_last=vcfg.channels_last, cpu_offload=vcfg.cpu_offload)
+        self.model = KleinModel(local, pipeline=vcfg.pipeline, dtype=vcfg.dtype, threads=spec.threads,
+                                prompt_cache=vcfg.prompt_cache, settings=settings)
         self.load_seconds = time.perf_counter() - started
         self.ledger = Ledger(open_store(spec.output_uri, spec.config.storage))
         self.fetcher = ReferenceFetcher(spec.config.references, spec.config.storage)
@@ -57,7 +59,7 @@ class RenderWorker:
         info = self.model.info
         return {"worker": self.name, "variant": self.spec.variant, "distilled": info.distilled,
                 "pipeline": info.pipeline_class, "device": info.device, "dtype": info.dtype,
-                "load_seconds": round(self.load_seconds, 3)}
+                "load_seconds": round(self.load_seconds, 3), "settings": self.model.settings}
 
     def render_unit(self, unit: WorkUnit) -> UnitOutcome:
         from klein_ray.model.pipeline import ModelInputError, RenderRequest
@@ -163,7 +165,8 @@ class RenderWorker:
             "prompt": row.prompt,
             "variant": row.variant,
             "model": {"source": _safe_source(self.spec.source), "pipeline": info.pipeline_class,
-                      "distilled": info.distilled, "dtype": info.dtype, "device": info.device},
+                      "distilled": info.distilled, "dtype": info.dtype, "device": info.device,
+                      "settings": self.model.settings},
             "width": image.width,
             "height": image.height,
             "steps": unit.steps or self.model.default_steps(),

@@ -39,6 +39,13 @@ class RenderRequest:
     max_sequence_length: int = 512
 
 
+@dataclass(frozen=True)
+class GPUSettings:
+    compile: bool = False  # torch.compile the transformer's repeated blocks (CUDA)
+    channels_last: bool = False  # VAE in channels-last memory format (CUDA)
+    cpu_offload: bool = False  # diffusers' model CPU offload, for small cards (CUDA)
+
+
 @dataclass
 class RenderResult:
     images: list[Any]  # PIL images, one per prompt, in order
@@ -64,7 +71,8 @@ class KleinModel:
     """A loaded pipeline plus what a render needs to know about it."""
 
     def __init__(self, source: str, pipeline: str = "auto", dtype: str = "auto",
-                 device: str | None = None, threads: int | None = None, prompt_cache: int = 1024):
+                 device: str | None = None, threads: int | None = None, prompt_cache: int = 1024,
+                 settings: "GPUSettings | None" = None):
         import diffusers
         import torch
         import transformers
@@ -82,7 +90,8 @@ class KleinModel:
             kwargs["is_distilled"] = pipeline == "distilled"
 
         # 3. Load (local directory or Hub repo id; the same code path either way).
-        self.pipe = cls.from_pretrained(source, **kwargs).to(self.device)
+        self.pipe = cls.from_pretrained(source, **kwargs)
+        self.settings = self._apply_settings(settings or GPUSettings())
         self.pipe.set_progress_bar_config(disable=True)
         self.encoder = PromptEncoder(self.pipe.text_encoder, self.pipe.tokenizer, cache_size=prompt_cache)
         distilled = bool(getattr(self.pipe.config, "is_distilled", True)) or pipeline == "kv"
@@ -95,6 +104,25 @@ class KleinModel:
             versions={"torch": torch.__version__, "diffusers": diffusers.__version__,
                       "transformers": transformers.__version__},
         )
+
+    def _apply_settings(self, wanted: "GPUSettings") -> dict[str, bool]:
+        """Place the pipeline and apply the accelerator settings; report what is in effect.
+        Settings that need CUDA are off on other devices rather than failing."""
+        import torch
+
+        cuda = self.device.startswith("cuda")
+        applied = {"cpu_offload": wanted.cpu_offload and cuda, "channels_last": wanted.channels_last and cuda,
+                   "compile": wanted.compile and cuda}
+        if applied["cpu_offload"]:
+            self.pipe.enable_model_cpu_offload(device=self.device)  # for cards too small for the model
+        else:
+            self.pipe.to(self.device)
+        if applied["channels_last"]:
+            self.pipe.vae.to(memory_format=torch.channels_last)
+        if applied["compile"]:
+            # Regional compilation: each repeated transformer block once, not the whole graph.
+            self.pipe.transformer.compile_repeated_blocks(fullgraph=True)
+        return applied
 
     def default_steps(self) -> int:
         return DISTILLED_STEPS if self.info.distilled else BASE_STEPS
