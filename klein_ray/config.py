@@ -98,6 +98,11 @@ class ReferenceConfig(_Strict):
         32 * 1024 * 1024, ge=1024, description="Size cap on every reference, from every source."
     )
     timeout: float = Field(30.0, gt=0, description="Connect/read timeout for http(s) references.")
+    total_timeout: float | None = Field(None, gt=0, description="Most seconds one http(s) "
+                                        "reference download may take in all, so a slow drip is cut "
+                                        "off; unset: 4 x timeout.")
+    max_pixels: int = Field(64_000_000, ge=4096, description="Most pixels a reference may "
+                            "declare; larger images are refused before decoding.")
     allow_private_hosts: list[str] = Field(
         default_factory=list,
         description="http(s) hosts or CIDRs allowed although loopback/private/link-local.",

@@ -304,7 +304,9 @@ def prescan(manifest: Manifest, done: DoneSet | None, default_variant: str) -> t
     chunks, pending = [], Counter()
     for batch in manifest.iter_batches(["id", "variant"]):
         ids = batch.column("id").to_pylist()
-        chunks.append(np.fromiter((id_hash(v) for v in ids), dtype=np.uint64, count=len(ids)))
+        # Only string ids can collide: a null id must not make the id "None" a duplicate.
+        strings = [v for v in ids if isinstance(v, str)]
+        chunks.append(np.fromiter((id_hash(v) for v in strings), dtype=np.uint64, count=len(strings)))
         variants = (batch.column("variant").to_pylist() if "variant" in batch.schema.names
                     else [None] * len(ids))
         committed = done.mask(ids) if done is not None else [False] * len(ids)

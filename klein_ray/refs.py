@@ -14,6 +14,7 @@ import io
 import ipaddress
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
@@ -21,6 +22,8 @@ from klein_ray.config import ReferenceConfig, StorageConfig
 from klein_ray.storage import TooLarge, local_path, open_store, split_s3
 
 MAX_REDIRECTS = 5
+MIN_REF_SIDE = 64  # diffusers' Flux2 image processor rejects smaller references
+MAX_REF_ASPECT = 8.0
 HTTP_ATTEMPTS = 4
 
 
@@ -61,7 +64,7 @@ class ReferenceFetcher:
 
     def fetch(self, uri: str) -> Reference:
         data = self.read(uri)
-        image = decode_image(data, redact(uri))
+        image = decode_image(data, redact(uri), self.cfg.max_pixels)
         return Reference(redact(uri), hashlib.sha256(data).hexdigest(), len(data),
                          image.width, image.height, image)
 
@@ -96,6 +99,8 @@ class ReferenceFetcher:
         raise AssertionError("unreachable")
 
     def _http_get(self, uri: str) -> bytes:
+        # The socket timeout bounds each read; this bounds the whole fetch (a slow drip).
+        deadline = time.monotonic() + (self.cfg.total_timeout or 4 * self.cfg.timeout)
         for _ in range(MAX_REDIRECTS + 1):
             parts = urlsplit(uri)
             host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
@@ -108,12 +113,14 @@ class ReferenceFetcher:
                 resp = conn.getresponse()
                 if resp.status in (301, 302, 303, 307, 308):
                     uri = urljoin(uri, resp.getheader("Location") or "")
+                    if urlsplit(uri).scheme not in ("http", "https"):
+                        raise ReferenceError(f"reference redirects to a non-http(s) URL ({redact(uri)})")
                     continue
                 if resp.status == 429 or resp.status >= 500:
                     raise _TransientHTTP(f"reference {redact(uri)}: HTTP {resp.status}")
                 if resp.status != 200:
                     raise ReferenceError(f"reference {redact(uri)}: HTTP {resp.status}")
-                return _read_capped(resp, self.cfg.max_bytes, uri)
+                return _read_capped(resp, self.cfg.max_bytes, uri, deadline)
             finally:
                 conn.close()
         raise ReferenceError(f"reference {redact(uri)}: more than {MAX_REDIRECTS} redirects")
@@ -145,13 +152,20 @@ class ReferenceFetcher:
         return False
 
 
-def decode_image(data: bytes, label: str):
+def decode_image(data: bytes, label: str, max_pixels: int = 64_000_000):
     """Bytes -> RGB PIL image, or ReferenceError saying why not."""
+    import warnings
+
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()  # truncated files fail here; bombs raise DecompressionBombError
+        with Image.open(io.BytesIO(data)) as img, warnings.catch_warnings():
+            # Pillow only raises past twice its own limit; ours is checked before decoding.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if img.width * img.height > max_pixels:
+                raise ReferenceError(f"reference {label} is {img.width}x{img.height}; at most "
+                                     f"{max_pixels} pixels are decoded")
+            img.load()  # truncated files fail here
             img = ImageOps.exif_transpose(img)
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 rgba = img.convert("RGBA")
@@ -161,10 +175,19 @@ def decode_image(data: bytes, label: str):
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
                 img = img.point(lambda v: v / 256).convert("L")
             return img.convert("RGB")
-    except Image.DecompressionBombError:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ReferenceError(f"reference {label}: image too large to decode safely") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ReferenceError(f"reference {label}: not a readable image ({_short(exc)})") from None
+
+
+def shape_problem(width: int, height: int) -> str | None:
+    """diffusers' limits on a reference, as a reason, or None (also enforced by the model layer)."""
+    if min(width, height) < MIN_REF_SIDE:
+        return f"reference is {width}x{height}; each side must be at least {MIN_REF_SIDE} px"
+    if max(width, height) / min(width, height) > MAX_REF_ASPECT:
+        return f"reference is {width}x{height}; aspect ratio must be at most 8:1"
+    return None
 
 
 def _read_file(uri: str, limit: int) -> bytes:
@@ -176,12 +199,14 @@ def _read_file(uri: str, limit: int) -> bytes:
     return data
 
 
-def _read_capped(resp, limit: int, uri: str) -> bytes:
+def _read_capped(resp, limit: int, uri: str, deadline: float) -> bytes:
     declared = resp.getheader("Content-Length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise ReferenceError(f"reference {redact(uri)} is larger than {limit} bytes")
     chunks, total = [], 0
-    while chunk := resp.read(1 << 20):
+    while chunk := resp.read1(1 << 16):
+        if time.monotonic() > deadline:
+            raise ReferenceError(f"reference {redact(uri)} took too long to download")
         total += len(chunk)
         if total > limit:
             raise ReferenceError(f"reference {redact(uri)} is larger than {limit} bytes")

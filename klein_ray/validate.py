@@ -15,7 +15,7 @@ def validate_manifest(uri: str, config: JobConfig, check_references: bool = Fals
     """All row problems (several per row when a row has several); raises ManifestError for
     problems with the manifest as a whole. With ``check_references`` every distinct reference
     of a valid row is fetched and decoded (same caps and address rules as rendering)."""
-    from klein_ray.refs import ReferenceError, ReferenceFetcher
+    from klein_ray.refs import ReferenceError, ReferenceFetcher, shape_problem
 
     fetcher = ReferenceFetcher(config.references, config.storage) if check_references else None
     checked_refs: dict[str, str | None] = {}  # uri -> problem (None: fine)
@@ -35,8 +35,8 @@ def validate_manifest(uri: str, config: JobConfig, check_references: bool = Fals
             for uri in checked.references if fetcher else ():
                 if uri not in checked_refs:
                     try:
-                        fetcher.fetch(uri)
-                        checked_refs[uri] = None
+                        ref = fetcher.fetch(uri)
+                        checked_refs[uri] = shape_problem(ref.width, ref.height)
                     except ReferenceError as exc:
                         checked_refs[uri] = str(exc)
                 if checked_refs[uri]:

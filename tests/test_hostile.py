@@ -23,7 +23,7 @@ import re
 import socket
 import threading
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -244,7 +244,6 @@ class Case:
     stage: str | None = None  # None: a good row
     column: str | None = None
     needles: tuple[str, ...] = ()  # substrings of the recorded message (or error type)
-    meta_checks: dict = field(default_factory=dict)
 
     @property
     def good(self) -> bool:
@@ -587,7 +586,8 @@ def test_bad_row_is_one_error_record_with_its_reason(hostile, key):
         assert err["id"] == row_id
         assert not (hostile.out / "meta" / f"{row_id}.json").exists()
     else:
-        assert err["id"] and "/" not in err["id"] and "\n" not in err["id"] and "\x1b" not in err["id"], err
+        # An invalid id is recorded as a printable label (repr or "<row N>"), never raw.
+        assert err["id"] and "\n" not in err["id"] and "\x1b" not in err["id"], err
 
 
 def test_no_request_reached_a_refused_address(hostile):
@@ -628,13 +628,13 @@ def test_status_counts_from_storage(hostile):
 def allowed(hostile, tiny_models, ray_address, servers, tmp_path_factory):
     lo, lo2 = servers.lo, servers.lo2
     root = tmp_path_factory.mktemp("allowlist")
-    ok_png = hostile.inp["ok.png"].read_bytes()
     lo.routes.update({
         "/img.png": _send_bytes(_save(_pattern((80, 64)), "PNG")),
         "/redirect-ok": _redirect("/ok.png"),
         "/redirect-metadata": _redirect(f"http://169.254.169.254/latest/meta-data/?X-Amz-Signature={REDIRECT_SECRET}"),
         "/redirect-lo2": _redirect(f"http://127.0.0.2:{lo2.port}/x.png"),
         "/loop": _redirect("/loop"),
+        "/redirect-ftp": _redirect(f"ftp://127.0.0.1:{lo.port}/ok.png"),
         "/big-declared": _declared_big,
         "/big-stream": _stream_big,
     })
@@ -647,6 +647,8 @@ def allowed(hostile, tiny_models, ray_address, servers, tmp_path_factory):
         row(id="redirect-to-metadata", prompt="x", references=[f"{base}/redirect-metadata"], **sq),
         row(id="redirect-to-other-loopback", prompt="x", references=[f"{base}/redirect-lo2"], **sq),
         row(id="redirect-loop", prompt="x", references=[f"{base}/loop"], **sq),
+        # A redirect to a scheme references may not use is refused, not fetched as http.
+        row(id="redirect-to-ftp", prompt="x", references=[f"{base}/redirect-ftp"], **sq),
         row(id="http-404", prompt="x", references=[f"{base}/missing.png?{SIGNED_QUERY}"], **sq),
         row(id="big-declared", prompt="x", references=[f"{base}/big-declared"], **sq),
         row(id="big-stream", prompt="x", references=[f"{base}/big-stream"], **sq),
@@ -661,17 +663,37 @@ def allowed(hostile, tiny_models, ray_address, servers, tmp_path_factory):
                    "--address", ray_address, "--no-progress", env=_secret_env(), cwd=hostile.cwd, timeout=300)
     return SimpleNamespace(
         root=root, manifest=manifest, config=config, out=out, proc=proc, store=LocalStore(out), base=base,
-        changed=_changed(before, _tree(root)), ok_png=ok_png,
+        changed=_changed(before, _tree(root)),
         requests={n: getattr(servers, n).since(m) for n, m in marks.items()},
         lo2_connections=lo2.connections - conns2, stream_sent=lo.stream_sent,
     )
 
 
-def test_allowlisted_host_renders_and_redirects_are_rechecked(allowed):
+ALLOWED_GOOD = {"allowed-plain", "allowed-signed", "allowed-redirect"}
+ALLOWED_BAD = {"redirect-to-metadata", "redirect-to-other-loopback", "redirect-loop", "redirect-to-ftp",
+               "http-404", "big-declared", "big-stream"}
+
+
+def test_allowlist_render_summary(allowed):
     proc = allowed.proc
     assert proc.returncode == 1, proc.stderr[-4000:]
     summary = last_json(proc.stdout)
-    assert (summary["committed"], summary["failed"]) == (3, 6), summary
+    committed = {p.stem for p in (allowed.out / "meta").glob("*.json")}
+    assert committed == ALLOWED_GOOD, f"committed {sorted(committed)}, expected {sorted(ALLOWED_GOOD)}"
+    assert (summary["committed"], summary["failed"]) == (len(ALLOWED_GOOD), len(ALLOWED_BAD)), summary
+
+
+def test_redirect_to_a_non_http_scheme_is_refused(allowed):
+    errors = {e["id"]: e for e in _errors(allowed.out)}
+    assert "redirect-to-ftp" in errors, (
+        "a 302 to ftp://127.0.0.1:PORT/ok.png was followed as plain http (the row rendered); "
+        "redirects must be limited to http(s)")
+    assert errors["redirect-to-ftp"]["stage"] == "fetch"
+
+
+def test_allowlisted_host_renders_and_redirects_are_rechecked(allowed):
+    proc = allowed.proc
+    assert proc.returncode == 1, proc.stderr[-4000:]
     for row_id in ("allowed-plain", "allowed-signed", "allowed-redirect"):
         assert_done(allowed.store, row_id)
     errors = {e["id"]: e for e in _errors(allowed.out)}
@@ -692,7 +714,7 @@ def test_http_size_cap_applies_while_reading(allowed):
         assert errors[row_id]["stage"] == "fetch", errors[row_id]
         assert f"larger than {MAX_BYTES} bytes" in errors[row_id]["message"], errors[row_id]
     # Without a Content-Length, reading stopped near the cap, not at the end of the 64 MiB body.
-    assert allowed.stream_sent < STREAM_BYTES // 4, allowed.stream_sent
+    assert allowed.stream_sent < STREAM_BYTES // 4, f"server sent {allowed.stream_sent} bytes before the client stopped"
     # A permanent refusal is not retried.
     assert allowed.requests["lo"].count("/big-stream") == 1, allowed.requests["lo"]
     assert allowed.requests["lo"].count("/big-declared") == 1, allowed.requests["lo"]
@@ -762,7 +784,7 @@ def test_validate_does_not_name_good_rows(validated, validated_refs, hostile):
 
 
 def test_validate_check_references_names_every_bad_row(validated_refs, hostile):
-    proc, named, requests = validated_refs
+    proc, named, _ = validated_refs
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     unnamed = {c.name: (c.stage, c.needles) for c in hostile.cases if not c.good and (c.file, c.index) not in named}
     assert not unnamed, f"validate --check-references did not name these bad rows: {unnamed}"
@@ -790,7 +812,52 @@ def test_validate_check_references_on_allowlisted_host(allowed, hostile, servers
                                       manifest=allowed.manifest, config=allowed.config)
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     ids = {line.split(" id=", 1)[1].split(" column=", 1)[0] for lines in named.values() for line in lines}
-    assert ids == {"redirect-to-metadata", "redirect-to-other-loopback", "redirect-loop", "http-404",
-                   "big-declared", "big-stream"}, proc.stdout
+    assert ids == ALLOWED_BAD, (f"validate --check-references named {sorted(ids)}; "
+                                f"missing {sorted(ALLOWED_BAD - ids)}, unexpected {sorted(ids - ALLOWED_BAD)}\n"
+                                + proc.stdout)
     assert requests["lo2"] == [] and requests["lo6"] == []
     assert not _leaks(proc.stdout + proc.stderr), _leaks(proc.stdout + proc.stderr)
+
+
+def test_slow_drip_reference_cannot_stall_a_fetch(servers):
+    """A server that sends one byte at a time, each well within the socket timeout, must not hold
+    a fetch (and so a worker and the whole job) for hours: the timeout has to bound the fetch."""
+    from klein_ray.config import ReferenceConfig, StorageConfig
+    from klein_ray.refs import ReferenceFetcher
+
+    stop = threading.Event()
+
+    def drip(h, _rec):
+        h.send_response(200)
+        h.send_header("Content-Type", "image/png")
+        h.send_header("Content-Length", str(MAX_BYTES - 1))
+        h.end_headers()
+        try:
+            while not stop.wait(0.2):
+                h.wfile.write(b"\x00")
+                h.wfile.flush()
+        except OSError:
+            pass
+
+    servers.lo.routes["/drip"] = drip
+    fetcher = ReferenceFetcher(ReferenceConfig(timeout=1, max_bytes=MAX_BYTES, allow_private_hosts=["127.0.0.1"]),
+                               StorageConfig())
+    outcome = {}
+
+    def fetch():
+        try:
+            fetcher.fetch(f"http://127.0.0.1:{servers.lo.port}/drip")
+            outcome["result"] = "fetched"
+        except Exception as exc:  # noqa: BLE001
+            outcome["result"] = f"{type(exc).__name__}: {exc}"
+
+    worker = threading.Thread(target=fetch, daemon=True)
+    worker.start()
+    worker.join(8)
+    stalled = worker.is_alive()
+    stop.set()  # release the fetch either way
+    worker.join(10)
+    assert not stalled, ("a reference dripping 1 byte per 0.2 s kept the fetch busy past 8 s with "
+                         "references.timeout=1 (the timeout is per socket read, not per fetch; at this "
+                         f"rate the {MAX_BYTES}-byte cap is reached after ~11 h); outcome: {outcome}")
+    assert outcome["result"].startswith("ReferenceError"), outcome

@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from klein_ray.model.text import PromptEncoder
+from klein_ray.refs import shape_problem
 from klein_ray.types import RenderOOM
 
 DISTILLED_STEPS = 4
 BASE_STEPS = 50
-MIN_REF_SIDE = 64
-MAX_REF_ASPECT = 8.0
 
 
 class ModelInputError(ValueError):
@@ -180,11 +179,9 @@ class KleinModel:
             if side is not None and (side % 16 or side < 64):
                 raise ModelInputError(f"output sides must be multiples of 16, at least 64; got {side}")
         for i, ref in enumerate(req.references):
-            w, h = ref.size
-            if min(w, h) < MIN_REF_SIDE:
-                raise ModelInputError(f"reference {i} is {w}x{h}; each side must be at least {MIN_REF_SIDE} px")
-            if max(w, h) / min(w, h) > MAX_REF_ASPECT:
-                raise ModelInputError(f"reference {i} is {w}x{h}; aspect ratio must be at most 8:1")
+            problem = shape_problem(*ref.size)
+            if problem:
+                raise ModelInputError(f"reference {i}: {problem}")
 
 
 def _torch_dtype(name: str, device: str):
