@@ -172,3 +172,33 @@ def _read_ref(uri: str, job, rgw) -> bytes:
         bucket, key = uri[5:].split("/", 1)
         return rgw.client().get_object(Bucket=bucket, Key=key)["Body"].read()
     return open(uri.removeprefix("file://"), "rb").read()
+
+
+def test_model_source_synced_from_s3(rgw, tiny_models, ray_address, tmp_path, s3_env):
+    """A variant whose source is an s3:// prefix is synced into the node cache and loaded from
+    there by the same from_pretrained path."""
+    import yaml
+
+    s3_env(rgw)
+    s3 = rgw.client()
+    bucket = rgw.new_bucket()
+    model_dir = tiny_models["tiny"]
+    for path in model_dir.rglob("*"):
+        if path.is_file():
+            s3.upload_file(str(path), bucket, f"models/tiny/{path.relative_to(model_dir).as_posix()}")
+    cache = tmp_path / "cache"
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({
+        "default_variant": "remote",
+        "variants": {"remote": {"source": f"s3://{bucket}/models/tiny/", "pipeline": "distilled"}},
+        "run": {"cache_dir": str(cache)},
+    }))
+    manifest = write_manifest(tmp_path / "m.parquet", [row(id="remote-1", prompt="a cup", width=64, height=64)])
+    proc = run_cli("render", str(manifest), "--output", f"s3://{bucket}/out", "--config", str(config),
+                   "--address", ray_address, "--no-progress", env=rgw.env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = assert_done(open_store(f"s3://{bucket}/out"), "remote-1")
+    assert meta["model"]["source"] == f"s3://{bucket}/models/tiny/"
+    synced = [p for p in (cache / "models").iterdir() if p.is_dir()]
+    assert len(synced) == 1 and (synced[0] / ".complete").is_file()
+    assert (synced[0] / "transformer" / "config.json").is_file()
