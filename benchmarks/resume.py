@@ -66,6 +66,15 @@ def rss_mb() -> float:
 
 
 def maxrss_mb() -> float:
+    """Peak RSS of this process image (VmHWM). Not getrusage's ru_maxrss: Linux carries that over
+    from the parent across fork + exec, so a child of this (large) parent would report its peak."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -93,6 +102,7 @@ class Requests:
 
 def child(spec: dict) -> dict:
     t_imports = time.perf_counter()
+    import boto3  # noqa: F401 - imported here so that the RSS increase below is data, not code
     import pyarrow as pa
 
     from klein_ray.checkpoint import DoneSet
@@ -104,6 +114,17 @@ def child(spec: dict) -> dict:
     from klein_ray.planner import Planner
     from klein_ray.storage import s3_client
 
+    if spec.get("patch_mask"):
+        # WHAT-IF only (klein_ray is not changed): DoneSet.mask with its lookup built once per
+        # DoneSet (a frozenset, built on first use, inside the timed path) instead of pc.is_in,
+        # which rebuilds a hash table of every done id on each call.
+        def mask(self, ids):
+            lookup = self.__dict__.get("_bench_lookup")
+            if lookup is None:
+                lookup = self._bench_lookup = frozenset(self.ids.to_pylist())
+            return [i in lookup for i in ids]
+
+        DoneSet.mask = mask
     imports_s = time.perf_counter() - t_imports
     startup_s = time.perf_counter() - T_PROCESS
     rss_start, maxrss_start = rss_mb(), maxrss_mb()
@@ -181,6 +202,7 @@ def child(spec: dict) -> dict:
 def diagnose(manifest_path: str, done) -> dict:
     """Split prescan's and _rows' per-row cost into its parts, and time a vectorised lookup."""
     import numpy as np
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -204,6 +226,14 @@ def diagnose(manifest_path: str, done) -> dict:
     timed("read_all_columns_to_pylist_4096", lambda: [b.to_pylist() for b in pf.iter_batches(batch_size=READ_BATCH_ROWS)])
     small = [ids[i:i + READ_BATCH_ROWS] for ids in ids_py for i in range(0, len(ids), READ_BATCH_ROWS)]
     timed("DoneSet.mask_4096", lambda: [done.mask(ids) for ids in small])
+    out["mask_calls_4096"] = len(small)
+    probe = pa.array(small[0], pa.string())
+    timed("is_in_one_4096_call", lambda: pc.is_in(probe, value_set=done.ids))
+    whole = pa.chunked_array(id_batches)
+    timed("is_in_once_whole_column", lambda: pc.is_in(whole, value_set=done.ids))
+    box: dict = {}
+    timed("set_build", lambda: box.setdefault("s", frozenset(done.ids.to_pylist())))
+    timed("set_lookup_per_row", lambda: [[i in box["s"] for i in ids] for ids in ids_py])
     return out
 
 
@@ -341,6 +371,7 @@ def setup(args, tmp: Path, log) -> dict:
     spec["compact_parts"] = sum(1 for o in compact_store.list(PREFIX) if o.key.endswith(".parquet"))
     spec["compact_mb"] = sum(o.size for o in compact_store.list(PREFIX)) / 2**20
     spec["parts_mb"] = sum(o.size for o in parts_store.list(PREFIX)) / 2**20
+    spec["id_share"] = id_column_share(parts_store, next(iter(parts_store.list(PREFIX))).key)
     log(f"  full-scale OUT {compact_out}: {spec['compact_parts']} part ({spec['compact_mb']:.1f} MB; "
         f"Checkpoint.compact() took {spec['compact_s']:.1f} s) ({time.perf_counter() - t:.1f} s)")
 
@@ -358,6 +389,19 @@ def setup(args, tmp: Path, log) -> dict:
     spec.update(parts_out=parts_out, compact_out=compact_out, base_out=base_out,
                 full_rows=full_rows, full_done=full_done, base_rows=base_rows, base_done=base_done)
     return spec
+
+
+def id_column_share(store, key: str) -> float:
+    """The share of a checkpoint part's bytes that is the ``id`` column (all load() uses)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    data = store.get(key)
+    md = pq.ParquetFile(io.BytesIO(data)).metadata
+    names = [md.schema.column(i).name for i in range(md.num_columns)]
+    col = names.index("id")
+    return sum(md.row_group(g).column(col).total_compressed_size for g in range(md.num_row_groups)) / len(data)
 
 
 def run_child(spec: dict) -> dict:
@@ -379,6 +423,8 @@ def main() -> None:
     ap.add_argument("--layout", choices=("tail", "spread"), default="tail",
                     help="which rows are done: the first DONE (a job killed late; default) or a random sample")
     ap.add_argument("--no-diagnose", action="store_true", help="skip the per-row cost breakdown")
+    ap.add_argument("--no-what-if", action="store_true",
+                    help="skip the extra run with a set-based DoneSet.mask patched in (benchmark only)")
     ap.add_argument("--json", help="also write every figure to this file")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -408,10 +454,14 @@ def main() -> None:
                  spec["base_manifest"], spec["base_out"], False),
                 ("baseline: list every marker", "listing", spec["base_manifest"], spec["base_out"], False),
             ]
+            if not args.no_what_if:
+                scenarios.append((f"WHAT-IF (not shipped): {spec['full_parts']} parts, set-based DoneSet.mask",
+                                  "checkpoint", spec["full_manifest"], spec["parts_out"], False))
             results = []
             for name, mode, manifest, out, diag in scenarios:
                 log(f"  {name} ({out})...")
-                r = run_child(dict(common, mode=mode, manifest=manifest, output=out, diagnose=diag))
+                r = run_child(dict(common, mode=mode, manifest=manifest, output=out, diagnose=diag,
+                                   patch_mask=name.startswith("WHAT-IF")))
                 r["scenario"] = name
                 results.append(r)
                 log(f"    {r['requests']} requests, {r['seconds']:.2f} s")
@@ -421,7 +471,8 @@ def main() -> None:
 
 
 def report(args, spec: dict, results: list[dict], started) -> None:
-    full_parts, full_compact, base_ours, base_list = results
+    full_parts, full_compact, base_ours, base_list = results[:4]
+    what_if = results[4:]
     w = print
 
     w(f"# klein-ray resume benchmark ({started:%Y-%m-%d %H:%M %Z})")
@@ -435,7 +486,7 @@ def report(args, spec: dict, results: list[dict], started) -> None:
     w("")
     header = ("scenario", "rows", "done", "requests", "seconds", "client CPU s", "peak RSS MB", "+RSS MB", "MB read")
     table = [header]
-    for r in results:
+    for r in results[:4]:
         table.append((r["scenario"], f"{r['rows']:,}", f"{r['done']:,}", str(r["requests"]), f"{r['seconds']:.2f}",
                       f"{r['cpu_s']:.2f}", f"{r['peak_rss_mb']:.0f}", f"{r['peak_rss_increase_mb']:.0f}",
                       f"{r['mb_in']:.1f}"))
@@ -453,6 +504,10 @@ def report(args, spec: dict, results: list[dict], started) -> None:
     ext_cpu = full_parts["cpu_s"] - ours_done["cpu_s"] + per_k_cpu * k
     table.append(("baseline: list every marker (EXTRAPOLATED)", f"{spec['full_rows']:,}", f"{spec['full_done']:,}",
                   f"~{ext_req}", f"~{ext_s:.0f}", f"~{ext_cpu:.0f}", "n/a", "n/a", "n/a"))
+    for r in what_if:
+        table.append((r["scenario"], f"{r['rows']:,}", f"{r['done']:,}", str(r["requests"]), f"{r['seconds']:.2f}",
+                      f"{r['cpu_s']:.2f}", f"{r['peak_rss_mb']:.0f}", f"{r['peak_rss_increase_mb']:.0f}",
+                      f"{r['mb_in']:.1f}"))
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for n, row in enumerate(table):
         w("| " + " | ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(row)) + " |")
@@ -470,7 +525,7 @@ def report(args, spec: dict, results: list[dict], started) -> None:
       f"{per_k_s:.3f} s wall and {per_k_cpu:.3f} s client CPU per 1,000 markers "
       f"(extrapolated x{k:,.0f} for {spec['full_done']:,} markers; moto's page time grows with the bucket, "
       "real S3's does not: the request count is the robust figure)")
-    for r in (full_parts, full_compact):
+    for r in (full_parts, full_compact, *what_if):
         total = r["seconds"] + r["startup_s"]
         w(f"target check, {r['scenario']}: {r['seconds']:.2f} s / {TARGET_SECONDS:.0f} s = "
           f"{r['seconds'] / TARGET_SECONDS:.2f} of the budget ({total:.2f} s = {total / TARGET_SECONDS:.2f} including "
@@ -495,11 +550,17 @@ def report(args, spec: dict, results: list[dict], started) -> None:
                            ("DoneSet.mask_65536", "DoneSet.mask, 65,536-row batches (prescan)"),
                            ("DoneSet.mask_4096", "DoneSet.mask, 4,096-row batches (_rows)"),
                            ("pc.is_in_arrow_65536", "for comparison: pc.is_in on the Arrow column"),
-                           ("read_all_columns_to_pylist_4096", "_rows: every column to dicts (4,096 batches)")):
+                           ("read_all_columns_to_pylist_4096", "_rows: every column to dicts (4,096 batches)"),
+                           ("is_in_once_whole_column", "alternative: ONE pc.is_in over the whole id column"),
+                           ("set_lookup_per_row", "alternative: frozenset lookup per row (Python)")):
             w(f"  {label:<52} {d[key]:6.2f} s  {1e6 * d[key] / n:6.2f}")
+        w(f"  one DoneSet.mask call on 4,096 ids costs {d['is_in_one_4096_call']:.3f} s with {full_parts['done']:,} "
+          f"done ids: pc.is_in rebuilds its hash table of the value set on every call, and _rows makes "
+          f"{d['mask_calls_4096']} such calls; building a frozenset once costs {d['set_build']:.2f} s")
     w("")
     w(f"setup: {spec['full_parts']} parts = {spec['parts_mb']:.1f} MB; compacted part = {spec['compact_mb']:.1f} MB "
-      f"(Checkpoint.compact() took {spec['compact_s']:.1f} s at the end of the setup)")
+      f"(Checkpoint.compact() took {spec['compact_s']:.1f} s at the end of the setup); the id column, all that "
+      f"Ledger.done() uses, is {100 * spec['id_share']:.0f}% of a part's bytes (load() GETs whole parts)")
     w(f"caveats: only {args.markers} of the {spec['full_done']:,} markers exist at full scale (moto cannot hold "
       f"990k objects in reasonable time); our path never lists meta/ when the checkpoint is non-empty, so this "
       "does not flatter it. The baseline ran at its own scale with every marker present (injected into moto's "
