@@ -7,6 +7,7 @@ resources, submits units and reports what finished. The driver decides what to s
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,16 +91,30 @@ class RayExecutor:
         actors = [self._actor_cls.options(**opts).remote(spec) for _ in range(count)]
         return Pool(spec.variant, actors, {i: 0 for i in range(count)})
 
-    def wait_ready(self, pool: Pool, timeout: float | None = None) -> list[dict]:
-        """Block until every actor loaded its model; raises WorkerFailed on a load error."""
-        refs = [a.describe.remote() for a in pool.actors]
-        try:
-            return self._ray.get(refs, timeout=timeout)
-        except self._ray.exceptions.RayActorError as exc:
-            cause = getattr(exc, "cause", None) or exc
-            raise WorkerFailed(_unwrap(cause)) from None
-        except self._ray.exceptions.RayTaskError as exc:
-            raise WorkerFailed(_unwrap(exc)) from None
+    def wait_ready(self, pools: list[Pool], timeout: float, stop) -> dict[str, BaseException]:
+        """Wait until every actor of ``pools`` has loaded its model (they load in parallel).
+
+        Returns the variants that failed, with why: a load error, or no answer within
+        ``timeout`` seconds. Polls so that ``stop()`` (an interrupt) is noticed while waiting.
+        """
+        pending = {a.describe.remote(): pool for pool in pools for a in pool.actors}
+        failed: dict[str, BaseException] = {}
+        deadline = time.monotonic() + timeout
+        while pending and not stop():
+            if time.monotonic() > deadline:
+                for pool in pending.values():
+                    failed.setdefault(pool.variant, TimeoutError(f"no model loaded after {timeout:.0f} s"))
+                break
+            ready, _ = self._ray.wait(list(pending), num_returns=len(pending), timeout=0.5)
+            for ref in ready:
+                pool = pending.pop(ref)
+                try:
+                    self._ray.get(ref)
+                except self._ray.exceptions.RayActorError as exc:
+                    failed.setdefault(pool.variant, _unwrap(getattr(exc, "cause", None) or exc))
+                except self._ray.exceptions.RayTaskError as exc:
+                    failed.setdefault(pool.variant, _unwrap(exc))
+        return failed
 
     def submit(self, pool: Pool, unit: WorkUnit) -> None:
         index = min(pool.healthy, key=pool.in_flight.get)  # least-loaded healthy actor

@@ -118,7 +118,11 @@ class RunConfig(_Strict):
         "~/.cache/klein-ray", description="Per-node cache for models synced from s3://."
     )
     model_load_attempts: int = Field(
-        2, ge=1, le=10, description="Tries to load a variant before the job fails."
+        2, ge=1, le=10, description="Tries to load a variant before its rows are failed."
+    )
+    model_load_timeout: float = Field(
+        1800.0, gt=0, description="Seconds to wait for a variant's actors to load their model "
+        "(a first download of real weights can take minutes)."
     )
 
 

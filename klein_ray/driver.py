@@ -150,32 +150,48 @@ class Driver:
             executor.shutdown(list(pools.values()))
 
     def _start_pools(self, executor, pending: Counter, check_markers: bool) -> tuple[dict, dict[str, str]]:
-        from klein_ray.cluster import WorkerFailed
+        """Start every needed variant's actors at once and wait for their models; a variant
+        that fails to load is retried, then reported (its rows fail, the others go on)."""
+        specs = self._worker_specs(executor, pending, check_markers)
+        pools, failed = {}, {}
+        todo = sorted(specs)
+        for attempt in range(1, self.cfg.run.model_load_attempts + 1):
+            started = {v: executor.start_pool(specs[v][0], *specs[v][1:]) for v in todo}
+            errors = executor.wait_ready(list(started.values()), self.cfg.run.model_load_timeout,
+                                         lambda: self.interrupted)
+            for variant, pool in started.items():
+                if variant in errors:
+                    executor.shutdown_pool(pool)
+                    failed[variant] = (f"variant {variant!r} failed to load after {attempt} attempt(s): "
+                                       f"{type(errors[variant]).__name__}: {errors[variant]}")[:1000]
+                else:
+                    pools[variant] = pool
+                    failed.pop(variant, None)
+            todo = sorted(errors)
+            if not todo or self.interrupted:
+                break
+        for reason in failed.values():
+            print(f"klein-ray: {reason}", file=sys.stderr)
+        return pools, failed
+
+    def _worker_specs(self, executor, pending: Counter, check_markers: bool) -> dict[str, tuple]:
+        """Per variant: (WorkerSpec, actors, CPUs, GPUs). CPU actors without cpus_per_actor
+        reserve none and split the node's cores between them (torch threads)."""
         from klein_ray.worker import WorkerSpec
 
-        cpu_actors = sum(c.actors for v, c in self.cfg.variants.items()
-                         if v in pending and c.gpus_per_actor == 0 and c.cpus_per_actor is None)
-        shared_threads = max(1, int(executor.cluster_cpus() // max(1, cpu_actors)))
-        pools, failed = {}, {}
-        for variant in sorted(v for v in pending if v in self.cfg.variants):
+        needed = sorted(v for v in pending if v in self.cfg.variants)
+        shared = [v for v in needed if self.cfg.variants[v].gpus_per_actor == 0
+                  and self.cfg.variants[v].cpus_per_actor is None]
+        shared_actors = sum(self.cfg.variants[v].actors for v in shared)
+        shared_threads = max(1, int(executor.cluster_cpus() // max(1, shared_actors)))
+        specs = {}
+        for variant in needed:
             vcfg = self.cfg.variants[variant]
-            num_cpus = vcfg.cpus_per_actor if vcfg.cpus_per_actor is not None else (1 if vcfg.gpus_per_actor else 0)
-            threads = int(num_cpus) if num_cpus else shared_threads
+            cpus = vcfg.cpus_per_actor if vcfg.cpus_per_actor is not None else (1 if vcfg.gpus_per_actor else 0)
+            threads = int(cpus) if cpus else shared_threads
             spec = WorkerSpec(variant, self.cfg, self.store.uri, self.sources[variant], threads, check_markers)
-            for attempt in range(1, self.cfg.run.model_load_attempts + 1):
-                pool = executor.start_pool(spec, vcfg.actors, num_cpus, vcfg.gpus_per_actor)
-                try:
-                    executor.wait_ready(pool)
-                    pools[variant] = pool
-                    break
-                except WorkerFailed as exc:
-                    executor.shutdown_pool(pool)
-                    failed[variant] = f"variant {variant!r} failed to load after {attempt} attempts: {exc}"
-            if variant in pools:
-                failed.pop(variant, None)
-            else:
-                print(f"klein-ray: {failed[variant]}", file=sys.stderr)
-        return pools, failed
+            specs[variant] = (spec, vcfg.actors, cpus, vcfg.gpus_per_actor)
+        return specs
 
     def _top_up(self, units: Iterator[WorkUnit], queues, pools, exhausted: bool) -> bool:
         """Plan ahead just far enough that no actor waits; False until the manifest is done."""

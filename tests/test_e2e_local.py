@@ -114,3 +114,38 @@ def test_validate_lists_every_problem(tmp_path):
     assert json.loads(text.strip().splitlines()[-1])["problems"] == 5
     clean = write_manifest(tmp_path / "clean.parquet", [row(id="a", prompt="p")])
     assert run_cli("validate", str(clean)).returncode == 0
+
+
+@pytest.mark.slow
+def test_model_that_fails_to_load_fails_its_rows_not_the_job(tmp_path, tiny_models, ray_address):
+    """Bounded retries, a clear message, its rows in the errors table; other variants render."""
+    import shutil
+
+    import yaml
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_models["tiny"], broken)
+    for weights in (broken / "transformer").glob("*.safetensors"):
+        weights.write_bytes(b"not safetensors")
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({
+        "default_variant": "tiny",
+        "variants": {"tiny": {"source": str(tiny_models["tiny"]), "pipeline": "distilled"},
+                     "broken": {"source": str(broken)}},
+        "run": {"model_load_attempts": 2},
+    }))
+    manifest = write_manifest(tmp_path / "m.parquet", [
+        row(id="ok", prompt="a vase", width=64, height=64),
+        row(id="bad-1", prompt="a vase", variant="broken", width=64, height=64),
+        row(id="bad-2", prompt="a bowl", variant="broken", width=64, height=64),
+    ])
+    out = tmp_path / "out"
+    proc = run_cli("render", str(manifest), "--output", str(out), "--config", str(config),
+                   "--address", ray_address, "--no-progress")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "variant 'broken' failed to load after 2 attempt(s)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert_done(LocalStore(out), "ok")
+    errors = pq.ParquetFile(out / "_job" / "errors.parquet").read().to_pylist()
+    assert sorted(e["id"] for e in errors) == ["bad-1", "bad-2"]
+    assert {e["error_type"] for e in errors} == {"ModelLoadError"}
