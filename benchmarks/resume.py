@@ -114,17 +114,6 @@ def child(spec: dict) -> dict:
     from klein_ray.planner import Planner
     from klein_ray.storage import s3_client
 
-    if spec.get("patch_mask"):
-        # WHAT-IF only (klein_ray is not changed): DoneSet.mask with its lookup built once per
-        # DoneSet (a frozenset, built on first use, inside the timed path) instead of pc.is_in,
-        # which rebuilds a hash table of every done id on each call.
-        def mask(self, ids):
-            lookup = self.__dict__.get("_bench_lookup")
-            if lookup is None:
-                lookup = self._bench_lookup = frozenset(self.ids.to_pylist())
-            return [i in lookup for i in ids]
-
-        DoneSet.mask = mask
     imports_s = time.perf_counter() - t_imports
     startup_s = time.perf_counter() - T_PROCESS
     rss_start, maxrss_start = rss_mb(), maxrss_mb()
@@ -157,11 +146,13 @@ def child(spec: dict) -> dict:
         lease = Lease(driver.store, driver.run_id)
         lease.acquire()
     if spec["mode"] == "checkpoint":
+        with phase("checkpoint.compact(keep=64)"):  # as Driver.run does first
+            driver.ledger.checkpoint.compact(keep=64)
         with phase("Ledger.done() (checkpoint)"):
             done = driver.ledger.done()
     else:
         with phase("committed_ids() (list every marker)"):
-            done = DoneSet(pa.array(sorted(driver.ledger.committed_ids()), pa.string()))
+            done = DoneSet(sorted(driver.ledger.committed_ids()))
     with phase("is_fresh() as run() calls it"):
         fresh = not len(done) and driver.ledger.is_fresh()
     with phase("prescan(...)"):
@@ -222,18 +213,10 @@ def diagnose(manifest_path: str, done) -> dict:
     timed("ids_to_pylist", lambda: [b.to_pylist() for b in id_batches])
     timed("id_hash_per_row", lambda: [np.fromiter((id_hash(v) for v in ids), np.uint64, len(ids)) for ids in ids_py])
     timed("DoneSet.mask_65536", lambda: [done.mask(ids) for ids in ids_py])
-    timed("pc.is_in_arrow_65536", lambda: [pc.is_in(b, value_set=done.ids) for b in id_batches])
     timed("read_all_columns_to_pylist_4096", lambda: [b.to_pylist() for b in pf.iter_batches(batch_size=READ_BATCH_ROWS)])
     small = [ids[i:i + READ_BATCH_ROWS] for ids in ids_py for i in range(0, len(ids), READ_BATCH_ROWS)]
     timed("DoneSet.mask_4096", lambda: [done.mask(ids) for ids in small])
     out["mask_calls_4096"] = len(small)
-    probe = pa.array(small[0], pa.string())
-    timed("is_in_one_4096_call", lambda: pc.is_in(probe, value_set=done.ids))
-    whole = pa.chunked_array(id_batches)
-    timed("is_in_once_whole_column", lambda: pc.is_in(whole, value_set=done.ids))
-    box: dict = {}
-    timed("set_build", lambda: box.setdefault("s", frozenset(done.ids.to_pylist())))
-    timed("set_lookup_per_row", lambda: [[i in box["s"] for i in ids] for ids in ids_py])
     return out
 
 
@@ -423,8 +406,6 @@ def main() -> None:
     ap.add_argument("--layout", choices=("tail", "spread"), default="tail",
                     help="which rows are done: the first DONE (a job killed late; default) or a random sample")
     ap.add_argument("--no-diagnose", action="store_true", help="skip the per-row cost breakdown")
-    ap.add_argument("--no-what-if", action="store_true",
-                    help="skip the extra run with a set-based DoneSet.mask patched in (benchmark only)")
     ap.add_argument("--json", help="also write every figure to this file")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -454,14 +435,10 @@ def main() -> None:
                  spec["base_manifest"], spec["base_out"], False),
                 ("baseline: list every marker", "listing", spec["base_manifest"], spec["base_out"], False),
             ]
-            if not args.no_what_if:
-                scenarios.append((f"WHAT-IF (not shipped): {spec['full_parts']} parts, set-based DoneSet.mask",
-                                  "checkpoint", spec["full_manifest"], spec["parts_out"], False))
             results = []
             for name, mode, manifest, out, diag in scenarios:
                 log(f"  {name} ({out})...")
-                r = run_child(dict(common, mode=mode, manifest=manifest, output=out, diagnose=diag,
-                                   patch_mask=name.startswith("WHAT-IF")))
+                r = run_child(dict(common, mode=mode, manifest=manifest, output=out, diagnose=diag))
                 r["scenario"] = name
                 results.append(r)
                 log(f"    {r['requests']} requests, {r['seconds']:.2f} s")

@@ -1,21 +1,24 @@
 """The compact checkpoint: which rows are committed, kept in OUT as a few Parquet parts.
 
-``_job/results/{run}-{part}.parquet`` (the results table) doubles as the checkpoint. A part is
-written only after its rows' markers were committed, so the checkpoint is always a subset of
-the truth: a row it names is done; a row committed after the last part was written (a driver
-killed between flushes) is caught by the worker's marker check before rendering. Resuming
-reads a listing page and a few parts instead of listing every marker (1,000 keys per request).
-Parts are merged when they pile up, so a job killed a hundred times still resumes quickly.
+``_job/results/*.parquet`` (the results table) doubles as the checkpoint. A part is written
+only after its rows' markers were committed, so the checkpoint is always a subset of the truth:
+a row it names is done; a row committed after the last part was written (a driver killed
+between flushes) is caught by the worker's marker check before rendering. Resuming reads a
+listing page and a few parts instead of listing every marker (1,000 keys per request).
+
+Parts are merged like an LSM tree so their number stays small however long a run is and however
+often it is killed: every ``MERGE_FANOUT`` parts of one level become one part of the next
+(written first, the merged parts deleted after, so a crash in between only duplicates ids),
+and a run starts by merging whatever earlier runs left when that is more than a handful.
 """
 
 from __future__ import annotations
 
 import io
 import time
-import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from klein_ray.storage import NotFound, Store
@@ -24,7 +27,8 @@ from klein_ray.types import RowResult
 PREFIX = "_job/results/"
 FLUSH_ROWS = 10_000
 FLUSH_SECONDS = 30.0
-COMPACT_PARTS = 16
+MERGE_FANOUT = 16
+LOAD_THREADS = 8
 
 SCHEMA = pa.schema([
     ("id", pa.string()), ("variant", pa.string()), ("image_key", pa.string()),
@@ -35,20 +39,21 @@ SCHEMA = pa.schema([
 
 
 class DoneSet:
-    """Committed ids as one Arrow array: exact, ~(id length + 8) bytes a row, vectorised lookup."""
+    """Committed ids, exact. A frozenset: built once, ~0.2 us a lookup, ~100 bytes an id."""
 
-    def __init__(self, ids: pa.Array):
-        self.ids = pc.unique(ids) if len(ids) else pa.array([], pa.string())
+    def __init__(self, ids: list[str]):
+        self._ids = frozenset(ids)
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self._ids)
+
+    def __contains__(self, row_id: object) -> bool:
+        return row_id in self._ids
 
     def mask(self, ids: list) -> list[bool]:
         """For each id in ``ids``: is it committed?"""
-        if not len(self.ids):
-            return [False] * len(ids)
-        arr = pa.array([i if isinstance(i, str) else None for i in ids], pa.string())
-        return pc.is_in(arr, value_set=self.ids).fill_null(False).to_pylist()
+        done = self._ids
+        return [isinstance(i, str) and i in done for i in ids]
 
 
 class Checkpoint:
@@ -57,14 +62,17 @@ class Checkpoint:
         self.run_id = run_id
         self._rows: list[dict] = []
         self._last_flush = time.monotonic()
-        self._part = 0
+        self._seq = 0
+        self._levels: dict[int, list[str]] = {}  # this run's parts per merge level
 
     def load(self) -> DoneSet:
-        chunks = []
-        for obj in self.store.list(PREFIX):
-            if obj.key.endswith(".parquet"):
-                chunks.append(_read(self.store, obj.key).column("id"))
-        ids = pa.chunked_array(chunks, pa.string()).combine_chunks() if chunks else pa.array([], pa.string())
+        """Every committed id the parts name, read in parallel (only the ``id`` column)."""
+        keys = self._keys()
+        with ThreadPoolExecutor(LOAD_THREADS) as pool:
+            columns = list(pool.map(lambda k: _read(self.store, k, ["id"]).column("id"), keys))
+        ids: list[str] = []
+        for column in columns:
+            ids.extend(column.to_pylist())
         return DoneSet(ids)
 
     def record(self, result: RowResult) -> None:
@@ -81,38 +89,57 @@ class Checkpoint:
         self._last_flush = time.monotonic()
         if not self._rows:
             return
-        table = pa.Table.from_pylist(self._rows, schema=SCHEMA)
-        _write(self.store, f"{PREFIX}{self.run_id}-{self._part:05d}.parquet", table)
-        self._part += 1
+        self._add(0, pa.Table.from_pylist(self._rows, schema=SCHEMA))
         self._rows.clear()
 
-    def compact(self) -> None:
-        """Merge the parts into one when there are many (written first, old parts removed after)."""
-        keys = [o.key for o in self.store.list(PREFIX) if o.key.endswith(".parquet")]
-        if len(keys) < COMPACT_PARTS:
-            return
+    def compact(self, keep: int = 4) -> None:
+        """Merge every part in OUT into one if there are more than ``keep``: at the end of a
+        run, and at the start of one when killed runs left many."""
+        keys = self._keys()
+        if len(keys) > keep:
+            self._merge(keys, level=99)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _keys(self) -> list[str]:
+        return [o.key for o in self.store.list(PREFIX) if o.key.endswith(".parquet")]
+
+    def _add(self, level: int, table: pa.Table) -> None:
+        key = f"{PREFIX}{self.run_id}-L{level}-{self._seq:06d}.parquet"
+        self._seq += 1
+        _write(self.store, key, table)
+        parts = self._levels.setdefault(level, [])
+        parts.append(key)
+        if len(parts) >= MERGE_FANOUT:
+            self._levels[level] = []
+            self._merge(parts, level + 1)
+
+    def _merge(self, keys: list[str], level: int) -> None:
         merged = pa.concat_tables([_read(self.store, k) for k in keys])
-        merged = merged.filter(_first_occurrence(merged.column("id")))
-        _write(self.store, f"{PREFIX}compacted-{self.run_id}-{uuid.uuid4().hex[:6]}.parquet", merged)
+        if level == 99:  # a whole-output merge: drop the ids earlier crashes left twice
+            merged = _unique_ids(merged)
+            key = f"{PREFIX}{self.run_id}-L99-{self._seq:06d}.parquet"
+            self._seq += 1
+            _write(self.store, key, merged)
+            self._levels = {}
+        else:
+            self._add(level, merged)
         for key in keys:
             self.store.delete(key)
 
 
-def _first_occurrence(ids: pa.ChunkedArray) -> pa.Array:
-    table = pa.table({"id": ids, "i": pa.array(range(len(ids)), pa.int64())})
-    firsts = table.group_by("id").aggregate([("i", "min")]).column("i_min")
-    keep = [False] * len(ids)
-    for i in firsts.to_pylist():
-        keep[i] = True
-    return pa.array(keep)
+def _unique_ids(table: pa.Table) -> pa.Table:
+    first = table.append_column("_i", pa.array(range(table.num_rows), pa.int64()))
+    keep = first.group_by("id").aggregate([("_i", "min")]).column("_i_min")
+    return table.take(keep).sort_by("id") if len(keep) else table
 
 
-def _read(store: Store, key: str) -> pa.Table:
+def _read(store: Store, key: str, columns: list[str] | None = None) -> pa.Table:
     try:
         # ParquetFile, not read_table: read_table's dataset threads can abort the interpreter at exit.
-        return pq.ParquetFile(io.BytesIO(store.get(key))).read()
-    except NotFound:
-        return SCHEMA.empty_table()
+        return pq.ParquetFile(io.BytesIO(store.get(key))).read(columns=columns)
+    except NotFound:  # merged and deleted by a concurrent compaction: its rows are elsewhere
+        return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
 
 
 def _write(store: Store, key: str, table: pa.Table) -> None:

@@ -72,6 +72,7 @@ class Driver:
         """Render the job; returns (summary, exit code). Raises LeaseHeld if OUT is in use."""
         started = time.monotonic()
         with Manifest(self.job.manifest, self.cfg.storage) as manifest, Lease(self.store, self.run_id):
+            self.ledger.checkpoint.compact(keep=64)  # killed runs never compacted at their end
             done = self.ledger.done()
             fresh = not len(done) and self.ledger.is_fresh()
             duplicates, pending = prescan(manifest, done, self.cfg.default_variant)
