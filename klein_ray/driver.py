@@ -106,7 +106,7 @@ class Driver:
                     self.tally.skipped += 1
                     continue
                 row_id, index = raw.get("id"), start + offset
-                if isinstance(row_id, str) and id_hash(row_id) in duplicates:
+                if duplicates and isinstance(row_id, str) and id_hash(row_id) in duplicates:
                     self.tally.errors.append(RowError(row_id, "validate", "DuplicateId",
                         "id occurs more than once in the manifest; every row with it is rejected",
                         1, mf.name, index, "id"))

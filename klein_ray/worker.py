@@ -95,6 +95,7 @@ class RenderWorker:
             # Only the model is serialised: the other units in this actor fetch references or
             # encode and upload beside it (the actor runs in_flight_per_actor calls at once).
             with self._model_lock:
+                t0 = time.perf_counter()  # after the lock: render time, not time queued for it
                 rendered = self.model.render(request)
         except ModelInputError as exc:
             outcome.errors = [_error(r, "render", exc) for r in unit.rows]
