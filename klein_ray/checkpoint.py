@@ -14,14 +14,13 @@ and a run starts by merging whatever earlier runs left when that is more than a 
 
 from __future__ import annotations
 
-import io
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from klein_ray.storage import NotFound, Store
+from klein_ray.tables import get_table, put_table
 from klein_ray.types import RowResult
 
 PREFIX = "_job/results/"
@@ -107,7 +106,7 @@ class Checkpoint:
     def _add(self, level: int, table: pa.Table) -> None:
         key = f"{PREFIX}{self.run_id}-L{level}-{self._seq:06d}.parquet"
         self._seq += 1
-        _write(self.store, key, table)
+        put_table(self.store, key, table)
         parts = self._levels.setdefault(level, [])
         parts.append(key)
         if len(parts) >= MERGE_FANOUT:
@@ -120,7 +119,7 @@ class Checkpoint:
             merged = _unique_ids(merged)
             key = f"{PREFIX}{self.run_id}-L99-{self._seq:06d}.parquet"
             self._seq += 1
-            _write(self.store, key, merged)
+            put_table(self.store, key, merged)
             self._levels = {}
         else:
             self._add(level, merged)
@@ -136,13 +135,6 @@ def _unique_ids(table: pa.Table) -> pa.Table:
 
 def _read(store: Store, key: str, columns: list[str] | None = None) -> pa.Table:
     try:
-        # ParquetFile, not read_table: read_table's dataset threads can abort the interpreter at exit.
-        return pq.ParquetFile(io.BytesIO(store.get(key))).read(columns=columns)
+        return get_table(store, key, columns)
     except NotFound:  # merged and deleted by a concurrent compaction: its rows are elsewhere
         return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
-
-
-def _write(store: Store, key: str, table: pa.Table) -> None:
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    store.put(key, buf.getvalue(), content_type="application/vnd.apache.parquet")

@@ -8,19 +8,18 @@ that is not committed.
 
 from __future__ import annotations
 
-import io
 import json
 import uuid
 from dataclasses import asdict
 from datetime import datetime, timezone
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 
 from klein_ray.config import JobConfig
 from klein_ray.report import MAX_CONTACT_ENTRIES, ContactEntry, build_report, entries_from_parquet_bytes, entries_to_parquet_bytes
 from klein_ray.storage import NotFound, Store
+from klein_ray.tables import get_table, put_table
 from klein_ray.types import RowError, RowResult
 
 JOB = "_job"
@@ -62,7 +61,7 @@ class JobLog:
     def finish(self, errors: list[RowError], summary: dict, committed_total: int, noise_model: bool) -> None:
         """Write the errors table, summary, contact entries and the report (in that order)."""
         rows = [dict(asdict(e), run_id=self.run_id) for e in errors]
-        self._put_table("errors.parquet", pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA))
+        put_table(self.store, f"{JOB}/errors.parquet", pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA))
         self._put_json("summary.json", summary)
         self.store.put(f"{JOB}/contact.parquet", entries_to_parquet_bytes(self.contact))
         html = build_report(summary, self.contact, errors, total_committed=committed_total,
@@ -81,11 +80,6 @@ class JobLog:
         self.store.put(f"{JOB}/{name}", json.dumps(obj, indent=1, sort_keys=True).encode(),
                        content_type="application/json")
 
-    def _put_table(self, name: str, table: pa.Table) -> None:
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
-        self.store.put(f"{JOB}/{name}", buf.getvalue(), content_type="application/vnd.apache.parquet")
-
 
 def read_state(store: Store) -> dict | None:
     try:
@@ -96,7 +90,7 @@ def read_state(store: Store) -> dict | None:
 
 def read_errors(store: Store) -> pa.Table | None:
     try:
-        return pq.ParquetFile(io.BytesIO(store.get(f"{JOB}/errors.parquet"))).read()
+        return get_table(store, f"{JOB}/errors.parquet")
     except NotFound:
         return None
 
