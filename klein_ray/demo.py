@@ -12,8 +12,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from klein_ray.config import DEFAULT_TINY_MODEL
+
 REPO = Path(__file__).resolve().parents[1]
-TINY = ".cache/tiny-klein"
+TINY = DEFAULT_TINY_MODEL
 TINY_BASE = ".cache/tiny-klein-base"
 
 EXAMPLE_SCHEMA = pa.schema([

@@ -23,6 +23,7 @@ from klein_ray.config import JobConfig
 from klein_ray.encode import CONTENT_TYPES, encode_image
 from klein_ray.ledger import Ledger
 from klein_ray.refs import ReferenceError, ReferenceFetcher
+from klein_ray.rows import meta_key
 from klein_ray.storage import open_store
 from klein_ray.types import RowError, RowResult, RowSpec, UnitOutcome, WorkUnit
 
@@ -124,7 +125,7 @@ class RenderWorker:
                 continue
             image = meta["image"]
             done.append(RowResult(
-                id=row.id, variant=row.variant, image_key=image["key"], meta_key=f"meta/{row.id}.json",
+                id=row.id, variant=row.variant, image_key=image["key"], meta_key=meta_key(row.id),
                 sha256=image["sha256"], bytes=image["bytes"], width=meta.get("width", 0),
                 height=meta.get("height", 0), seed=meta.get("seed", row.seed), prompt=row.prompt,
                 timings={}, worker=self.name, already=True,
