@@ -42,6 +42,16 @@ def _start(args, env=None) -> subprocess.Popen:
                             start_new_session=True)
 
 
+def _wait_for(proc: subprocess.Popen, ready, timeout: float, step: float = 0.1) -> bool:
+    """Poll ``ready()`` while ``proc`` runs; True once it holds, False on exit or timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ready():
+            return True
+        time.sleep(step)
+    return False
+
+
 def _count_markers(store) -> int:
     return sum(1 for _ in store.list("meta/"))
 
@@ -74,13 +84,9 @@ def test_driver_killed_repeatedly_then_resumed(tmp_path, tiny_models, ray_addres
     for _ in range(4):
         proc = _start(args, env=rgw.env())
         before = _count_markers(store)
-        deadline = time.monotonic() + 120
         # Kill at a random moment once rendering is under way (some markers landed this run).
         target = rng.randint(3, 25)
-        while time.monotonic() < deadline and proc.poll() is None:
-            if _count_markers(store) - before >= target:
-                break
-            time.sleep(0.2)
+        _wait_for(proc, lambda: _count_markers(store) - before >= target, timeout=120, step=0.2)
         time.sleep(rng.uniform(0, 1.0))
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -157,11 +163,7 @@ def test_sigterm_exits_130_and_rerun_resumes(tmp_path, tiny_models, ray_address)
     args = ("render", str(manifest), "--output", str(out), "--config", str(config),
             "--address", ray_address, "--no-progress")
     proc = _start(args)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if len(list((out / "meta").glob("*.json"))) >= 10 if (out / "meta").exists() else False:
-            break
-        time.sleep(0.1)
+    _wait_for(proc, lambda: len(list((out / "meta").glob("*.json"))) >= 10, timeout=120)
     proc.send_signal(signal.SIGTERM)
     sent = time.monotonic()
     stdout, stderr = proc.communicate(timeout=60)
@@ -186,9 +188,7 @@ def test_second_driver_on_same_output_refuses(tmp_path, tiny_models, ray_address
     args = ("render", str(manifest), "--output", str(out), "--config", str(config),
             "--address", ray_address, "--no-progress")
     first = _start(args)
-    deadline = time.monotonic() + 60
-    while not (out / "_job" / "lease.json").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    assert _wait_for(first, (out / "_job" / "lease.json").exists, timeout=60)
     second = run_cli(*args)
     assert second.returncode == 2
     assert "another klein-ray job" in second.stderr and "Traceback" not in second.stderr
