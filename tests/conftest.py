@@ -124,9 +124,9 @@ def s3_env(monkeypatch):
         for k, v in server.env().items():
             if k.startswith("AWS_"):
                 monkeypatch.setenv(k, v)
-        from klein_ray import storage
+        from klein_ray.storage import reset_clients
 
-        storage._clients.clear()  # clients are cached per endpoint; start clean
+        reset_clients()  # clients are shared per endpoint: build them from this environment
         return server
 
     return apply

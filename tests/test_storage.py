@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from klein_ray.config import StorageConfig
-from klein_ray.s3store import S3Store
 from klein_ray.storage import (
     AlreadyExists,
     LocalStore,
@@ -23,6 +22,7 @@ from klein_ray.storage import (
     open_store,
     split_s3,
 )
+from klein_ray.storage.s3 import S3Store
 
 UNSAFE_KEYS = ["../x", "/abs", "a//b", "a\\b", "", "a/../b", "./a", "a/.", "a/", ".."]
 
@@ -207,6 +207,23 @@ def test_unsafe_key_read_and_delete_raise_value_error(backend, request, op):
     for key in ["../x", "/abs", "a//b", "a\\b", ""]:
         with pytest.raises(ValueError):
             getattr(store, op)(key)
+
+
+def test_download_streams_an_object_to_a_file(store, tmp_path):
+    data = bytes(range(256)) * 4096  # 1 MiB, more than one read
+    store.put("models/weights.bin", data)
+    dest = tmp_path / "copy.bin"
+    store.download("models/weights.bin", dest)
+    assert dest.read_bytes() == data
+
+
+def test_download_of_a_missing_or_unsafe_key(store, tmp_path):
+    with pytest.raises(NotFound):
+        store.download("models/missing.bin", tmp_path / "x")
+    for key in ["../x", "a//b", ""]:
+        with pytest.raises(ValueError):
+            store.download(key, tmp_path / "y")
+    assert not (tmp_path / "y").exists()
 
 
 # -- LocalStore specifics -----------------------------------------------------------------

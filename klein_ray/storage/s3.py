@@ -1,6 +1,8 @@
 """The S3 implementation of ``Store`` (boto3), for AWS and S3-compatible servers.
 
-Error translation lives here so that callers only ever see ``NotFound``, ``AlreadyExists``,
+boto3 runs with ``standard`` retries and checksums only when required (S3-compatible servers
+reject or ignore the CRC32 headers newer boto3 sends); clients are shared per process. Error
+translation lives here so that callers only ever see ``NotFound``, ``AlreadyExists``,
 ``TooLarge`` or ``StorageError``; botocore's messages never carry credentials, but we still
 build our own messages from the operation and key rather than echoing request details.
 """
@@ -8,11 +10,12 @@ build our own messages from the operation and key rather than echoing request de
 from __future__ import annotations
 
 import random
+import threading
 import time
 from typing import Callable, TypeVar
 
 from klein_ray.config import StorageConfig
-from klein_ray.storage import (
+from klein_ray.storage.base import (
     AlreadyExists,
     NotFound,
     ObjectInfo,
@@ -20,7 +23,6 @@ from klein_ray.storage import (
     StorageError,
     TooLarge,
     check_key,
-    s3_client,
     split_s3,
 )
 
@@ -32,6 +34,43 @@ TRANSIENT_CODES = {
     "SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "RequestTimeTooSkewed",
     "Throttling", "ThrottlingException", "ConditionalRequestConflict", "500", "502", "503", "504", "409",
 }
+
+
+_clients: dict[tuple, object] = {}
+_clients_lock = threading.Lock()
+
+
+def s3_client(cfg: StorageConfig):
+    """A boto3 S3 client for ``cfg``, shared per process (clients are thread-safe)."""
+    endpoint = cfg.resolved_endpoint()
+    key = (endpoint, cfg.region, cfg.max_attempts, cfg.connect_timeout, cfg.read_timeout)
+    with _clients_lock:
+        if key not in _clients:
+            import boto3
+            from botocore.config import Config
+
+            config = Config(
+                retries={"mode": "standard", "total_max_attempts": cfg.max_attempts},
+                connect_timeout=cfg.connect_timeout,
+                read_timeout=cfg.read_timeout,
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+                # Custom endpoints are rarely set up for virtual-hosted buckets.
+                s3={"addressing_style": "path" if endpoint else "auto"},
+                max_pool_connections=32,
+            )
+            session = boto3.session.Session()
+            _clients[key] = session.client(
+                "s3", endpoint_url=endpoint, region_name=cfg.region or None, config=config
+            )
+        return _clients[key]
+
+
+def reset_clients() -> None:
+    """Forget the shared clients: the next store builds new ones from the current environment
+    (credentials or endpoint changed, or a long-lived client's retry budget should start full)."""
+    with _clients_lock:
+        _clients.clear()
 
 
 class S3Store(Store):
@@ -138,6 +177,16 @@ class S3Store(Store):
             self._retrying(lambda: self.client.delete_object(Bucket=self.bucket, Key=full))
         except Exception as exc:  # noqa: BLE001
             raise StorageError(f"delete {self.url_of(key)}: {_describe(exc)}") from exc
+
+    def download(self, key, dest):
+        full = self._key(key)
+        # s3transfer: ranged GETs in parallel for large objects (model weights are GBs).
+        try:
+            self._retrying(lambda: self.client.download_file(self.bucket, full, str(dest)))
+        except Exception as exc:  # noqa: BLE001
+            if _code(exc) in ("404", "NoSuchKey", "NotFound"):
+                raise NotFound(key) from None
+            raise StorageError(f"download {self.url_of(key)}: {_describe(exc)}") from exc
 
 
 def _code(exc: Exception) -> str:

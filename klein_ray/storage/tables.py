@@ -7,7 +7,7 @@ import io
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from klein_ray.storage import Store
+from klein_ray.storage.base import Store
 
 
 def get_table(store: Store, key: str, columns: list[str] | None = None) -> pa.Table:

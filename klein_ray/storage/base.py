@@ -1,0 +1,106 @@
+"""The store interface, its errors and the URI helpers. Never imports its implementations.
+
+A ``Store`` is rooted at a URI (``s3://bucket/prefix`` or a local path / ``file://`` URI) and
+addresses objects by keys relative to that root. Keys are checked so that nothing can be read or
+written outside the root. Knows nothing of models, rows or the output layout.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import unquote, urlparse
+
+
+class StorageError(Exception):
+    """A storage operation failed after retries."""
+
+
+class NotFound(StorageError):
+    pass
+
+
+class AlreadyExists(StorageError):
+    """A conditional create found the key taken."""
+
+
+class TooLarge(StorageError):
+    pass
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str  # relative to the store's root
+    size: int
+    metadata: dict[str, str] | None = None
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> (``bucket``, ``a/b``) with no leading or trailing slash."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise ValueError(f"not an s3:// URI with a bucket: {uri!r}")
+    return parsed.netloc, parsed.path.strip("/")
+
+
+def local_path(uri: str) -> Path:
+    """A local path or ``file://`` URI as an absolute path."""
+    if uri.startswith("file://"):
+        parsed = urlparse(uri)
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(f"file:// URI with a remote host is not supported: {uri!r}")
+        return Path(unquote(parsed.path)).absolute()
+    return Path(uri).expanduser().absolute()
+
+
+def check_key(key: str) -> str:
+    """Refuse keys that could escape the root (absolute, ``..``, empty parts, backslashes)."""
+    parts = key.split("/")
+    if not key or key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"unsafe storage key {key!r}")
+    return key
+
+
+class Store(ABC):
+    """Objects under one root. Every key is relative to ``uri``."""
+
+    uri: str
+
+    @abstractmethod
+    def put(
+        self, key: str, data: bytes, *, content_type: str | None = None,
+        metadata: dict[str, str] | None = None, if_absent: bool = False,
+    ) -> None:
+        """Write ``data`` at ``key``; with ``if_absent`` raise AlreadyExists if the key is taken."""
+
+    @abstractmethod
+    def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        """Read ``key``; NotFound if missing, TooLarge past ``max_bytes`` (checked while reading)."""
+
+    @abstractmethod
+    def head(self, key: str) -> ObjectInfo | None:
+        """Size and user metadata of ``key``, or None."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object whose key starts with ``prefix``, in key order."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove ``key`` if present."""
+
+    @abstractmethod
+    def download(self, key: str, dest: Path) -> None:
+        """Copy ``key`` into the local file ``dest``, streamed (never whole in memory);
+        NotFound if missing. ``dest`` may be left partial on failure: write beside, then rename."""
+
+    def url_of(self, key: str) -> str:
+        return f"{self.uri.rstrip('/')}/{key}"
+
+
