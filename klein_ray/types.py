@@ -1,7 +1,8 @@
-"""Named types that cross module boundaries: a validated row, a work unit, a row's outcome.
+"""Named types that cross package boundaries: a validated row, a work unit, a row's outcome.
 
-Everything that travels between the driver and the Ray workers is one of these dataclasses, so
-both sides agree on the fields without sharing code paths or dicts of unknown shape.
+Everything that travels between the driver and the workers is one of these dataclasses, so both
+sides agree on the fields without sharing code paths or dicts of unknown shape. This module
+imports nothing of klein_ray: every other package, the model layer included, may import it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,17 @@ from typing import Any
 
 # Stages a row passes through; an error record names the one it failed in.
 STAGES = ("validate", "fetch", "render", "encode", "store")
+
+# Output formats a row may ask for: the file extension of its image and the content type.
+IMAGE_EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+# The file `make-tiny-model` writes into a tiny random model's directory: its images are noise,
+# and every record of them says so.
+TEST_MODEL_MARKER = "klein_ray_tiny.json"
+
+# One cap for every error message recorded (errors table, report, validate's output).
+MESSAGE_CAP = 500
 
 
 @dataclass(frozen=True)
@@ -35,7 +47,12 @@ class RowSpec:
 
 @dataclass(frozen=True)
 class WorkUnit:
-    """Rows that share one diffusers call: same variant, size, steps, guidance and references."""
+    """Rows that share one diffusers call: same variant, size, steps, guidance and references.
+
+    A retried unit is a subset of an earlier one's rows (units are split, never merged), so its
+    rows share one history: ``attempt`` (this is their n-th submission in this run), and how
+    often they failed (``failures``) or lost their worker (``losses``).
+    """
 
     unit_id: int
     variant: str
@@ -45,6 +62,9 @@ class WorkUnit:
     guidance: float
     references: tuple[str, ...]
     rows: tuple[RowSpec, ...]
+    attempt: int = 1
+    failures: int = 0
+    losses: int = 0
 
     @property
     def size(self) -> int:
@@ -67,6 +87,22 @@ class RowError:
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"unknown stage {self.stage!r}")
+        if len(self.message) > MESSAGE_CAP:
+            self.message = self.message[: MESSAGE_CAP - 3] + "..."
+
+    @classmethod
+    def for_row(cls, row: RowSpec, stage: str, error_type: str, message: str,
+                attempts: int = 1, column: str = "") -> "RowError":
+        """An error about a validated row (its manifest position comes from the row)."""
+        return cls(row.id, stage, error_type, message, attempts, row.manifest_file,
+                   row.manifest_row, column)
+
+    @classmethod
+    def from_exception(cls, row: RowSpec, stage: str, exc: BaseException,
+                       attempts: int = 1) -> "RowError":
+        """The one way an exception becomes a row's error: its type, and its message's first
+        line (tracebacks and multi-line server answers stay out of the records)."""
+        return cls.for_row(row, stage, type(exc).__name__, first_line(exc), attempts)
 
 
 @dataclass
@@ -96,6 +132,12 @@ class UnitOutcome:
     unit_id: int
     results: list[RowResult] = field(default_factory=list)
     errors: list[RowError] = field(default_factory=list)
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message, first line only, or its type name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class RenderOOM(RuntimeError):

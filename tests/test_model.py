@@ -16,7 +16,7 @@ PROMPTS = ["a red sneaker on white", "a ceramic mug, soft light " * 8, "", "a re
 
 @pytest.fixture(scope="module")
 def model(tiny_models):
-    return KleinModel(str(tiny_models["tiny"]), pipeline="distilled", threads=2)
+    return KleinModel.from_pretrained(str(tiny_models["tiny"]), pipeline="distilled", threads=2)
 
 
 @pytest.mark.parametrize("max_len", [512, 64])
@@ -66,8 +66,22 @@ def test_render_rejects_what_diffusers_would_alter(model):
 
 
 def test_loaded_through_from_pretrained_with_its_flags(tiny_models):
-    base = KleinModel(str(tiny_models["tiny-base"]), pipeline="auto", threads=1)
+    base = KleinModel.from_pretrained(str(tiny_models["tiny-base"]), pipeline="auto", threads=1)
     assert base.info.distilled is False and base.default_steps() == 50
-    forced = KleinModel(str(tiny_models["tiny-base"]), pipeline="distilled", threads=1)
+    forced = KleinModel.from_pretrained(str(tiny_models["tiny-base"]), pipeline="distilled", threads=1)
     assert forced.info.distilled is True and forced.default_steps() == 4
     assert base.info.pipeline_class == "Flux2KleinPipeline" and base.info.dtype == "float32"
+
+
+def test_from_pipe_wraps_an_in_memory_pipeline_like_a_loaded_one(model):
+    """The benchmarks' route (a pipeline built in memory) renders exactly what from_pretrained's does."""
+    from klein_ray.model.tiny import build_tiny_pipeline
+
+    wrapped = KleinModel.from_pipe(build_tiny_pipeline(seed=0, distilled=True))
+    assert set(vars(wrapped)) == set(vars(model))
+    assert (wrapped.info.distilled, wrapped.info.pipeline_class, wrapped.info.dtype) == (
+        model.info.distilled, model.info.pipeline_class, model.info.dtype)
+    assert wrapped.info.source == "(in memory)" and wrapped.device == "cpu"
+    req = RenderRequest(prompts=["a lamp", "a chair"], seeds=[1, 2], width=64, height=64, steps=2, guidance=1.0)
+    for a, b in zip(model.render(req).images, wrapped.render(req).images):
+        assert np.array_equal(np.asarray(a), np.asarray(b))

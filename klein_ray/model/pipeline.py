@@ -1,19 +1,18 @@
 """The model layer: loads one FLUX.2 [klein] variant with diffusers and renders requests.
 
-The only place (with ``tiny.py``) that imports torch and diffusers. It does no storage or
-network I/O of its own: it receives a local directory or a Hugging Face repo id, prompts, seeds
-and already-decoded reference images, and returns PIL images. Inputs are validated loudly.
+The model package is the only place that imports torch and diffusers, and it imports nothing of
+klein_ray but the shared types. It does no storage or network I/O of its own: it receives a
+local directory or a Hugging Face repo id (or a pipeline in memory), prompts, seeds and
+already-decoded reference images, and returns PIL images. Inputs are validated loudly.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from klein_ray.model.limits import shape_problem, side_problem
 from klein_ray.model.text import PromptEncoder
-from klein_ray.refs import shape_problem
 from klein_ray.types import RenderOOM
 
 DISTILLED_STEPS = 4
@@ -61,17 +60,48 @@ class ModelInfo:
     versions: dict[str, str]
 
 
-def read_model_index(source: str) -> dict[str, Any] | None:
-    index = Path(source) / "model_index.json"
-    return json.loads(index.read_text()) if index.is_file() else None
-
-
 class KleinModel:
-    """A loaded pipeline plus what a render needs to know about it."""
+    """A pipeline ready to render, plus what a render needs to know about it.
 
-    def __init__(self, source: str, pipeline: str = "auto", dtype: str = "auto",
-                 device: str | None = None, threads: int | None = None, prompt_cache: int = 1024,
+    Build one with ``from_pretrained`` (a local diffusers directory or a Hub repo id) or
+    ``from_pipe`` (a pipeline already in memory, as the benchmarks build full-size ones).
+    """
+
+    def __init__(self, pipe, *, source: str, device: str | None = None, prompt_cache: int = 1024,
                  settings: "GPUSettings | None" = None):
+        import diffusers
+        import torch
+        import transformers
+
+        # 1. Where it runs: the given device, else where the weights already are.
+        self.pipe = pipe
+        self.device = device or str(pipe.transformer.device.type)
+        self.dtype = pipe.transformer.dtype
+
+        # 2. Placement and accelerator settings, then the trimmed, cached text encoder.
+        self.settings = self._apply_settings(settings or GPUSettings())
+        self.pipe.set_progress_bar_config(disable=True)
+        self.encoder = PromptEncoder(self.pipe.text_encoder, self.pipe.tokenizer, cache_size=prompt_cache)
+
+        # 3. What the records say about it; KV checkpoints are distilled whatever they say.
+        kv = type(pipe).__name__ == "Flux2KleinKVPipeline"
+        distilled = bool(getattr(self.pipe.config, "is_distilled", True)) or kv
+        self.info = ModelInfo(
+            source=source,
+            pipeline_class=type(pipe).__name__,
+            distilled=distilled,
+            dtype=str(self.dtype).replace("torch.", ""),
+            device=self.device,
+            versions={"torch": torch.__version__, "diffusers": diffusers.__version__,
+                      "transformers": transformers.__version__},
+        )
+
+    @classmethod
+    def from_pretrained(cls, source: str, pipeline: str = "auto", dtype: str = "auto",
+                        device: str | None = None, threads: int | None = None,
+                        prompt_cache: int = 1024, settings: "GPUSettings | None" = None) -> "KleinModel":
+        """Load ``source`` (a local diffusers directory or a Hub repo id) with diffusers'
+        ``from_pretrained``; ``pipeline`` 'base'/'distilled' override the checkpoint's flag."""
         import diffusers
         import torch
         import transformers
@@ -79,30 +109,27 @@ class KleinModel:
         # 1. Where and how to run.
         if threads:
             torch.set_num_threads(int(threads))
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = _torch_dtype(dtype, self.device)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
-        # 2. Which pipeline class; 'base'/'distilled' override the checkpoint's own flag.
-        cls = diffusers.Flux2KleinKVPipeline if pipeline == "kv" else diffusers.Flux2KleinPipeline
-        kwargs: dict[str, Any] = {"dtype": self.dtype}
+        # 2. Which pipeline class, and the checkpoint's own flag overridden on request.
+        pipe_cls = diffusers.Flux2KleinKVPipeline if pipeline == "kv" else diffusers.Flux2KleinPipeline
+        kwargs: dict[str, Any] = {"dtype": _torch_dtype(dtype, device)}
         if pipeline in ("base", "distilled"):
             kwargs["is_distilled"] = pipeline == "distilled"
 
-        # 3. Load (local directory or Hub repo id; the same code path either way).
-        self.pipe = cls.from_pretrained(source, **kwargs)
-        self.settings = self._apply_settings(settings or GPUSettings())
-        self.pipe.set_progress_bar_config(disable=True)
-        self.encoder = PromptEncoder(self.pipe.text_encoder, self.pipe.tokenizer, cache_size=prompt_cache)
-        distilled = bool(getattr(self.pipe.config, "is_distilled", True)) or pipeline == "kv"
-        self.info = ModelInfo(
-            source=source,
-            pipeline_class=cls.__name__,
-            distilled=distilled,
-            dtype=str(self.dtype).replace("torch.", ""),
-            device=self.device,
-            versions={"torch": torch.__version__, "diffusers": diffusers.__version__,
-                      "transformers": transformers.__version__},
-        )
+        # 3. Load: a local directory or a Hub repo id, the same code path either way. No
+        #    progress bars: a batch job loads many times and its logs are read by machines.
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+        pipe = pipe_cls.from_pretrained(source, **kwargs)
+        return cls(pipe, source=source, device=device, prompt_cache=prompt_cache, settings=settings)
+
+    @classmethod
+    def from_pipe(cls, pipe, source: str = "(in memory)", device: str | None = None,
+                  prompt_cache: int = 1024, settings: "GPUSettings | None" = None) -> "KleinModel":
+        """Wrap a pipeline already in memory (like diffusers' ``from_pipe``). Settings change
+        ``pipe`` in place (compile, channels-last): measure diffusers' own call before wrapping."""
+        return cls(pipe, source=source, device=device, prompt_cache=prompt_cache, settings=settings)
 
     def _apply_settings(self, wanted: "GPUSettings") -> dict[str, bool]:
         """Place the pipeline and apply the accelerator settings; report what is in effect.
@@ -176,8 +203,9 @@ class KleinModel:
         if not req.prompts or len(req.prompts) != len(req.seeds):
             raise ModelInputError("need one seed per prompt and at least one prompt")
         for side in (req.width, req.height):
-            if side is not None and (side % 16 or side < 64):
-                raise ModelInputError(f"output sides must be multiples of 16, at least 64; got {side}")
+            problem = side_problem(side)
+            if problem:
+                raise ModelInputError(problem)
         for i, ref in enumerate(req.references):
             problem = shape_problem(*ref.size)
             if problem:

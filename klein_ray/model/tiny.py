@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from klein_ray.types import TEST_MODEL_MARKER
+
 # The real Qwen3 chat template reduced to what the pipeline uses: one user turn, the generation
 # prompt and, with enable_thinking=False, the empty think block Qwen3 emits.
 CHAT_TEMPLATE = (
@@ -118,12 +120,12 @@ def make_tiny_model(directory: str | Path, seed: int = 0, distilled: bool = True
         "offline by `klein-ray make-tiny-model`. Its images are noise: it exists to exercise "
         "loading, batching and storage, never to judge quality.\n"
     )
-    (out / "klein_ray_tiny.json").write_text(json.dumps({"seed": seed, "distilled": distilled}))
+    (out / TEST_MODEL_MARKER).write_text(json.dumps({"seed": seed, "distilled": distilled}))
     return out
 
 
 def is_tiny_model(directory: str | Path) -> bool:
-    return (Path(directory) / "klein_ray_tiny.json").is_file()
+    return (Path(directory) / TEST_MODEL_MARKER).is_file()
 
 
 def _train_tokenizer():
