@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from klein_ray import checkpoint
-from klein_ray.checkpoint import Checkpoint, DoneSet
+from klein_ray.output import checkpoint, layout
+from klein_ray.output.checkpoint import Checkpoint, DoneSet
 from klein_ray.storage import LocalStore
 from klein_ray.types import RowResult
 
@@ -18,7 +18,7 @@ def _result(i: int) -> RowResult:
 
 
 def _parts(store) -> list[str]:
-    return [o.key for o in store.list(checkpoint.PREFIX)]
+    return [o.key for o in store.list(layout.RESULTS)]
 
 
 def test_tiered_merging_bounds_parts_and_keeps_every_id(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from helpers import assert_done, last_json, row, run_cli, write_config, write_manifest
-from klein_ray.rows import derive_seed
+from klein_ray.intake.rows import derive_seed
 from klein_ray.storage import open_store
 
 pytestmark = pytest.mark.slow

@@ -826,7 +826,7 @@ def test_slow_drip_reference_cannot_stall_a_fetch(servers):
     """A server that sends one byte at a time, each well within the socket timeout, must not hold
     a fetch (and so a worker and the whole job) for hours: the timeout has to bound the fetch."""
     from klein_ray.config import ReferenceConfig, StorageConfig
-    from klein_ray.refs import ReferenceFetcher
+    from klein_ray.render.references import ReferenceFetcher
 
     stop = threading.Event()
 

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from klein_ray.ledger import CommitConflict, Ledger, Receipt
+from klein_ray.output.ledger import CommitConflict, Ledger, Receipt
 from klein_ray.storage import LocalStore, NotFound, Store, open_store
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"first image" * 20
@@ -130,6 +130,9 @@ class Interleaved(Store):
 
     def delete(self, key):
         return self.inner.delete(key)
+
+    def download(self, key, dest):
+        return self.inner.download(key, dest)
 
 
 def _other_writer(data: bytes, marker: bool):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from klein_ray.config import StorageConfig
-from klein_ray.modelsource import COMPLETE, ModelSourceError, classify, normalise, resolve, sync_s3
+from klein_ray.render.modelsource import COMPLETE, ModelSourceError, classify, normalise, resolve, sync_s3
 
 TREE = {
     "model_index.json": json.dumps({"_class_name": "Flux2KleinPipeline"}).encode(),

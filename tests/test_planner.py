@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from klein_ray.planner import Planner, split_unit, unit_key
+from klein_ray.intake.planner import Planner, unit_key
 from klein_ray.types import RowSpec, WorkUnit
 
 BATCH = {"a": 4, "b": 2, "c": 1}
@@ -185,21 +185,3 @@ def test_memory_bound_evicts_oldest_group_first():
 
 def test_plan_with_no_rows():
     assert list(Planner(BATCH).plan([])) == []
-
-
-def test_split_unit_gives_one_unit_per_row():
-    rows = [spec(i, steps=8, guidance=2.5, references=("s3://b/r.png",)) for i in range(3)]
-    (unit,) = list(Planner(BATCH).plan(rows))
-    assert unit.size == 3
-    parts = split_unit(unit)
-    assert [p.rows for p in parts] == [(r,) for r in rows]
-    for part in parts:
-        assert part.unit_id == unit.unit_id
-        assert (part.variant, part.width, part.height, part.steps, part.guidance, part.references) == (
-            unit.variant, unit.width, unit.height, unit.steps, unit.guidance, unit.references)
-        assert part.size == 1
-
-
-def test_split_unit_of_single_row():
-    unit = WorkUnit(7, "a", 64, 64, None, 4.0, (), (spec(0, width=64, height=64),))
-    assert split_unit(unit) == [unit]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from klein_ray.report import (
+from klein_ray.output.report import (
     CONTACT_SCHEMA,
     MAX_CONTACT_ENTRIES,
     NOISE_TEXT,
@@ -18,8 +18,8 @@ from klein_ray.report import (
     build_report,
     entries_from_parquet_bytes,
     entries_to_parquet_bytes,
-    make_thumbnail,
 )
+from klein_ray.render.encode import make_thumbnail
 from klein_ray.types import RowError
 
 try:  # importable whether or not tests/ is a package

@@ -11,15 +11,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from klein_ray.config import JobConfig, ReferenceConfig, VariantConfig
-from klein_ray.rows import (
+from klein_ray.intake.rows import (
     KNOWN_COLUMNS,
     MAX_SEED,
     RowValidator,
     derive_seed,
-    image_key,
-    meta_key,
     valid_id,
 )
+from klein_ray.output.layout import image_key, meta_key
 from klein_ray.storage import LocalStore, check_key
 from klein_ray.types import RowError, RowSpec
 

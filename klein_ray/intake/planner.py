@@ -10,7 +10,6 @@ manifest is and however scattered its rows.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import replace
 from typing import Iterable, Iterator
 
 from klein_ray.types import RowSpec, WorkUnit
@@ -60,14 +59,3 @@ class Planner:
         unit = WorkUnit(self._next_id, variant, width, height, steps, guidance, references, tuple(rows))
         self._next_id += 1
         return unit
-
-
-def split_unit(unit: WorkUnit) -> list[WorkUnit]:
-    """One unit per row, keeping the unit's id: used to isolate a row that keeps failing."""
-    return [replace(unit, rows=(row,)) for row in unit.rows]
-
-
-def halve_unit(unit: WorkUnit) -> list[WorkUnit]:
-    """The unit's rows as two smaller units (same id): a batch that ran out of memory."""
-    mid = (unit.size + 1) // 2
-    return [replace(unit, rows=unit.rows[:mid]), replace(unit, rows=unit.rows[mid:])]

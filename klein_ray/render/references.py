@@ -22,8 +22,6 @@ from klein_ray.config import ReferenceConfig, StorageConfig
 from klein_ray.storage import TooLarge, local_path, open_store, split_s3
 
 MAX_REDIRECTS = 5
-MIN_REF_SIDE = 64  # diffusers' Flux2 image processor rejects smaller references
-MAX_REF_ASPECT = 8.0
 HTTP_ATTEMPTS = 4
 
 
@@ -179,15 +177,6 @@ def decode_image(data: bytes, label: str, max_pixels: int = 64_000_000):
         raise ReferenceError(f"reference {label}: image too large to decode safely") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ReferenceError(f"reference {label}: not a readable image ({_short(exc)})") from None
-
-
-def shape_problem(width: int, height: int) -> str | None:
-    """diffusers' limits on a reference, as a reason, or None (also enforced by the model layer)."""
-    if min(width, height) < MIN_REF_SIDE:
-        return f"reference is {width}x{height}; each side must be at least {MIN_REF_SIDE} px"
-    if max(width, height) / min(width, height) > MAX_REF_ASPECT:
-        return f"reference is {width}x{height}; aspect ratio must be at most 8:1"
-    return None
 
 
 def _read_file(uri: str, limit: int) -> bytes:

@@ -1,8 +1,8 @@
 """Row validation: one manifest row (a dict from Parquet) becomes a ``RowSpec`` or ``RowError``s.
 
 Every check names the column and the reason, so `validate` can print all of a row's problems
-at once and `render` can record the first in the errors table. Ids map to storage keys here
-too, since the id pattern is what keeps every key inside OUT.
+at once and `render` can record the first in the errors table. The id pattern checked here is
+what keeps every output key (``output.layout``) inside OUT.
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from klein_ray.config import JobConfig
-from klein_ray.types import RowError, RowSpec
+from klein_ray.types import IMAGE_EXTENSIONS, RowError, RowSpec
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 KNOWN_COLUMNS = (
     "id", "prompt", "variant", "references", "width", "height", "steps", "guidance", "seed",
     "format",
 )
-FORMATS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 64, 2048, 16
 MAX_SEED = 2**63 - 1
 REFERENCE_SCHEMES = ("s3://", "http://", "https://", "file://")
@@ -37,12 +36,10 @@ def valid_id(row_id: object) -> bool:
     return isinstance(row_id, str) and ID_PATTERN.fullmatch(row_id) is not None
 
 
-def image_key(row_id: str, fmt: str) -> str:
-    return f"images/{row_id}.{FORMATS[fmt]}"
-
-
-def meta_key(row_id: str) -> str:
-    return f"meta/{row_id}.json"
+def duplicate_id_error(row_id: str, file: str, index: int) -> RowError:
+    """The error of a row whose id another row of the manifest shares (prescan finds them)."""
+    return RowError(row_id, "validate", "DuplicateId", "id occurs more than once in the manifest; "
+                    "every row with it is rejected", 1, file, index, "id")
 
 
 def normalise_reference(uri: str, base_dir: Path) -> str:
@@ -91,7 +88,7 @@ class RowValidator:
         # 3. Geometry and sampling.
         width, height, steps, guidance, seed = self._sampling(raw, bad)
         fmt = raw.get("format") or self.config.output.format
-        if not isinstance(fmt, str) or fmt not in FORMATS:
+        if not isinstance(fmt, str) or fmt not in IMAGE_EXTENSIONS:
             bad("format", f"unknown format {fmt!r}; use png, jpeg or webp")
 
         # 4. References: count and scheme here; size, content and address when fetched.

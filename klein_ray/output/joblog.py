@@ -17,12 +17,17 @@ import pyarrow as pa
 import yaml
 
 from klein_ray.config import JobConfig
-from klein_ray.report import MAX_CONTACT_ENTRIES, ContactEntry, build_report, entries_from_parquet_bytes, entries_to_parquet_bytes
+from klein_ray.output import layout
+from klein_ray.output.report import (
+    MAX_CONTACT_ENTRIES,
+    ContactEntry,
+    build_report,
+    entries_from_parquet_bytes,
+    entries_to_parquet_bytes,
+)
 from klein_ray.storage import NotFound, Store
-from klein_ray.tables import get_table, put_table
+from klein_ray.storage.tables import get_table, put_table
 from klein_ray.types import RowError, RowResult
-
-JOB = "_job"
 
 ERRORS_SCHEMA = pa.schema([
     ("id", pa.string()), ("stage", pa.string()), ("error_type", pa.string()),
@@ -42,9 +47,9 @@ class JobLog:
 
     def start(self, total_rows: int) -> None:
         cfg = self.config.model_dump(mode="json")
-        self.store.put(f"{JOB}/config.yaml", yaml.safe_dump(cfg, sort_keys=False).encode(),
+        self.store.put(layout.CONFIG, yaml.safe_dump(cfg, sort_keys=False).encode(),
                        content_type="application/yaml")
-        self._put_json("state.json", {"manifest": self.manifest_uri, "total": total_rows,
+        self._put_json(layout.STATE, {"manifest": self.manifest_uri, "total": total_rows,
                                       "run_id": self.run_id, "started_at": _now()})
 
     def add_result(self, result: RowResult) -> None:
@@ -61,36 +66,36 @@ class JobLog:
     def finish(self, errors: list[RowError], summary: dict, committed_total: int, noise_model: bool) -> None:
         """Write the errors table, summary, contact entries and the report (in that order)."""
         rows = [dict(asdict(e), run_id=self.run_id) for e in errors]
-        put_table(self.store, f"{JOB}/errors.parquet", pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA))
-        self._put_json("summary.json", summary)
-        self.store.put(f"{JOB}/contact.parquet", entries_to_parquet_bytes(self.contact))
+        put_table(self.store, layout.ERRORS, pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA))
+        self._put_json(layout.SUMMARY, summary)
+        self.store.put(layout.CONTACT, entries_to_parquet_bytes(self.contact))
         html = build_report(summary, self.contact, errors, total_committed=committed_total,
                             noise_model=noise_model)
-        self.store.put(f"{JOB}/report.html", html.encode(), content_type="text/html; charset=utf-8")
+        self.store.put(layout.REPORT, html.encode(), content_type="text/html; charset=utf-8")
 
     # -- helpers ---------------------------------------------------------------------------
 
     def _load_contact(self) -> list[ContactEntry]:
         try:
-            return entries_from_parquet_bytes(self.store.get(f"{JOB}/contact.parquet"))
+            return entries_from_parquet_bytes(self.store.get(layout.CONTACT))
         except NotFound:
             return []
 
-    def _put_json(self, name: str, obj: dict) -> None:
-        self.store.put(f"{JOB}/{name}", json.dumps(obj, indent=1, sort_keys=True).encode(),
+    def _put_json(self, key: str, obj: dict) -> None:
+        self.store.put(key, json.dumps(obj, indent=1, sort_keys=True).encode(),
                        content_type="application/json")
 
 
 def read_state(store: Store) -> dict | None:
     try:
-        return json.loads(store.get(f"{JOB}/state.json"))
+        return json.loads(store.get(layout.STATE))
     except NotFound:
         return None
 
 
 def read_errors(store: Store) -> pa.Table | None:
     try:
-        return get_table(store, f"{JOB}/errors.parquet")
+        return get_table(store, layout.ERRORS)
     except NotFound:
         return None
 

@@ -14,12 +14,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from klein_ray.checkpoint import Checkpoint, DoneSet
-from klein_ray.rows import image_key, meta_key
+from klein_ray.output import layout
+from klein_ray.output.checkpoint import Checkpoint, DoneSet
+from klein_ray.output.layout import image_key, meta_key
 from klein_ray.storage import AlreadyExists, NotFound, Store
 from klein_ray.types import RowResult
-
-META_PREFIX = "meta/"
 
 
 class CommitConflict(Exception):
@@ -52,7 +51,7 @@ class Ledger:
 
     def is_fresh(self) -> bool:
         """No marker at all under OUT (one listing request): workers can skip marker checks."""
-        return next(iter(self.store.list(META_PREFIX)), None) is None
+        return next(iter(self.store.list(layout.META)), None) is None
 
     def existing(self, row_id: str) -> dict[str, Any] | None:
         """The row's marker if it exists already (committed by an earlier attempt)."""
@@ -60,12 +59,8 @@ class Ledger:
 
     def committed_ids(self) -> set[str]:
         """Ids whose marker exists, by listing every marker (exact, ~1 request per 1,000 rows)."""
-        ids = set()
-        for obj in self.store.list(META_PREFIX):
-            name = obj.key[len(META_PREFIX):]
-            if name.endswith(".json") and "/" not in name:
-                ids.add(name[: -len(".json")])
-        return ids
+        ids = (layout.id_of_meta_key(obj.key) for obj in self.store.list(layout.META))
+        return {row_id for row_id in ids if row_id is not None}
 
     def read_meta(self, row_id: str) -> dict[str, Any] | None:
         """The row's marker, or None if absent or unreadable (a damaged marker commits nothing)."""

@@ -15,9 +15,9 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
+from klein_ray.output.layout import LEASE as LEASE_KEY
 from klein_ray.storage import AlreadyExists, NotFound, Store
 
-LEASE_KEY = "_job/lease.json"
 TTL_S = 60.0
 RENEW_EVERY_S = 15.0
 

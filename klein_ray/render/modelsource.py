@@ -14,7 +14,8 @@ import re
 from pathlib import Path
 
 from klein_ray.config import StorageConfig
-from klein_ray.storage import check_key, is_s3, local_path, s3_client, split_s3
+from klein_ray.storage import StorageError, check_key, is_s3, local_path, open_store, split_s3
+from klein_ray.types import TEST_MODEL_MARKER
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 COMPLETE = ".complete"
@@ -68,28 +69,39 @@ def sync_s3(source: str, cache_dir: Path, storage: StorageConfig) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one syncer per node; the rest wait here
         if (dest / COMPLETE).is_file():
             return dest
-        client = s3_client(storage)
-        root = f"{prefix}/" if prefix else ""
-        count = 0
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=root):
-            for obj in page.get("Contents", []):
-                rel = obj["Key"][len(root):]
-                if not rel or rel.endswith("/") or _skip(rel):
-                    continue
-                try:
-                    target = dest / check_key(rel)  # never outside the cache (no '..', '//', '/')
-                except ValueError:
-                    raise ModelSourceError(f"model source {source}: unsafe key {obj['Key']!r}") from None
-                target.parent.mkdir(parents=True, exist_ok=True)
-                if not (target.is_file() and target.stat().st_size == obj["Size"]):
-                    part = target.with_name(target.name + ".part")
-                    client.download_file(bucket, obj["Key"], str(part))
-                    part.replace(target)
-                count += 1
+        try:
+            count = _download_tree(open_store(source, storage), dest, source)
+        except StorageError as exc:
+            raise ModelSourceError(f"model source {source}: {exc}") from None
         if not (dest / "model_index.json").is_file():
             raise ModelSourceError(f"model source {source}: no model_index.json under this prefix")
         (dest / COMPLETE).write_text(f"{count} files from {source}\n")
         return dest
+
+
+def _download_tree(store, dest: Path, source: str) -> int:
+    """Every object under the store's root into ``dest`` (skipping what is already there at its
+    size); each file is written beside its target and renamed, so none is ever seen half."""
+    count = 0
+    for obj in store.list():
+        if not obj.key or obj.key.endswith("/") or _skip(obj.key):  # folder markers, BFL files
+            continue
+        try:
+            target = dest / check_key(obj.key)  # never outside the cache (no '..', '//', '/')
+        except ValueError:
+            raise ModelSourceError(f"model source {source}: unsafe key {obj.key!r}") from None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not (target.is_file() and target.stat().st_size == obj.size):
+            part = target.with_name(target.name + ".part")
+            store.download(obj.key, part)
+            part.replace(target)
+        count += 1
+    return count
+
+
+def is_test_model(source: str) -> bool:
+    """Whether a (normalised) source is the tiny random model, whose images are noise."""
+    return not is_s3(source) and (local_path(source) / TEST_MODEL_MARKER).is_file()
 
 
 def _skip(rel: str) -> bool:

@@ -1,11 +1,11 @@
 """The job's contact sheet: ``_job/report.html`` and the entries it is built from.
 
-This module owns three things and nothing else:
+This module owns two things and nothing else:
 
 * ``ContactEntry``: one committed image as the contact sheet shows it (with a small JPEG
-  thumbnail), plus its pyarrow schema and (de)serialisation, so the driver can keep the sheet's
-  entries in ``_job/contact.parquet`` across resumed runs;
-* ``make_thumbnail``: the JPEG thumbnail a worker makes from a rendered image;
+  thumbnail, made by the worker: ``render.encode.make_thumbnail``), plus its pyarrow schema and
+  (de)serialisation, so the driver can keep the sheet's entries in ``_job/contact.parquet``
+  across resumed runs;
 * ``build_report``: the HTML page itself.
 
 The page is a single self-contained string: CSS inline, thumbnails as base64 ``data:`` URIs, no
@@ -46,7 +46,7 @@ class ContactEntry:
     height: int
     render_ms: float
     image_key: str
-    thumbnail: bytes  # JPEG bytes, see make_thumbnail
+    thumbnail: bytes  # JPEG bytes (render.encode.make_thumbnail)
 
 
 # Field order matches ContactEntry so rows convert with asdict / ContactEntry(**row).
@@ -80,22 +80,6 @@ def entries_from_parquet_bytes(data: bytes) -> list[ContactEntry]:
     # Cast so a file written by an older writer with narrower types still reads as this schema.
     table = table.select(CONTACT_SCHEMA.names).cast(CONTACT_SCHEMA)
     return [ContactEntry(**row) for row in table.to_pylist()]
-
-
-def make_thumbnail(image: Image.Image, max_side: int = 192) -> bytes:
-    """A small RGB JPEG of ``image``, longest side at most ``max_side``, aspect preserved."""
-    thumb = image.copy()
-    # JPEG has no alpha or palette: flatten onto white so transparent areas don't turn black.
-    if thumb.mode in ("RGBA", "LA") or (thumb.mode == "P" and "transparency" in thumb.info):
-        rgba = thumb.convert("RGBA")
-        thumb = Image.new("RGB", rgba.size, (255, 255, 255))
-        thumb.paste(rgba, mask=rgba.getchannel("A"))
-    elif thumb.mode != "RGB":
-        thumb = thumb.convert("RGB")
-    thumb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    out = io.BytesIO()
-    thumb.save(out, format="JPEG", quality=80, optimize=True)
-    return out.getvalue()
 
 
 _CSS = """

@@ -19,14 +19,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 
+from klein_ray.output import layout
 from klein_ray.storage import NotFound, Store
-from klein_ray.tables import get_table, put_table
+from klein_ray.storage.tables import get_table, put_table
 from klein_ray.types import RowResult
 
-PREFIX = "_job/results/"
 FLUSH_ROWS = 10_000
 FLUSH_SECONDS = 30.0
 MERGE_FANOUT = 16
+WHOLE = 99  # the level of a part that merged every part of the output (named in its key)
 LOAD_THREADS = 8
 
 SCHEMA = pa.schema([
@@ -96,15 +97,15 @@ class Checkpoint:
         run, and at the start of one when killed runs left many."""
         keys = self._keys()
         if len(keys) > keep:
-            self._merge(keys, level=99)
+            self._merge(keys, level=WHOLE)
 
     # -- internals -------------------------------------------------------------------------
 
     def _keys(self) -> list[str]:
-        return [o.key for o in self.store.list(PREFIX) if o.key.endswith(".parquet")]
+        return [o.key for o in self.store.list(layout.RESULTS) if o.key.endswith(".parquet")]
 
     def _add(self, level: int, table: pa.Table) -> None:
-        key = f"{PREFIX}{self.run_id}-L{level}-{self._seq:06d}.parquet"
+        key = layout.results_part(self.run_id, level, self._seq)
         self._seq += 1
         put_table(self.store, key, table)
         parts = self._levels.setdefault(level, [])
@@ -115,9 +116,9 @@ class Checkpoint:
 
     def _merge(self, keys: list[str], level: int) -> None:
         merged = pa.concat_tables([_read(self.store, k) for k in keys])
-        if level == 99:  # a whole-output merge: drop the ids earlier crashes left twice
+        if level == WHOLE:  # a whole-output merge: drop the ids earlier crashes left twice
             merged = _unique_ids(merged)
-            key = f"{PREFIX}{self.run_id}-L99-{self._seq:06d}.parquet"
+            key = layout.results_part(self.run_id, level, self._seq)
             self._seq += 1
             put_table(self.store, key, merged)
             self._levels = {}

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from klein_ray.config import StorageConfig
-from klein_ray.storage import is_s3, local_path, s3_client, split_s3
+from klein_ray.storage import Store, StorageError, is_s3, local_path, open_store, split_s3
 
 READ_BATCH_ROWS = 4096
 
@@ -109,16 +111,15 @@ class Manifest:
 
     def _download_s3(self, uri: str, storage: StorageConfig) -> list[tuple[str, Path]]:
         bucket, prefix = split_s3(uri)
-        client = s3_client(storage)
-        keys = _s3_parquet_keys(client, bucket, prefix, uri)
+        store = open_store(f"s3://{bucket}", storage)
+        keys = _s3_parquet_keys(store, prefix, uri)
         self._tmp = tempfile.TemporaryDirectory(prefix="klein-ray-manifest-")
         out = []
         for i, key in enumerate(keys):
             dest = Path(self._tmp.name) / f"{i:06d}.parquet"
             try:
-                with open(dest, "wb") as fh:
-                    client.download_fileobj(bucket, key, fh)
-            except Exception as exc:  # noqa: BLE001
+                store.download(key, dest)
+            except (StorageError, ValueError) as exc:
                 raise ManifestError(f"manifest s3://{bucket}/{key}: cannot read ({type(exc).__name__})") from None
             out.append((f"s3://{bucket}/{key}", dest))
         return out
@@ -149,6 +150,34 @@ def id_hash(value: object) -> int:
     return int.from_bytes(hashlib.blake2b(str(value).encode(), digest_size=8).digest(), "big")
 
 
+DoneMask = Callable[[list], list[bool]]  # ids -> committed? (the ledger's DoneSet.mask)
+
+
+def prescan(manifest: Manifest, default_variant: str, done: DoneMask | None = None) -> tuple[set[int], Counter]:
+    """One pass over ``id`` (and ``variant``): duplicate-id hashes and rows pending per variant
+    (rows that ``done`` does not report committed).
+
+    Ids are kept as 8-byte hashes in numpy arrays, so this stays ~8 bytes a row.
+    """
+    chunks, pending = [], Counter()
+    for batch in manifest.iter_batches(["id", "variant"]):
+        ids = batch.column("id").to_pylist()
+        # Only string ids can collide: a null id must not make the id "None" a duplicate.
+        strings = [v for v in ids if isinstance(v, str)]
+        chunks.append(np.fromiter((id_hash(v) for v in strings), dtype=np.uint64, count=len(strings)))
+        variants = (batch.column("variant").to_pylist() if "variant" in batch.schema.names
+                    else [None] * len(ids))
+        committed = done(ids) if done is not None else [False] * len(ids)
+        for variant, is_done in zip(variants, committed):
+            if not is_done:
+                pending[variant or default_variant] += 1
+    if not chunks:
+        return set(), pending
+    hashes = np.sort(np.concatenate(chunks))
+    dup = hashes[1:][hashes[1:] == hashes[:-1]]
+    return {int(h) for h in np.unique(dup)}, pending
+
+
 def _type_ok(t: pa.DataType, checks) -> bool:
     return pa.types.is_null(t) or any(check(t) for check in checks)
 
@@ -163,14 +192,13 @@ def _local_files(uri: str) -> list[tuple[str, Path]]:
     raise ManifestError(f"manifest {uri}: no such file or directory")
 
 
-def _s3_parquet_keys(client, bucket: str, prefix: str, uri: str) -> list[str]:
-    keys = []
+def _s3_parquet_keys(store: Store, prefix: str, uri: str) -> list[str]:
+    """Parquet keys under ``prefix`` of the bucket ``store`` is rooted at. The prefix is a plain
+    string prefix, as S3 has it: ``s3://b/m.parquet`` names one object."""
     try:
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            keys += [o["Key"] for o in page.get("Contents", []) if o["Key"].endswith(".parquet")]
-    except Exception as exc:  # noqa: BLE001
+        keys = [o.key for o in store.list(prefix) if o.key.endswith(".parquet")]
+    except (StorageError, ValueError) as exc:
         raise ManifestError(f"manifest {uri}: cannot list ({type(exc).__name__})") from None
     if not keys:
         raise ManifestError(f"manifest {uri}: no Parquet objects under this prefix")
     return sorted(keys)
-

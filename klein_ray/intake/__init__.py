@@ -1,0 +1,1 @@
+"""Intake: Parquet manifests in, validated rows (``RowSpec``) and work units (``WorkUnit``) out."""
