@@ -1,21 +1,24 @@
 """Command line: `klein-ray render | validate | status | demo | make-tiny-model` (SPEC's surface).
 
-Each command parses its arguments, calls one function, and turns known failures into a clear
-one-line message and SPEC's exit code (no tracebacks for user errors).
+Each command parses its arguments, calls one function of ``klein_ray.commands``, and turns
+known failures into a clear one-line message and SPEC's exit code (no tracebacks for user
+errors). This is the one place that configures logging: library code logs, it never prints;
+stdout carries only each command's results (``render``'s last line is its JSON summary).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
 from klein_ray.config import ConfigError, load_config
-from klein_ray.driver import EXIT_INTERRUPTED, EXIT_INVALID, Driver, RenderJob
-from klein_ray.lease import LeaseHeld
-from klein_ray.manifest import ManifestError
+from klein_ray.intake.manifest import ManifestError
+from klein_ray.output.lease import LeaseHeld
+from klein_ray.run.driver import EXIT_INTERRUPTED, EXIT_INVALID, RenderJob
 from klein_ray.storage import StorageError
 
 
@@ -34,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--config", "-c", help="job config YAML (default: one CPU variant, the tiny model)")
     r.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    r.add_argument("--executor", choices=("ray", "local"), default="ray",
+                   help="ray (default): workers are Ray actors; local: workers run on threads of "
+                   "this process, without Ray (a laptop, a debugger)")
 
     v = sub.add_parser("validate", help="check a manifest without rendering",
                        description="Print every problem of MANIFEST (row id, column, reason); "
@@ -62,8 +68,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def configure_logging(level: int = logging.INFO) -> None:
+    """klein-ray's log lines on stderr, prefixed like its other messages (idempotent)."""
+    logger = logging.getLogger("klein_ray")
+    if not any(getattr(h, "_klein_ray", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("klein-ray: %(message)s"))
+        handler._klein_ray = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    configure_logging()
     try:
         return _COMMANDS[args.command](args)
     except (ConfigError, ManifestError, LeaseHeld) as exc:
@@ -78,15 +97,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_render(args) -> int:
+    from klein_ray.commands.render import render
+
     config = load_config(args.config)
-    job = RenderJob(args.manifest, args.output, config, args.address, not args.no_progress)
-    summary, code = Driver(job).run()
+    job = RenderJob(args.manifest, args.output, config)
+    summary, code = render(job, args.executor, args.address, progress=not args.no_progress)
     print(json.dumps(summary), flush=True)
     return code
 
 
 def cmd_validate(args) -> int:
-    from klein_ray.validate import validate_manifest
+    from klein_ray.commands.validate import validate_manifest
 
     config = load_config(args.config)
     problems = validate_manifest(args.manifest, config, check_references=args.check_references)
@@ -97,7 +118,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from klein_ray.status import output_status
+    from klein_ray.commands.status import output_status
 
     config = load_config(args.config)
     st = output_status(args.output, config.storage)
@@ -107,7 +128,8 @@ def cmd_status(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from klein_ray import demo
+    from klein_ray.commands import demo
+    from klein_ray.commands.render import render
 
     output = str(Path(args.output).absolute())
     os.chdir(demo.REPO)  # the sample's reference paths are relative to the repository root
@@ -116,7 +138,7 @@ def cmd_demo(args) -> int:
     if not manifest.is_file():
         demo.write_example(manifest.parent)
     config = load_config(demo.REPO / "jobs" / "demo.yaml")
-    summary, code = Driver(RenderJob(str(manifest), output, config)).run()
+    summary, code = render(RenderJob(str(manifest), output, config))
     print(f"report: {output}/_job/report.html  (images come from a random test model: noise)")
     print(json.dumps(summary), flush=True)
     return code

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from klein_ray.config import StorageConfig
-from klein_ray.joblog import read_errors, read_state
-from klein_ray.ledger import Ledger
+from klein_ray.output.joblog import read_errors, read_state
+from klein_ray.output.ledger import Ledger
 from klein_ray.storage import open_store
 
 

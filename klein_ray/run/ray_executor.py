@@ -1,68 +1,37 @@
 """The Ray executor: the only module that imports ray. It decides *how* work runs, not *what*.
 
 It connects to (or starts) Ray, creates actor pools of ``RenderWorker`` with the configured
-resources, submits units and reports what finished. The driver decides what to submit and when.
+resources, submits units and reports what finished. A dead actor is restarted by Ray (its model
+reloads) and gets no work until it answers a ping. The driver decides what to submit and when.
 """
 
 from __future__ import annotations
 
 import os
-import time
-from dataclasses import dataclass, field
 from typing import Any
 
-from klein_ray.types import UnitOutcome, WorkUnit
-from klein_ray.worker import RenderWorker, WorkerSpec
+from klein_ray.run.executor import (
+    Executor,
+    Outcome,
+    Pool,
+    WorkerFailed,
+    WorkerLost,
+    WorkerSpec,
+    wait_for_loads,
+)
+from klein_ray.run.worker import RenderWorker
+from klein_ray.types import WorkUnit
 
 ACTOR_RESTARTS = 3  # a killed worker process comes back (its model reloads)
-
-
-class WorkerLost(Exception):
-    """The actor running a unit died (process killed, node lost); the unit can be retried."""
-
-
-class WorkerFailed(Exception):
-    """The worker raised; ``cause`` is the original exception (classify by its type)."""
-
-    def __init__(self, cause: BaseException):
-        super().__init__(f"{type(cause).__name__}: {cause}")
-        self.cause = cause
-
-
-@dataclass
-class Pool:
-    variant: str
-    actors: list[Any]
-    in_flight: dict[int, int] = field(default_factory=dict)  # actor index -> units queued
-    down: set[int] = field(default_factory=set)  # restarting: no work until a ping answers
-    dead: set[int] = field(default_factory=set)  # out of restarts
-
-    @property
-    def healthy(self) -> list[int]:
-        return [i for i in self.in_flight if i not in self.down and i not in self.dead]
-
-    @property
-    def all_dead(self) -> bool:
-        return len(self.dead) == len(self.actors)
 
 
 def _worker_class():
     import ray
 
-    class _Actor(RenderWorker):
-        def __init__(self, spec: WorkerSpec):
-            # Keep model libraries quiet and single-minded inside the actor.
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-            os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-            os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-            super().__init__(spec)
-
-    _Actor.__name__ = _Actor.__qualname__ = "RenderWorker"
-    return ray.remote(_Actor)
+    return ray.remote(RenderWorker)
 
 
-class RayExecutor:
+class RayExecutor(Executor):
     def __init__(self, address: str | None = None):
         import ray
 
@@ -89,36 +58,31 @@ class RayExecutor:
         opts = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=ACTOR_RESTARTS,
                     max_task_retries=0, max_concurrency=spec.config.run.in_flight_per_actor)
         actors = [self._actor_cls.options(**opts).remote(spec) for _ in range(count)]
-        return Pool(spec.variant, actors, {i: 0 for i in range(count)})
+        return Pool(spec.variant, actors)
 
     def wait_ready(self, pools: list[Pool], timeout: float, stop) -> dict[str, BaseException]:
-        """Wait until every actor of ``pools`` has loaded its model (they load in parallel).
+        # The actors load in parallel; each answers `describe` once its model is loaded.
+        pending = {a.describe.remote(): pool for pool in pools for a in pool.workers}
 
-        Returns the variants that failed, with why: a load error, or no answer within
-        ``timeout`` seconds. Polls so that ``stop()`` (an interrupt) is noticed while waiting.
-        """
-        pending = {a.describe.remote(): pool for pool in pools for a in pool.actors}
-        failed: dict[str, BaseException] = {}
-        deadline = time.monotonic() + timeout
-        while pending and not stop():
-            if time.monotonic() > deadline:
-                for pool in pending.values():
-                    failed.setdefault(pool.variant, TimeoutError(f"no model loaded after {timeout:.0f} s"))
-                break
-            ready, _ = self._ray.wait(list(pending), num_returns=len(pending), timeout=0.5)
-            for ref in ready:
-                pool = pending.pop(ref)
-                try:
-                    self._ray.get(ref)
-                except self._ray.exceptions.RayActorError as exc:
-                    failed.setdefault(pool.variant, _unwrap(getattr(exc, "cause", None) or exc))
-                except self._ray.exceptions.RayTaskError as exc:
-                    failed.setdefault(pool.variant, _unwrap(exc))
-        return failed
+        def poll(refs: list, seconds: float):
+            ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=seconds)
+            return [(ref, self._load_error(ref)) for ref in ready]
+
+        return wait_for_loads(pending, poll, timeout, stop)
+
+    def _load_error(self, ref) -> BaseException | None:
+        """Why an actor's model did not load (the original exception), or None if it did."""
+        try:
+            self._ray.get(ref)
+        except self._ray.exceptions.RayActorError as exc:
+            return _unwrap(getattr(exc, "cause", None) or exc)
+        except self._ray.exceptions.RayTaskError as exc:
+            return _unwrap(exc)
+        return None
 
     def submit(self, pool: Pool, unit: WorkUnit) -> None:
-        index = min(pool.healthy, key=pool.in_flight.get)  # least-loaded healthy actor
-        ref = pool.actors[index].render_unit.remote(unit)
+        index = pool.least_loaded()
+        ref = pool.workers[index].render_unit.remote(unit)
         pool.in_flight[index] += 1
         self._refs[ref] = (pool, index, unit)
 
@@ -126,8 +90,7 @@ class RayExecutor:
     def in_flight(self) -> int:
         return len(self._refs)
 
-    def collect(self, timeout: float) -> list[tuple[WorkUnit, UnitOutcome | Exception]]:
-        """Finished units since the last call, each with its outcome or a WorkerLost/WorkerFailed."""
+    def collect(self, timeout: float) -> list[tuple[WorkUnit, Outcome]]:
         waiting = list(self._refs) + list(self._pings)
         if not waiting:
             return []
@@ -153,7 +116,7 @@ class RayExecutor:
         if index in pool.down or index in pool.dead:
             return
         pool.down.add(index)
-        self._pings[pool.actors[index].describe.remote()] = (pool, index)
+        self._pings[pool.workers[index].describe.remote()] = (pool, index)
 
     def _settle_ping(self, ref) -> None:
         pool, index = self._pings.pop(ref)
@@ -161,18 +124,17 @@ class RayExecutor:
             self._ray.get(ref)
             pool.down.discard(index)  # restarted, model loaded: back to work
         except self._ray.exceptions.ActorUnavailableError:
-            self._pings[pool.actors[index].describe.remote()] = (pool, index)  # still restarting
+            self._pings[pool.workers[index].describe.remote()] = (pool, index)  # still restarting
         except (self._ray.exceptions.RayActorError, self._ray.exceptions.RayTaskError):
             pool.down.discard(index)
             pool.dead.add(index)
 
     def shutdown_pool(self, pool: Pool) -> None:
-        for actor in pool.actors:
+        for actor in pool.workers:
             self._ray.kill(actor, no_restart=True)
 
     def shutdown(self, pools: list[Pool]) -> None:
-        for pool in pools:
-            self.shutdown_pool(pool)
+        super().shutdown(pools)
         if self.owns_ray:
             self._ray.shutdown()
 

@@ -7,6 +7,7 @@ photographs; the renders come from the tiny random model and are noise.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,7 +15,9 @@ import pyarrow.parquet as pq
 
 from klein_ray.config import DEFAULT_TINY_MODEL
 
-REPO = Path(__file__).resolve().parents[1]
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
 TINY = DEFAULT_TINY_MODEL
 TINY_BASE = ".cache/tiny-klein-base"
 
@@ -92,5 +95,5 @@ def ensure_tiny_models(root: Path) -> None:
 
     for rel, distilled in ((TINY, True), (TINY_BASE, False)):
         if not is_tiny_model(root / rel):
-            print(f"building the tiny random model in {rel} (offline; its images are noise)")
+            log.info("building the tiny random model in %s (offline; its images are noise)", rel)
             make_tiny_model(root / rel, seed=0 if distilled else 1, distilled=distilled)

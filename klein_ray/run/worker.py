@@ -1,6 +1,6 @@
 """The render worker: keeps one variant loaded and turns work units into committed rows.
 
-Plain Python (``cluster.py`` wraps it as a Ray actor), so it can be driven in-process too. For
+Plain Python: ``ray_executor`` wraps it as a Ray actor, ``inprocess`` drives it on threads. For
 each unit: fetch references, render, then per row encode and commit through the ledger. Several
 units run through one worker at once (threads): only the model call holds a lock, so fetching
 and decoding the next unit and encoding and uploading the last one overlap the render. Every
@@ -15,32 +15,25 @@ import platform
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from datetime import datetime, timezone
 
 from klein_ray import __version__
-from klein_ray.config import JobConfig
-from klein_ray.encode import CONTENT_TYPES, encode_image
-from klein_ray.ledger import Ledger
-from klein_ray.refs import ReferenceError, ReferenceFetcher
-from klein_ray.rows import meta_key
+from klein_ray.output.layout import meta_key
+from klein_ray.output.ledger import Ledger
+from klein_ray.render import modelsource
+from klein_ray.render.encode import encode_image, make_thumbnail
+from klein_ray.render.references import ReferenceError, ReferenceFetcher, redact
+from klein_ray.run.executor import WorkerSpec
 from klein_ray.storage import open_store
-from klein_ray.types import RowError, RowResult, RowSpec, UnitOutcome, WorkUnit
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    variant: str
-    config: JobConfig
-    output_uri: str
-    source: str  # normalised: absolute local path, s3:// prefix or Hub repo id
-    threads: int | None
-    check_markers: bool = True  # False only for an output that had no marker when the job began
+from klein_ray.types import CONTENT_TYPES, RowError, RowResult, RowSpec, UnitOutcome, WorkUnit
 
 
 class RenderWorker:
     def __init__(self, spec: WorkerSpec):
-        from klein_ray import modelsource
+        _quiet_model_libraries()
+        # Imported here, not at the top: the driver's process imports this module (to define
+        # the Ray actor) and should not pay for torch and diffusers.
         from klein_ray.model.pipeline import GPUSettings, KleinModel
 
         self.spec = spec
@@ -48,9 +41,11 @@ class RenderWorker:
         started = time.perf_counter()
         local = modelsource.resolve(spec.source, spec.config.run.cache_dir, spec.config.storage)
         settings = GPUSettings(compile=vcfg.compile, channels_last=vcfg.channels_last, cpu_offload=vcfg.cpu_offload)
-        self.model = KleinModel(local, pipeline=vcfg.pipeline, dtype=vcfg.dtype, threads=spec.threads,
-                                prompt_cache=vcfg.prompt_cache, settings=settings)
+        self.model = KleinModel.from_pretrained(
+            local, pipeline=vcfg.pipeline, dtype=vcfg.dtype, threads=spec.threads,
+            prompt_cache=vcfg.prompt_cache, settings=settings)
         self.load_seconds = time.perf_counter() - started
+        self.test_model = modelsource.is_test_model(spec.source)  # its images are noise: say so
         self.ledger = Ledger(open_store(spec.output_uri, spec.config.storage))
         self.fetcher = ReferenceFetcher(spec.config.references, spec.config.storage)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
@@ -64,7 +59,6 @@ class RenderWorker:
 
     def render_unit(self, unit: WorkUnit) -> UnitOutcome:
         from klein_ray.model.pipeline import ModelInputError, RenderRequest
-        from klein_ray.report import make_thumbnail
 
         outcome = UnitOutcome(unit.unit_id)
         timings: dict[str, float] = {}
@@ -80,7 +74,7 @@ class RenderWorker:
         try:
             refs = [self.fetcher.fetch(uri) for uri in unit.references]
         except ReferenceError as exc:
-            outcome.errors = [_error(r, "fetch", exc) for r in unit.rows]
+            outcome.errors = [RowError.from_exception(r, "fetch", exc, unit.attempt) for r in unit.rows]
             return outcome
         timings["fetch"] = time.perf_counter() - t0
 
@@ -99,7 +93,7 @@ class RenderWorker:
                 t0 = time.perf_counter()  # after the lock: render time, not time queued for it
                 rendered = self.model.render(request)
         except ModelInputError as exc:
-            outcome.errors = [_error(r, "render", exc) for r in unit.rows]
+            outcome.errors = [RowError.from_exception(r, "render", exc, unit.attempt) for r in unit.rows]
             return outcome
         timings["render"] = (time.perf_counter() - t0) / unit.size  # per image
 
@@ -115,8 +109,6 @@ class RenderWorker:
         return outcome
 
     def _drop_committed(self, unit: WorkUnit) -> tuple[WorkUnit, list[RowResult]]:
-        from dataclasses import replace
-
         todo, done = [], []
         for row in unit.rows:
             meta = self.ledger.existing(row.id)
@@ -143,7 +135,7 @@ class RenderWorker:
         try:
             data = encode_image(image, row.format, self.spec.config.output)
         except Exception as exc:  # noqa: BLE001 - recorded as this row's error
-            return _error(row, "encode", exc)
+            return RowError.from_exception(row, "encode", exc, unit.attempt)
         timings["encode"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         meta = self._meta(unit, row, image, refs, timings)
@@ -151,7 +143,7 @@ class RenderWorker:
         try:
             receipt = self.ledger.commit(row.id, row.format, data, CONTENT_TYPES[row.format], meta)
         except Exception as exc:  # noqa: BLE001
-            return _error(row, "store", exc)
+            return RowError.from_exception(row, "store", exc, unit.attempt)
         timings["store"] = time.perf_counter() - t0
         return RowResult(
             id=row.id, variant=row.variant, image_key=receipt.image_key, meta_key=receipt.meta_key,
@@ -166,7 +158,7 @@ class RenderWorker:
             "id": row.id,
             "prompt": row.prompt,
             "variant": row.variant,
-            "model": {"source": _safe_source(self.spec.source), "pipeline": info.pipeline_class,
+            "model": {"source": redact(self.spec.source), "pipeline": info.pipeline_class,
                       "distilled": info.distilled, "dtype": info.dtype, "device": info.device,
                       "settings": self.model.settings},
             "width": image.width,
@@ -182,28 +174,20 @@ class RenderWorker:
             "batch": {"size": unit.size, "position": unit.rows.index(row),
                       "ids": [r.id for r in unit.rows]},
             "timings": {k: round(v, 4) for k, v in timings.items()},
-            "attempt": 1,
+            "attempt": unit.attempt,  # this row's n-th submission in this run (retries count)
             "worker": self.name,
             "created_at": datetime.now(timezone.utc).isoformat(),
             "versions": dict(info.versions, **{"klein_ray": __version__, "python": platform.python_version()}),
             "manifest": {"file": row.manifest_file, "row": row.manifest_row},
             "passthrough": row.passthrough,
-            "generated_by_test_model": _is_tiny(self.spec.source),
+            "generated_by_test_model": self.test_model,
         }
 
 
-def _error(row: RowSpec, stage: str, exc: BaseException) -> RowError:
-    message = str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
-    return RowError(row.id, stage, type(exc).__name__, message, 1, row.manifest_file, row.manifest_row)
-
-
-def _safe_source(source: str) -> str:
-    from klein_ray.refs import redact
-
-    return redact(source)
-
-
-def _is_tiny(source: str) -> bool:
-    from klein_ray.model.tiny import is_tiny_model
-
-    return not source.startswith("s3://") and is_tiny_model(source)
+def _quiet_model_libraries() -> None:
+    """No progress bars or info chatter from the model libraries (read when they are first
+    imported); a user's own setting wins."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

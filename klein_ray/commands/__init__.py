@@ -1,0 +1,1 @@
+"""The commands behind the CLI: render (picks the executor), validate, status, demo."""

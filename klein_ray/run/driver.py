@@ -1,0 +1,336 @@
+"""The driver: the only place that schedules. It renders nothing itself.
+
+A run is two steps. ``prepare`` (under the output lease) merges what killed runs left in the
+checkpoint, reads the done set and prescans the manifest: a ``ResumePlan``. ``execute`` streams
+the rows the plan leaves, plans work units, keeps every worker fed with a bounded number of
+units through an ``Executor`` (it knows only that interface), applies the retry policy
+(``policy.settle``) to every outcome, and writes the job log. Whether a row is done is the
+ledger's decision, never the driver's.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections import Counter, defaultdict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+from klein_ray.config import ConfigError, JobConfig
+from klein_ray.intake.manifest import Manifest, id_hash, prescan
+from klein_ray.intake.planner import Planner
+from klein_ray.intake.rows import RowValidator, duplicate_id_error
+from klein_ray.output.checkpoint import DoneSet
+from klein_ray.output.joblog import JobLog, new_run_id
+from klein_ray.output.lease import Lease
+from klein_ray.output.ledger import Ledger
+from klein_ray.render import modelsource
+from klein_ray.run.executor import Executor, Outcome, Pool, WorkerSpec
+from klein_ray.run.policy import Settlement, settle
+from klein_ray.storage import open_store
+from klein_ray.types import RowError, RowSpec, UnitOutcome, WorkUnit
+
+log = logging.getLogger(__name__)
+
+INTERRUPT_GRACE_S = 5.0
+EXIT_OK, EXIT_ROWS_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class Progress(Protocol):
+    """Where the driver reports rows settled (the CLI shows a bar; library use, nothing)."""
+
+    def update(self, n: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _Silent:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class RenderJob:
+    manifest: str
+    output: str
+    config: JobConfig
+
+
+@dataclass
+class ResumePlan:
+    """What a run starts from, read from storage under the lease."""
+
+    manifest: Manifest
+    done: DoneSet  # rows the checkpoint knows committed
+    duplicates: set[int]  # id hashes that occur more than once (every such row is rejected)
+    pending: Counter  # rows left to render, per variant
+    check_markers: bool  # False only when OUT had no marker at all: workers skip the check
+    log: JobLog
+
+
+@dataclass
+class _Tally:
+    committed: int = 0
+    skipped: int = 0
+    errors: list[RowError] = field(default_factory=list)
+
+
+class Driver:
+    def __init__(self, job: RenderJob, executor: Callable[[], Executor],
+                 progress: Callable[[int], Progress] | None = None):
+        self.job = job
+        # Workers may run on other nodes with another environment: resolve the endpoint here,
+        # once, so every worker writes where the driver reads. Credentials are not copied: each
+        # node uses its own AWS chain (a local Ray inherits the driver's environment).
+        storage = job.config.storage
+        self.cfg = job.config.model_copy(update={"storage": storage.model_copy(
+            update={"endpoint_url": storage.resolved_endpoint()})})
+        self.store = open_store(job.output, self.cfg.storage)
+        self.run_id = new_run_id()
+        self.ledger = Ledger(self.store, self.run_id)
+        self.tally = _Tally()
+        self.interrupted = False
+        self.sources = self._check_sources()
+        self._make_executor = executor
+        self._progress = progress or (lambda total: _Silent())
+
+    def run(self) -> tuple[dict, int]:
+        """Render the job; returns (summary, exit code). Raises LeaseHeld if OUT is in use."""
+        started = time.monotonic()
+        with Manifest(self.job.manifest, self.cfg.storage) as manifest, Lease(self.store, self.run_id):
+            plan = self.prepare(manifest)
+            log.info("run %s: %d rows, %d committed already, %d to render", self.run_id,
+                     manifest.total_rows, len(plan.done), sum(plan.pending.values()))
+            self.execute(plan)
+            summary = self._summary(manifest.total_rows, started)
+            noise = any(modelsource.is_test_model(s) for s in self.sources.values())
+            plan.log.finish(self.tally.errors, summary, len(plan.done) + self.tally.committed, noise)
+        log.info("run %s finished: %d committed, %d skipped, %d failed in %.1f s", self.run_id,
+                 summary["committed"], summary["skipped"], summary["failed"], summary["seconds"])
+        return summary, self._exit_code()
+
+    def prepare(self, manifest: Manifest) -> ResumePlan:
+        """Where this run starts (call it holding the lease): a few requests, not a listing."""
+        self.ledger.checkpoint.compact(keep=64)  # killed runs never compacted at their end
+        done = self.ledger.done()
+        fresh = not len(done) and self.ledger.is_fresh()
+        duplicates, pending = prescan(manifest, self.cfg.default_variant, done.mask)
+        joblog = JobLog(self.store, self.cfg, self.job.manifest, self.run_id)
+        joblog.start(manifest.total_rows)
+        return ResumePlan(manifest, done, duplicates, pending, not fresh, joblog)
+
+    def execute(self, plan: ResumePlan) -> None:
+        """Render what ``plan`` leaves; rows found bad on the way are recorded, never rendered."""
+        old_handlers = _trap_signals(self._on_signal)
+        try:
+            if sum(plan.pending.values()):
+                self._render(plan)
+            else:
+                for _ in self.rows(plan):  # nothing to render: still count skips, record bad rows
+                    pass
+        finally:
+            _restore_signals(old_handlers)
+            self.ledger.checkpoint.flush()
+        self.ledger.checkpoint.compact()
+
+    # -- rows and units --------------------------------------------------------------------
+
+    def rows(self, plan: ResumePlan) -> Iterator[RowSpec]:
+        """The plan's valid rows that are not done, streamed; skips and bad rows are tallied."""
+        validator = RowValidator(self.cfg, base_dir=Path.cwd())
+        for mf, start, batch in plan.manifest.iter_row_batches():
+            committed = plan.done.mask([raw.get("id") for raw in batch])
+            for offset, (raw, is_done) in enumerate(zip(batch, committed)):
+                if is_done:
+                    self.tally.skipped += 1
+                    continue
+                row_id, index = raw.get("id"), start + offset
+                if plan.duplicates and isinstance(row_id, str) and id_hash(row_id) in plan.duplicates:
+                    self.tally.errors.append(duplicate_id_error(row_id, mf.name, index))
+                    continue
+                checked = validator.validate(raw, mf.name, index)
+                if isinstance(checked, list):
+                    self.tally.errors.append(checked[0])
+                    continue
+                yield checked
+
+    def units(self, plan: ResumePlan) -> Iterator[WorkUnit]:
+        """The plan's rows grouped into work units, planned lazily as they are consumed."""
+        planner = Planner({v: c.batch_size for v, c in self.cfg.variants.items()})
+        return planner.plan(self.rows(plan))
+
+    # -- rendering -------------------------------------------------------------------------
+
+    def _render(self, plan: ResumePlan) -> None:
+        executor = self._make_executor()
+        _trap_signals(self._on_signal)  # again: ray.init installs its own SIGTERM handler
+        pools, failed_variants = self._start_pools(executor, plan)
+        units = self.units(plan)
+        queues: dict[str, deque[WorkUnit]] = defaultdict(deque)
+        bar = self._progress(sum(plan.pending.values()))
+        try:
+            exhausted = False
+            while not self.interrupted and (not exhausted or any(queues.values()) or executor.in_flight):
+                exhausted = self._top_up(units, queues, pools, exhausted)
+                self._dispatch(executor, queues, pools, failed_variants, bar)
+                for unit, outcome in executor.collect(timeout=0.2):
+                    self._apply(unit, outcome, settle(unit, outcome), queues, plan.log, bar)
+            if self.interrupted:
+                self._drain(executor, queues, plan.log, bar)
+        finally:
+            bar.close()
+            executor.shutdown(list(pools.values()))
+
+    def _dispatch(self, executor: Executor, queues, pools: dict[str, Pool],
+                  failed_variants: dict[str, str], bar: Progress) -> None:
+        """Give every healthy worker units up to its capacity; fail what cannot run."""
+        for variant, queue in queues.items():
+            if variant in pools and pools[variant].all_dead:
+                failed_variants[variant] = f"every worker of variant {variant!r} died and used up its restarts"
+            if variant in failed_variants:
+                self._fail_unloadable(queue, failed_variants[variant], bar)
+                continue
+            pool = pools[variant]
+            while queue and sum(pool.in_flight.values()) < len(pool.healthy) * self.cfg.run.in_flight_per_actor:
+                executor.submit(pool, queue.popleft())
+
+    def _start_pools(self, executor: Executor, plan: ResumePlan) -> tuple[dict[str, Pool], dict[str, str]]:
+        """Start every needed variant's workers at once and wait for their models; a variant
+        that fails to load is retried, then reported (its rows fail, the others go on)."""
+        specs = self._worker_specs(executor, plan)
+        pools, failed = {}, {}
+        todo = sorted(specs)
+        for attempt in range(1, self.cfg.run.model_load_attempts + 1):
+            started = {v: executor.start_pool(specs[v][0], *specs[v][1:]) for v in todo}
+            errors = executor.wait_ready(list(started.values()), self.cfg.run.model_load_timeout,
+                                         lambda: self.interrupted)
+            for variant, pool in started.items():
+                if variant in errors:
+                    executor.shutdown_pool(pool)
+                    failed[variant] = (f"variant {variant!r} failed to load after {attempt} attempt(s): "
+                                       f"{type(errors[variant]).__name__}: {errors[variant]}")
+                else:
+                    pools[variant] = pool
+                    failed.pop(variant, None)
+                    log.info("variant %s: %d worker(s) ready", variant, len(pool.workers))
+            todo = sorted(errors)
+            if not todo or self.interrupted:
+                break
+        for reason in failed.values():
+            log.error("%s", reason)
+        return pools, failed
+
+    def _worker_specs(self, executor: Executor, plan: ResumePlan) -> dict[str, tuple]:
+        """Per variant: (WorkerSpec, workers, CPUs, GPUs). CPU actors without cpus_per_actor
+        reserve none and split the node's cores between them (torch threads)."""
+        needed = sorted(v for v in plan.pending if v in self.cfg.variants)
+        shared = [v for v in needed if self.cfg.variants[v].gpus_per_actor == 0
+                  and self.cfg.variants[v].cpus_per_actor is None]
+        shared_actors = sum(self.cfg.variants[v].actors for v in shared)
+        shared_threads = max(1, int(executor.cluster_cpus() // max(1, shared_actors)))
+        specs = {}
+        for variant in needed:
+            vcfg = self.cfg.variants[variant]
+            cpus = vcfg.cpus_per_actor if vcfg.cpus_per_actor is not None else (1 if vcfg.gpus_per_actor else 0)
+            threads = int(cpus) if cpus else shared_threads
+            spec = WorkerSpec(variant, self.cfg, self.store.uri, self.sources[variant], threads,
+                              plan.check_markers)
+            specs[variant] = (spec, vcfg.actors, cpus, vcfg.gpus_per_actor)
+        return specs
+
+    def _top_up(self, units: Iterator[WorkUnit], queues, pools, exhausted: bool) -> bool:
+        """Plan ahead just far enough that no worker waits; False until the manifest is done."""
+        limit = 2 * sum(len(p.workers) * self.cfg.run.in_flight_per_actor for p in pools.values()) + 2
+        while not exhausted and sum(len(q) for q in queues.values()) < limit:
+            unit = next(units, None)
+            if unit is None:
+                return True
+            queues[unit.variant].append(unit)
+        return exhausted
+
+    def _apply(self, unit: WorkUnit, outcome: Outcome, settled: Settlement, queues,
+               joblog: JobLog, bar: Progress) -> None:
+        """Record what the policy decided: committed rows, units to run again, failed rows."""
+        for result in settled.committed:
+            self.ledger.record(result)
+            if result.already:
+                self.tally.skipped += 1
+            else:
+                self.tally.committed += 1
+                joblog.add_result(result)
+        if settled.retry:
+            log.info("unit %d (%d rows, attempt %d): %s; %d unit(s) queued again", unit.unit_id,
+                     unit.size, unit.attempt, _describe(outcome), len(settled.retry))
+        queues[unit.variant].extendleft(reversed(settled.retry))
+        self.tally.errors.extend(settled.failed)
+        bar.update(len(settled.committed) + len(settled.failed))
+
+    def _fail_unloadable(self, queue: deque, reason: str, bar: Progress) -> None:
+        while queue:
+            unit = queue.popleft()
+            for row in unit.rows:
+                self.tally.errors.append(RowError.for_row(row, "render", "ModelLoadError", reason, unit.attempt))
+            bar.update(unit.size)
+
+    def _drain(self, executor: Executor, queues, joblog: JobLog, bar: Progress) -> None:
+        """After an interrupt: let in-flight commits land for a few seconds, take nothing new."""
+        deadline = time.monotonic() + INTERRUPT_GRACE_S
+        queues.clear()
+        while executor.in_flight and time.monotonic() < deadline:
+            for unit, outcome in executor.collect(timeout=0.2):
+                if isinstance(outcome, UnitOutcome):
+                    self._apply(unit, outcome, settle(unit, outcome), queues, joblog, bar)
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    def _check_sources(self) -> dict[str, str]:
+        sources = {}
+        for name, vcfg in self.cfg.variants.items():
+            try:
+                sources[name] = modelsource.normalise(vcfg.source)
+            except (modelsource.ModelSourceError, ValueError) as exc:
+                raise ConfigError(f"variant {name!r}: {exc}") from None
+        return sources
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.interrupted:  # a second Ctrl-C: stop waiting
+            raise KeyboardInterrupt
+        self.interrupted = True
+        log.warning("interrupted; finishing in-flight commits (Ctrl-C again to abandon)")
+
+    def _summary(self, total: int, started: float) -> dict:
+        return {"total": total, "committed": self.tally.committed, "skipped": self.tally.skipped,
+                "failed": len(self.tally.errors), "output": self.store.uri,
+                "seconds": round(time.monotonic() - started, 3), "run_id": self.run_id,
+                "interrupted": self.interrupted}
+
+    def _exit_code(self) -> int:
+        if self.interrupted:
+            return EXIT_INTERRUPTED
+        return EXIT_ROWS_FAILED if self.tally.errors else EXIT_OK
+
+
+def _describe(outcome: Outcome) -> str:
+    if isinstance(outcome, UnitOutcome):
+        return f"{len(outcome.errors)} row error(s)"
+    return f"{type(outcome).__name__} ({outcome})"
+
+
+def _trap_signals(handler) -> dict:
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread (e.g. embedded use)
+            pass
+    return old
+
+
+def _restore_signals(old: dict) -> None:
+    for sig, handler in old.items():
+        signal.signal(sig, handler)

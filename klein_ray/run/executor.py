@@ -1,0 +1,144 @@
+"""The executor seam: *how* work units run, behind one interface the driver schedules through.
+
+The driver decides what runs and when (which unit, retries, failures); an executor decides how:
+it starts a variant's pool of workers, takes units, and reports each unit's outcome. Two
+implementations: ``ray_executor.RayExecutor`` (actors on a Ray cluster, what ``render`` uses)
+and ``inprocess.InProcessExecutor`` (``RenderWorker``s on threads of this process: a laptop, a
+debugger, the retry-policy tests). This module never imports either.
+
+An outcome is what the worker returned (``UnitOutcome``: every row a result or an error), or
+one of two shared failure types: ``WorkerLost`` (the worker went away under the unit: killed,
+preempted, node lost) and ``WorkerFailed`` (the worker raised; ``cause`` is the original
+exception, so the driver classifies by type, never by message).
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Iterable, Union
+
+from klein_ray.config import JobConfig
+from klein_ray.types import UnitOutcome, WorkUnit, first_line
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs to load its variant and commit rows; sent to every worker."""
+
+    variant: str
+    config: JobConfig
+    output_uri: str
+    source: str  # normalised: absolute local path, s3:// prefix or Hub repo id
+    threads: int | None
+    check_markers: bool = True  # False only for an output that had no marker when the job began
+
+
+@dataclass(frozen=True)
+class WorkerLost:
+    """The worker running a unit died (process killed, node lost); the unit can run again."""
+
+    reason: str
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+@dataclass(frozen=True)
+class WorkerFailed:
+    """The worker raised while running a unit; ``cause`` is the original exception."""
+
+    cause: BaseException
+
+    def __str__(self) -> str:
+        return f"{type(self.cause).__name__}: {first_line(self.cause)}"
+
+
+Outcome = Union[UnitOutcome, WorkerLost, WorkerFailed]
+
+
+@dataclass
+class Pool:
+    """One variant's workers and what the executor knows of each (by index)."""
+
+    variant: str
+    workers: list[Any]  # executor-specific handles
+    in_flight: dict[int, int] = field(default_factory=dict)  # worker index -> units queued
+    down: set[int] = field(default_factory=set)  # restarting: no work until it answers again
+    dead: set[int] = field(default_factory=set)  # gone for good
+
+    def __post_init__(self) -> None:
+        self.in_flight = self.in_flight or {i: 0 for i in range(len(self.workers))}
+
+    @property
+    def healthy(self) -> list[int]:
+        return [i for i in self.in_flight if i not in self.down and i not in self.dead]
+
+    @property
+    def all_dead(self) -> bool:
+        return len(self.dead) == len(self.workers)
+
+    def least_loaded(self) -> int:
+        """The healthy worker with the fewest units queued (submit only while one is healthy)."""
+        return min(self.healthy, key=self.in_flight.__getitem__)
+
+
+class Executor(ABC):
+    """Runs work units on pools of workers; reports outcomes. Holds no scheduling policy."""
+
+    @abstractmethod
+    def cluster_cpus(self) -> float:
+        """CPUs the workers can share (CPU actors split them into torch threads)."""
+
+    @abstractmethod
+    def start_pool(self, spec: WorkerSpec, count: int, num_cpus: float, num_gpus: float) -> Pool:
+        """Start ``count`` workers of ``spec.variant``; they load their model in the background."""
+
+    @abstractmethod
+    def wait_ready(self, pools: list[Pool], timeout: float,
+                   stop: Callable[[], bool]) -> dict[str, BaseException]:
+        """Wait until every worker of ``pools`` has loaded its model; return the variants that
+        failed, with why (a load error, or ``TimeoutError`` after ``timeout`` seconds). Returns
+        early, reporting nothing more, once ``stop()`` is true (an interrupt)."""
+
+    @abstractmethod
+    def submit(self, pool: Pool, unit: WorkUnit) -> None:
+        """Give ``unit`` to the least-loaded healthy worker of ``pool``."""
+
+    @property
+    @abstractmethod
+    def in_flight(self) -> int:
+        """Units submitted and not yet collected."""
+
+    @abstractmethod
+    def collect(self, timeout: float) -> list[tuple[WorkUnit, Outcome]]:
+        """Units finished since the last call (waiting up to ``timeout`` s for the first)."""
+
+    @abstractmethod
+    def shutdown_pool(self, pool: Pool) -> None:
+        """Stop the pool's workers (their units in flight are abandoned)."""
+
+    def shutdown(self, pools: list[Pool]) -> None:
+        """Stop every pool and release what the executor holds."""
+        for pool in pools:
+            self.shutdown_pool(pool)
+
+
+def wait_for_loads(pending: dict[Hashable, Pool], poll: Callable[[list, float], Iterable[tuple]],
+                   timeout: float, stop: Callable[[], bool], every: float = 0.5) -> dict[str, BaseException]:
+    """``wait_ready``'s loop for any executor: ``pending`` maps a handle on one worker's model
+    load to its pool; ``poll(handles, seconds)`` waits up to ``seconds`` and returns
+    ``(handle, error or None)`` for the loads that finished. Polls so that ``stop()`` is noticed."""
+    failed: dict[str, BaseException] = {}
+    deadline = time.monotonic() + timeout
+    while pending and not stop():
+        if time.monotonic() > deadline:
+            for pool in pending.values():
+                failed.setdefault(pool.variant, TimeoutError(f"no model loaded after {timeout:.0f} s"))
+            break
+        for handle, error in poll(list(pending), every):
+            pool = pending.pop(handle)
+            if error is not None:
+                failed.setdefault(pool.variant, error)
+    return failed
