@@ -9,7 +9,7 @@ BIN        := $(VENV)/bin
 APT_PKGS   := radosgw ceph-mon ceph-osd chromium chromium-driver curl
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv demo test test-fast system-deps tiny-model example-manifest clean
+.PHONY: venv demo test test-fast lint-imports system-deps tiny-model example-manifest clean
 
 venv: $(VENV)/.installed
 
@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
 	$(BIN)/pip install -q "$(TORCH_SPEC)" 2>&1 | grep -v '^WARNING: Location' || true
 	$(BIN)/pip install -q -e '.[test,bench]' 2>&1 | grep -v '^WARNING: Location' || true
-	$(BIN)/python -c "import klein_ray, torch, diffusers, ray, boto3, selenium, moto"
+	$(BIN)/python -c "import klein_ray, torch, diffusers, ray, boto3, selenium, moto, importlinter"
 	touch $@
 
 # The real S3 server (Ceph RADOS Gateway) and the browser the tests use, from Debian packages.
@@ -34,18 +34,22 @@ system-deps:
 demo: venv
 	$(BIN)/klein-ray demo --output demo-output
 
-test: venv system-deps
+test: venv system-deps lint-imports
 	$(BIN)/pytest -q
 
-# Unit tests only (no Ray, no Ceph, no browser).
-test-fast: venv
+# Unit tests only (no Ray, no Ceph, no browser): seconds, not minutes.
+test-fast: venv lint-imports
 	$(BIN)/pytest -q -m "not slow"
+
+# The package layers and the confinement of ray / torch / boto3 (pyproject.toml's contracts).
+lint-imports: venv
+	$(BIN)/lint-imports --no-cache
 
 tiny-model: venv
 	$(BIN)/klein-ray make-tiny-model .cache/tiny-klein
 
 example-manifest: venv
-	$(BIN)/python -c "from pathlib import Path; from klein_ray.demo import write_example; write_example(Path('manifests'))"
+	$(BIN)/python -c "from pathlib import Path; from klein_ray.commands.demo import write_example; write_example(Path('manifests'))"
 
 clean:
 	rm -rf demo-output .pytest_cache
