@@ -39,10 +39,9 @@ timed calls, ``torch.cuda.synchronize`` around each; PIL images out, as both ret
 They run in the order (c), (a), then (b) and (b+): wrapping applies ``KleinModel``'s GPU settings
 (``--ours-settings compile,channels_last``; none by default), which change the pipeline in place.
 
-KleinModel takes a model directory; rather than writing 16-34 GB to disk, the benchmark wraps the
-in-memory pipeline with the attributes ``KleinModel.__init__`` sets (``wrap_pipeline``). ``--dry-run``
-checks that wrap against a ``KleinModel`` loaded from disk (same attributes, bitwise-equal images)
-at the tiny scale, builds the full-size 4B and 9B on the ``meta`` device to check the configs
+Rather than writing 16-34 GB to disk, the benchmark wraps the in-memory pipeline with
+``KleinModel.from_pipe``. ``--dry-run`` checks that against ``KleinModel.from_pretrained`` of the
+same pipeline saved to disk (bitwise-equal images) at the tiny scale, builds the full-size 4B and 9B on the ``meta`` device to check the configs
 (parameter counts), then runs the whole benchmark loop on CPU at ``--scale tiny``.
 """
 
@@ -142,36 +141,6 @@ def build_pipeline(variant: str, scale: str, device: str, dtype, tokenizer, seed
     return pipe
 
 
-def wrap_pipeline(pipe, prompt_cache: int = 1024, settings: dict | None = None):
-    """A ``KleinModel`` around an in-memory pipeline: the attributes ``KleinModel.__init__`` sets,
-    without its ``from_pretrained`` (checked against a loaded one by ``--dry-run``). Placement and
-    the accelerator settings go through KleinModel's own ``_apply_settings`` when it has one; they
-    change ``pipe`` in place (compile, channels-last), so measure diffusers before wrapping."""
-    import diffusers
-    import torch
-    import transformers
-
-    from klein_ray.model import pipeline as kp
-    from klein_ray.model.text import PromptEncoder
-
-    model = kp.KleinModel.__new__(kp.KleinModel)
-    model.device = str(pipe.transformer.device.type)
-    model.dtype = pipe.transformer.dtype
-    model.pipe = pipe
-    if hasattr(kp.KleinModel, "_apply_settings"):
-        model.settings = model._apply_settings(kp.GPUSettings(**(settings or {})))
-    elif settings:
-        raise SystemExit("this klein_ray has no GPU settings (KleinModel._apply_settings)")
-    model.encoder = PromptEncoder(pipe.text_encoder, pipe.tokenizer, cache_size=prompt_cache)
-    model.info = kp.ModelInfo(
-        source="(in memory)", pipeline_class=type(pipe).__name__,
-        distilled=bool(getattr(pipe.config, "is_distilled", True)),
-        dtype=str(model.dtype).replace("torch.", ""), device=model.device,
-        versions={"torch": torch.__version__, "diffusers": diffusers.__version__,
-                  "transformers": transformers.__version__})
-    return model
-
-
 # -- timing -------------------------------------------------------------------------------------
 
 def _sync(device: str) -> None:
@@ -204,7 +173,7 @@ def bench_variant(variant: str, scale: str, device: str, dtype, tokenizer, sizes
                   settings: dict | None = None) -> dict:
     import torch
 
-    from klein_ray.model.pipeline import RenderRequest
+    from klein_ray.model.pipeline import GPUSettings, KleinModel, RenderRequest
     from klein_ray.model.text import PromptEncoder
 
     t0 = time.perf_counter()
@@ -240,7 +209,7 @@ def bench_variant(variant: str, scale: str, device: str, dtype, tokenizer, sizes
         diffusers_s[(size, batch)] = timed(lambda i: diffusers_call(i, size, batch), device, reps)
         print(f"  {size}x{size} batch {batch}: diffusers {diffusers_s[(size, batch)] / batch:.3f} s/img", flush=True)
 
-    model = wrap_pipeline(pipe, settings=settings)
+    model = KleinModel.from_pipe(pipe, settings=GPUSettings(**(settings or {})))
     out["settings"] = getattr(model, "settings", None)
     if settings:
         print(f"  ours with settings {out['settings']}", flush=True)
@@ -271,8 +240,8 @@ def bench_variant(variant: str, scale: str, device: str, dtype, tokenizer, sizes
 
 # -- dry-run checks -----------------------------------------------------------------------------
 
-def check_wrap(tokenizer) -> None:
-    """The wrapped in-memory pipeline behaves as KleinModel loaded from disk (tiny, CPU, fp32)."""
+def check_from_pipe(tokenizer) -> None:
+    """KleinModel.from_pipe behaves as KleinModel.from_pretrained of the same pipeline (tiny, CPU, fp32)."""
     import numpy as np
     import torch
 
@@ -281,18 +250,15 @@ def check_wrap(tokenizer) -> None:
     pipe = build_pipeline("4b", "tiny", "cpu", torch.float32, tokenizer, seed=1)
     with tempfile.TemporaryDirectory(prefix="klein-ray-gpu-dry-") as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        loaded = KleinModel(tmp)
-        wrapped = wrap_pipeline(pipe)
-        missing = set(vars(loaded)) ^ set(vars(wrapped))
-        if missing:
-            raise SystemExit(f"wrap_pipeline is out of date with KleinModel.__init__: attributes {sorted(missing)}")
+        loaded = KleinModel.from_pretrained(tmp)
+        wrapped = KleinModel.from_pipe(pipe)
         req = RenderRequest(prompts=prompts_for(0, 2, "wrap"), seeds=[1, 2], width=64, height=64,
                             steps=2, guidance=1.0)
         a, b = loaded.render(req), wrapped.render(req)
         same = all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a.images, b.images))
         if not same or loaded.info.distilled != wrapped.info.distilled:
-            raise SystemExit("wrap_pipeline renders differently from a loaded KleinModel")
-    print("dry-run: wrap_pipeline has KleinModel's attributes and renders bitwise like a loaded one", flush=True)
+            raise SystemExit("KleinModel.from_pipe renders differently from KleinModel.from_pretrained")
+    print("dry-run: KleinModel.from_pipe renders bitwise like KleinModel.from_pretrained", flush=True)
 
 
 def check_full_configs(tokenizer) -> None:
@@ -349,7 +315,7 @@ def main() -> int:
           f"scale {scale}{', DRY RUN' if args.dry_run else ''}", flush=True)
     tokenizer = _train_tokenizer()
     if args.dry_run:
-        check_wrap(tokenizer)
+        check_from_pipe(tokenizer)
         check_full_configs(tokenizer)
     results = []
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:

@@ -16,7 +16,7 @@ Goal checked: the driver's planning path stays under 1 GB and is flat in rows. N
    in ``Driver.run``'s order through its real code:
        Driver(RenderJob(...))   (config, local output store, run id)
        Manifest(...) open  ->  driver.ledger.done() on the empty local output  ->  prescan(...)
-       ->  Planner(batch sizes).plan(driver._rows(manifest, done, duplicates)), consumed to the
+       ->  driver.units(ResumePlan(...)) (Planner over Driver.rows), consumed to the
        end (units and rows counted)
    while sampling RSS every ``--sample-ms`` from a psutil thread; the child also reports the
    kernel's peak, ``VmHWM`` from /proc/self/status (imports included), and
@@ -108,9 +108,8 @@ def child(manifest: str, output: str, sample_ms: float) -> dict:
     import psutil
 
     from klein_ray.config import JobConfig, VariantConfig
-    from klein_ray.driver import Driver, RenderJob, prescan
-    from klein_ray.manifest import Manifest
-    from klein_ray.planner import Planner
+    from klein_ray.intake.manifest import Manifest, prescan
+    from klein_ray.run.driver import Driver, RenderJob, ResumePlan
 
     proc = psutil.Process()
     peak = {"rss": proc.memory_info().rss}
@@ -130,17 +129,17 @@ def child(manifest: str, output: str, sample_ms: float) -> dict:
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     t0 = time.perf_counter()
-    driver = Driver(RenderJob(manifest, output, cfg, progress=False))
+    driver = Driver(RenderJob(manifest, output, cfg), executor=_renders_nothing)
     with Manifest(manifest, driver.cfg.storage) as m:
         done = driver.ledger.done()
         t1 = time.perf_counter()
-        duplicates, pending = prescan(m, done, driver.cfg.default_variant)
+        duplicates, pending = prescan(m, driver.cfg.default_variant, done.mask)
         t2 = time.perf_counter()
         rss_after_prescan = proc.memory_info().rss
         peak_prescan = peak["rss"]
-        planner = Planner({v: c.batch_size for v, c in driver.cfg.variants.items()})
         units = rows = full = 0
-        for unit in planner.plan(driver._rows(m, done, duplicates)):
+        plan = ResumePlan(m, done, duplicates, pending, check_markers=True, log=None)
+        for unit in driver.units(plan):
             units += 1
             rows += unit.size
             full += unit.size == 4
@@ -161,6 +160,10 @@ def child(manifest: str, output: str, sample_ms: float) -> dict:
 
 
 # -- the parent ---------------------------------------------------------------------------------
+
+def _renders_nothing():
+    raise AssertionError("the planning benchmark starts no executor")
+
 
 def run_child(manifest: Path, output: Path, sample_ms: float) -> dict:
     cmd = [sys.executable, __file__, "--child", str(manifest), "--output", str(output),

@@ -4,13 +4,13 @@
     .venv/bin/python benchmarks/resume.py [--rows 1000000] [--done 0.99] [--baseline-rows 100000]
 
 Sets up, on a moto S3 server started in this process, the state a killed job leaves in OUT
-(the compact checkpoint ``_job/results/*.parquet``, written by ``klein_ray.checkpoint.Checkpoint``
+(the compact checkpoint ``_job/results/*.parquet``, written by ``klein_ray.output.checkpoint.Checkpoint``
 itself, plus marker objects under ``meta/``), then measures in a fresh child process per scenario
 the driver's path from ``Driver(...)`` to the first ``WorkUnit`` out of the ``Planner``, in
 ``Driver.run``'s order and through its real methods, without Ray:
 
     Manifest(...) -> Lease.acquire() -> Ledger.done() -> is_fresh() (only if done is empty)
-    -> prescan(...) -> JobLog(...).start() -> Planner.plan(Driver._rows(...)) -> first WorkUnit
+    -> prescan(...) -> JobLog(...).start() -> Driver.units(ResumePlan(...)) -> first WorkUnit
 
 It counts every HTTP request the shared boto3 client sends (botocore ``before-send`` event,
 retries included), wall seconds, the child's CPU seconds (the client side only: the server runs
@@ -103,16 +103,14 @@ class Requests:
 def child(spec: dict) -> dict:
     t_imports = time.perf_counter()
     import boto3  # noqa: F401 - imported here so that the RSS increase below is data, not code
-    import pyarrow as pa
 
-    from klein_ray.checkpoint import DoneSet
+    from klein_ray.output.checkpoint import DoneSet
     from klein_ray.config import JobConfig, VariantConfig
-    from klein_ray.driver import Driver, RenderJob, prescan
-    from klein_ray.joblog import JobLog
-    from klein_ray.lease import Lease
-    from klein_ray.manifest import Manifest
-    from klein_ray.planner import Planner
-    from klein_ray.storage import s3_client
+    from klein_ray.intake.manifest import Manifest, prescan
+    from klein_ray.output.joblog import JobLog
+    from klein_ray.output.lease import Lease
+    from klein_ray.run.driver import Driver, RenderJob, ResumePlan
+    from klein_ray.storage.s3 import s3_client
 
     imports_s = time.perf_counter() - t_imports
     startup_s = time.perf_counter() - T_PROCESS
@@ -138,7 +136,7 @@ def child(spec: dict) -> dict:
         client = s3_client(config.storage)  # the shared client Driver's store will use
         client.meta.events.register("before-send.s3", req.on_send)
         client.meta.events.register("after-call.s3", req.on_call)
-        driver = Driver(RenderJob(spec["manifest"], spec["output"], config, progress=False))
+        driver = Driver(RenderJob(spec["manifest"], spec["output"], config), executor=_renders_nothing)
         assert driver.store.client is client
     with phase("Manifest(...)"):
         manifest = Manifest(driver.job.manifest, driver.cfg.storage).__enter__()
@@ -146,25 +144,24 @@ def child(spec: dict) -> dict:
         lease = Lease(driver.store, driver.run_id)
         lease.acquire()
     if spec["mode"] == "checkpoint":
-        with phase("checkpoint.compact(keep=64)"):  # as Driver.run does first
+        with phase("checkpoint.compact(keep=64)"):  # as Driver.prepare does first
             driver.ledger.checkpoint.compact(keep=64)
         with phase("Ledger.done() (checkpoint)"):
             done = driver.ledger.done()
     else:
         with phase("committed_ids() (list every marker)"):
             done = DoneSet(sorted(driver.ledger.committed_ids()))
-    with phase("is_fresh() as run() calls it"):
+    with phase("is_fresh() as prepare() calls it"):
         fresh = not len(done) and driver.ledger.is_fresh()
     with phase("prescan(...)"):
-        duplicates, pending = prescan(manifest, done, driver.cfg.default_variant)
+        duplicates, pending = prescan(manifest, driver.cfg.default_variant, done.mask)
     with phase("JobLog(...).start()"):
         log = JobLog(driver.store, driver.cfg, driver.job.manifest, driver.run_id)
         log.start(manifest.total_rows)
-    with phase("Planner.plan(Driver._rows(...)) -> 1st unit"):
+    with phase("Driver.units(plan) -> 1st unit"):
         assert sum(pending.values()), "nothing pending: the job would not render"
-        rows = driver._rows(manifest, done, duplicates)
-        planner = Planner({v: c.batch_size for v, c in driver.cfg.variants.items()})
-        unit = next(planner.plan(rows))
+        plan = ResumePlan(manifest, done, duplicates, pending, not fresh, log)
+        unit = next(driver.units(plan))
     wall_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     peak = maxrss_mb()
     by_op = dict(req.by_op)  # the measured path only (not the lease release below)
@@ -181,7 +178,7 @@ def child(spec: dict) -> dict:
     manifest.close()
 
     # For reference, outside the measured path: is_fresh() alone (run() skips it when the
-    # checkpoint is non-empty) and where the per-row Python time of prescan / _rows goes.
+    # checkpoint is non-empty) and where the per-row Python time of prescan / Driver.rows goes.
     n0, t = req.total, time.perf_counter()
     driver.ledger.is_fresh()
     result["is_fresh_alone"] = {"requests": req.total - n0, "s": time.perf_counter() - t}
@@ -190,14 +187,16 @@ def child(spec: dict) -> dict:
     return result
 
 
+def _renders_nothing():
+    raise AssertionError("the resume benchmark measures up to the first unit; it starts no executor")
+
+
 def diagnose(manifest_path: str, done) -> dict:
-    """Split prescan's and _rows' per-row cost into its parts, and time a vectorised lookup."""
+    """Split the per-row cost of prescan and Driver.rows cost into its parts, and time a vectorised lookup."""
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from klein_ray.manifest import READ_BATCH_ROWS, id_hash
+    from klein_ray.intake.manifest import READ_BATCH_ROWS, id_hash
 
     pf = pq.ParquetFile(manifest_path)
     n = pf.metadata.num_rows
@@ -277,8 +276,9 @@ def done_indices(rows: int, done: int, layout: str) -> list[int]:
 def write_checkpoint(store, ids: list[str], run_id: str) -> int:
     """What an uncompacted job leaves: Checkpoint.record() for every committed row (a part per
     FLUSH_ROWS), then the final flush(). Returns the number of parts."""
-    from klein_ray.checkpoint import PREFIX, Checkpoint
-    from klein_ray.rows import derive_seed
+    from klein_ray.output.checkpoint import Checkpoint
+    from klein_ray.output.layout import RESULTS as PREFIX
+    from klein_ray.intake.rows import derive_seed
     from klein_ray.types import RowResult
 
     cp = Checkpoint(store, run_id)
@@ -310,9 +310,11 @@ def inject_markers(bucket: str, prefix: str, ids: list[str]) -> None:
 def setup(args, tmp: Path, log) -> dict:
     import boto3
 
-    from klein_ray.checkpoint import PREFIX, Checkpoint
     from klein_ray.config import StorageConfig
-    from klein_ray.storage import open_store, s3_client
+    from klein_ray.output.checkpoint import Checkpoint
+    from klein_ray.output.layout import RESULTS as PREFIX
+    from klein_ray.storage import open_store
+    from klein_ray.storage.s3 import s3_client
 
     s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"])
     for b in (BUCKET_FULL, BUCKET_BASE):
@@ -421,7 +423,7 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="klein-ray-bench-") as tmp:
             log(f"moto S3 at {os.environ['AWS_ENDPOINT_URL_S3']}; setting up (writes the checkpoint "
-                "with klein_ray.checkpoint.Checkpoint)...")
+                "with klein_ray.output.checkpoint.Checkpoint)...")
             t = time.perf_counter()
             spec = setup(args, Path(tmp), log)
             log(f"setup done in {time.perf_counter() - t:.1f} s; measuring (a fresh process per scenario)...")
@@ -527,12 +529,12 @@ def report(args, spec: dict, results: list[dict], started) -> None:
                            ("DoneSet.mask_65536", "DoneSet.mask, 65,536-row batches (prescan)"),
                            ("DoneSet.mask_4096", "DoneSet.mask, 4,096-row batches (_rows)"),
                            ("pc.is_in_arrow_65536", "for comparison: pc.is_in on the Arrow column"),
-                           ("read_all_columns_to_pylist_4096", "_rows: every column to dicts (4,096 batches)"),
+                           ("read_all_columns_to_pylist_4096", "Driver.rows: every column to dicts (4,096 batches)"),
                            ("is_in_once_whole_column", "alternative: ONE pc.is_in over the whole id column"),
                            ("set_lookup_per_row", "alternative: frozenset lookup per row (Python)")):
             w(f"  {label:<52} {d[key]:6.2f} s  {1e6 * d[key] / n:6.2f}")
         w(f"  one DoneSet.mask call on 4,096 ids costs {d['is_in_one_4096_call']:.3f} s with {full_parts['done']:,} "
-          f"done ids: pc.is_in rebuilds its hash table of the value set on every call, and _rows makes "
+          f"done ids: pc.is_in rebuilds its hash table of the value set on every call, and Driver.rows makes "
           f"{d['mask_calls_4096']} such calls; building a frozenset once costs {d['set_build']:.2f} s")
     w("")
     w(f"setup: {spec['full_parts']} parts = {spec['parts_mb']:.1f} MB; compacted part = {spec['compact_mb']:.1f} MB "
