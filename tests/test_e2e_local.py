@@ -68,8 +68,8 @@ def test_bad_rows_are_error_records_and_good_rows_render(tmp_path, tiny_models, 
     for e in errors:
         by_id.setdefault(e["id"], []).append(e)
     assert len(by_id["dup"]) == 2 and by_id["dup"][0]["error_type"] == "DuplicateId"
-    assert by_id["'../escape'"][0]["column"] == "id"
-    assert by_id["'has space'"][0]["column"] == "id"
+    assert by_id["../escape"][0]["column"] == "id"  # the id as written, to find the row by
+    assert by_id["has space"][0]["column"] == "id"
     assert "empty" in by_id["empty-prompt"][0]["message"]
     assert "multiple of 16" in by_id["odd-size"][0]["message"]
     assert "unknown variant" in by_id["ghost-variant"][0]["message"]

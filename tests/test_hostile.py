@@ -589,7 +589,7 @@ def test_bad_row_is_one_error_record_with_its_reason(hostile, key):
         assert err["id"] == row_id
         assert not (hostile.out / "meta" / f"{row_id}.json").exists()
     else:
-        # An invalid id is recorded as a printable label (repr or "<row N>"), never raw.
+        # An invalid id is recorded as written, control characters escaped (or "<row N>").
         assert err["id"] and "\n" not in err["id"] and "\x1b" not in err["id"], err
 
 

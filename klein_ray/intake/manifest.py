@@ -141,7 +141,9 @@ class Manifest:
                 )
         if "references" in schema.names:
             t = schema.field("references").type
-            if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not _type_ok(t.value_type, _STRING):
+            is_list = pa.types.is_list(t) or pa.types.is_large_list(t)
+            # A column of nulls only (no row has references) is type null: that is fine.
+            if not (pa.types.is_null(t) or (is_list and _type_ok(t.value_type, _STRING))):
                 raise ManifestError(f"manifest {name}: column 'references' has type {t}, expected list<string>")
         return ManifestFile(name, path, pf.metadata.num_rows)
 
@@ -179,6 +181,8 @@ def prescan(manifest: Manifest, default_variant: str, done: DoneMask | None = No
 
 
 def _type_ok(t: pa.DataType, checks) -> bool:
+    if pa.types.is_dictionary(t):  # dictionary-encoded (categorical) columns read as their values
+        t = t.value_type
     return pa.types.is_null(t) or any(check(t) for check in checks)
 
 

@@ -23,6 +23,7 @@ KNOWN_COLUMNS = (
 )
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 64, 2048, 16
 MAX_SEED = 2**63 - 1
+LABEL_CHARS = 160  # the most characters of an invalid id an error record keeps
 REFERENCE_SCHEMES = ("s3://", "http://", "https://", "file://")
 
 
@@ -116,7 +117,7 @@ class RowValidator:
             seed=int(seed) if seed is not None else derive_seed(row_id),
             seed_source="manifest" if seed is not None else "derived",
             format=fmt,
-            passthrough={k: v for k, v in raw.items() if k not in KNOWN_COLUMNS},
+            passthrough={k: json_safe(v) for k, v in raw.items() if k not in KNOWN_COLUMNS},
             manifest_file=file,
             manifest_row=index,
         )
@@ -176,7 +177,26 @@ def _is_number(value: Any) -> bool:
 
 
 def _label(row_id: object, index: int) -> str:
-    return f"<row {index}>" if row_id is None or row_id == "" else repr(row_id)[:140]
+    """What an error record names a row whose id is invalid: the id as written, so that users
+    can find the row, with control characters escaped (ids are shown in terminals and HTML) and
+    a very long one cut; ``<row N>`` when there is none."""
+    if row_id is None or row_id == "":
+        return f"<row {index}>"
+    text = row_id if isinstance(row_id, str) else repr(row_id)
+    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    return text if len(text) <= LABEL_CHARS else text[: LABEL_CHARS - 3] + "..."
+
+
+def json_safe(value: Any) -> Any:
+    """A passthrough value the metadata's JSON can hold: NaN and infinities (which JSON lacks)
+    become the strings 'nan', 'inf', '-inf'; containers are walked."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def _id_reason(row_id: object) -> str:

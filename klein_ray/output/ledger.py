@@ -95,7 +95,8 @@ class Ledger:
         record = dict(meta)
         record["image"] = {"key": receipt.image_key, "sha256": sha, "bytes": len(image),
                            "content_type": content_type}
-        body = json.dumps(record, sort_keys=True, indent=1, default=str).encode()
+        # allow_nan=False: a NaN would make the marker invalid JSON, and so the row never done.
+        body = json.dumps(record, sort_keys=True, indent=1, default=str, allow_nan=False).encode()
         try:
             self.store.put(receipt.meta_key, body, content_type="application/json", if_absent=True)
         except AlreadyExists:

@@ -49,10 +49,27 @@ def redact(uri: str) -> str:
     if parts.scheme not in ("http", "https"):
         return uri
     host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    if ":" in host:  # an IPv6 literal keeps its brackets, or the port would read as part of it
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:  # a port that is not a number: keep whatever was written after the host
+        port = parts.netloc.rsplit("@", 1)[-1].rsplit("]", 1)[-1].partition(":")[2] or None
+    if port:
+        host = f"{host}:{port}"
     query = "REDACTED" if parts.query else ""
     return urlunsplit((parts.scheme, host, parts.path, query, ""))
+
+
+def _detail(exc: BaseException, uri: str) -> str:
+    """An exception's message for a record about ``uri``, withheld when it could quote the
+    URL's secrets (some errors, http.client's InvalidURL among them, repeat the URL)."""
+    text = _short(exc)
+    parts = urlsplit(uri)
+    secrets = [s for s in (parts.query, parts.username, parts.password) if s]
+    if secrets and ("?" in text or "@" in text or any(s in text for s in secrets)):
+        return "details withheld: the message quotes the URL, whose query or credentials are secret"
+    return text
 
 
 class ReferenceFetcher:
@@ -80,7 +97,7 @@ class ReferenceFetcher:
         except ReferenceError:
             raise
         except Exception as exc:  # noqa: BLE001 - reported per row, without request details
-            raise ReferenceError(f"reference {redact(uri)}: {type(exc).__name__}: {_short(exc)}") from None
+            raise ReferenceError(f"reference {redact(uri)}: {type(exc).__name__}: {_detail(exc, uri)}") from None
 
     def _http_get_retrying(self, uri: str) -> bytes:
         """Retry what a busy or flaky server does (5xx, 429, resets, timeouts), with backoff."""
