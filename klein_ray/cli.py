@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -68,6 +69,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate_like_interrupt() -> None:
+    """SIGTERM (a scheduler stopping the job) is Ctrl-C from the first instant: whatever is held
+    (the output's lease) is released on the way out and the exit code is 130, never a bare 143.
+    While rendering, the driver installs its own handler, which lets in-flight commits land."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: embedded use keeps its own handlers
+        pass
+
+
 def configure_logging(level: int = logging.INFO) -> None:
     """klein-ray's log lines on stderr, prefixed like its other messages (idempotent)."""
     logger = logging.getLogger("klein_ray")
@@ -81,6 +95,7 @@ def configure_logging(level: int = logging.INFO) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _terminate_like_interrupt()
     args = _parser().parse_args(argv)
     configure_logging()
     try:

@@ -95,3 +95,35 @@ def test_dictionary_encoded_columns_and_an_all_null_references_column_are_read(t
     specs = [RowValidator(CONFIG, base_dir=Path("/")).validate(raw, "m.parquet", i) for i, raw in enumerate(rows)]
     assert [(s.id, s.prompt, s.variant, s.format, s.references) for s in specs] == [
         ("a", "p1", "tiny", "png", ()), ("b", "p2", "tiny", "jpeg", ())]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory"])
+def test_a_file_reference_that_is_not_a_regular_file_is_refused_at_once(tmp_path, kind):
+    """A FIFO would block the worker forever waiting for a writer; a device never ends."""
+    import os
+    import threading
+
+    if kind == "fifo":
+        target = tmp_path / "pipe.png"
+        os.mkfifo(target)
+    elif kind == "device":
+        target = Path("/dev/zero")
+    else:
+        target = tmp_path / "dir.png"
+        target.mkdir()
+    fetcher = ReferenceFetcher(ReferenceConfig(), StorageConfig())
+    outcome: list = []
+    reader = threading.Thread(target=lambda: outcome.append(_try_read(fetcher, target.as_uri())), daemon=True)
+    reader.start()
+    reader.join(timeout=30)  # a hang detector, not a speed target: the read returns at once
+    assert not reader.is_alive(), f"reading a {kind} blocked"
+    (error,) = outcome
+    assert isinstance(error, ReferenceError) and "not a regular file" in str(error)
+
+
+def _try_read(fetcher, uri):
+    try:
+        fetcher.read(uri)
+    except Exception as exc:  # noqa: BLE001 - returned for the assertion
+        return exc
+    return None

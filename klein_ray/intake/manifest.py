@@ -49,6 +49,7 @@ class ManifestFile:
     name: str  # as the user knows it (s3:// URI or path), for messages and error records
     path: Path  # local file to read
     rows: int
+    columns: tuple[str, ...] = ()
 
 
 class Manifest:
@@ -83,19 +84,20 @@ class Manifest:
     def iter_row_batches(self, columns: list[str] | None = None) -> Iterator[tuple[ManifestFile, int, list[dict]]]:
         """Yield (file, index of the first row, rows as dicts) per record batch."""
         for mf in self.files:
-            pf = pq.ParquetFile(mf.path)
             index = 0
-            for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns):
+            for batch in _batches(mf, READ_BATCH_ROWS, columns):
                 yield mf, index, batch.to_pylist()
                 index += batch.num_rows
 
-    def iter_batches(self, columns: list[str], batch_size: int = 65536) -> Iterator[pa.RecordBatch]:
-        """Record batches of only ``columns`` (those the files have), for cheap pre-passes."""
+    def iter_batches(self, columns: list[str], batch_size: int = 65536,
+                     decode_all: bool = False) -> Iterator[pa.RecordBatch]:
+        """Record batches of only ``columns`` (those the files have), for cheap pre-passes.
+        With ``decode_all`` every column is decoded (and dropped): a damaged data page anywhere
+        raises ``ManifestError`` now, not halfway through a render."""
         for mf in self.files:
-            pf = pq.ParquetFile(mf.path)
-            present = [c for c in columns if c in pf.schema_arrow.names]
-            for batch in pf.iter_batches(batch_size=batch_size, columns=present):
-                yield batch
+            present = [c for c in columns if c in mf.columns]
+            for batch in _batches(mf, batch_size, None if decode_all else present):
+                yield batch.select(present)
 
     # -- opening -------------------------------------------------------------------------
 
@@ -145,7 +147,17 @@ class Manifest:
             # A column of nulls only (no row has references) is type null: that is fine.
             if not (pa.types.is_null(t) or (is_list and _type_ok(t.value_type, _STRING))):
                 raise ManifestError(f"manifest {name}: column 'references' has type {t}, expected list<string>")
-        return ManifestFile(name, path, pf.metadata.num_rows)
+        return ManifestFile(name, path, pf.metadata.num_rows, tuple(schema.names))
+
+
+def _batches(mf: ManifestFile, batch_size: int, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+    """The file's record batches; a file whose footer reads but whose data does not (damaged
+    pages, truncated row groups) is a manifest that cannot be used: ManifestError, no traceback."""
+    try:
+        yield from pq.ParquetFile(mf.path).iter_batches(batch_size=batch_size, columns=columns)
+    except (OSError, pa.ArrowException) as exc:
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ManifestError(f"manifest {mf.name}: its data cannot be read ({reason})") from None
 
 
 def id_hash(value: object) -> int:
@@ -157,12 +169,13 @@ DoneMask = Callable[[list], list[bool]]  # ids -> committed? (the ledger's DoneS
 
 def prescan(manifest: Manifest, default_variant: str, done: DoneMask | None = None) -> tuple[set[int], Counter]:
     """One pass over ``id`` (and ``variant``): duplicate-id hashes and rows pending per variant
-    (rows that ``done`` does not report committed).
+    (rows that ``done`` does not report committed). Every column is decoded on the way, so a
+    damaged file stops the job here, before anything is rendered.
 
     Ids are kept as 8-byte hashes in numpy arrays, so this stays ~8 bytes a row.
     """
     chunks, pending = [], Counter()
-    for batch in manifest.iter_batches(["id", "variant"]):
+    for batch in manifest.iter_batches(["id", "variant"], batch_size=16384, decode_all=True):
         ids = batch.column("id").to_pylist()
         # Only string ids can collide: a null id must not make the id "None" a duplicate.
         strings = [v for v in ids if isinstance(v, str)]

@@ -12,8 +12,10 @@ import hashlib
 import http.client
 import io
 import ipaddress
+import os
 import socket
 import ssl
+import stat
 import time
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit, urlunsplit
@@ -198,7 +200,13 @@ def decode_image(data: bytes, label: str, max_pixels: int = 64_000_000):
 
 def _read_file(uri: str, limit: int) -> bytes:
     path = local_path(uri)
-    with open(path, "rb") as fh:
+    # Regular files only: opening a FIFO would wait for a writer, and a device (/dev/zero,
+    # /dev/stdin) never ends or blocks. O_NONBLOCK makes the open itself return at once.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ReferenceError(f"reference {uri} is not a regular file")
+    with os.fdopen(fd, "rb") as fh:
         data = fh.read(limit + 1)
     if len(data) > limit:
         raise TooLarge(uri)
