@@ -319,7 +319,7 @@ def _cases(inp: dict[str, Path], lo: Recorder, lo6: Recorder) -> list[Case]:
         (row(id="missing-ref", prompt="x", references=[str(inp["ok.png"].parent / "nope.png")], **sq),
          "fetch", None, ("FileNotFoundError",)),
         (row(id="dir-ref", prompt="x", references=[str(inp["ok.png"].parent)], **sq),
-         "fetch", None, ("IsADirectoryError",)),
+         "fetch", None, ("not a regular file",)),
         (row(id="text-as-png", prompt="x", references=[str(inp["text.png"])], **sq),
          "fetch", None, ("not a readable image",)),
         (row(id="truncated-png", prompt="x", references=[str(inp["truncated.png"])], **sq),
@@ -327,7 +327,7 @@ def _cases(inp: dict[str, Path], lo: Recorder, lo6: Recorder) -> list[Case]:
         (row(id="oversized-ref", prompt="x", references=[str(inp["oversized.png"])], **sq),
          "fetch", None, (f"larger than {MAX_BYTES} bytes",)),
         (row(id="dev-zero-ref", prompt="x", references=["/dev/zero"], **sq),
-         "fetch", None, (f"larger than {MAX_BYTES} bytes",)),
+         "fetch", None, ("not a regular file",)),  # a device is never read, capped or not
         (row(id="bomb-ref", prompt="x", references=[str(inp["bomb.png"])], **sq),
          "fetch", None, ("too large to decode safely",)),
         # --- references the model cannot use: per-row errors, not batch crashes ---------
