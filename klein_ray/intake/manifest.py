@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from klein_ray.config import StorageConfig
 from klein_ray.storage import Store, StorageError, is_s3, local_path, open_store, split_s3
+from klein_ray.types import first_line
 
 READ_BATCH_ROWS = 4096
 
@@ -156,8 +157,7 @@ def _batches(mf: ManifestFile, batch_size: int, columns: list[str] | None) -> It
     try:
         yield from pq.ParquetFile(mf.path).iter_batches(batch_size=batch_size, columns=columns)
     except (OSError, pa.ArrowException) as exc:
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ManifestError(f"manifest {mf.name}: its data cannot be read ({reason})") from None
+        raise ManifestError(f"manifest {mf.name}: its data cannot be read ({first_line(exc)[:200]})") from None
 
 
 def id_hash(value: object) -> int:

@@ -22,6 +22,7 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from klein_ray.config import ReferenceConfig, StorageConfig
 from klein_ray.storage import TooLarge, local_path, open_store, split_s3
+from klein_ray.types import first_line
 
 MAX_REDIRECTS = 5
 HTTP_ATTEMPTS = 4
@@ -246,4 +247,4 @@ def _pinned_connection(scheme: str, host: str, ip: str, port: int, timeout: floa
 
 
 def _short(exc: BaseException) -> str:
-    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return first_line(exc)[:200]

@@ -20,7 +20,7 @@ from klein_ray.run.executor import (
     wait_for_loads,
 )
 from klein_ray.run.worker import RenderWorker
-from klein_ray.types import WorkUnit
+from klein_ray.types import WorkUnit, first_line
 
 ACTOR_RESTARTS = 3  # a killed worker process comes back (its model reloads)
 
@@ -107,7 +107,7 @@ class RayExecutor(Executor):
             except self._ray.exceptions.RayActorError as exc:
                 # The process died (or is restarting): stop feeding it until it answers a ping.
                 self._mark_down(pool, index)
-                done.append((unit, WorkerLost(str(exc).splitlines()[0][:300])))
+                done.append((unit, WorkerLost(first_line(exc)[:300])))
             except self._ray.exceptions.RayTaskError as exc:
                 done.append((unit, WorkerFailed(_unwrap(exc))))
         return done
