@@ -419,3 +419,13 @@ def test_unhashable_variant_or_format_is_a_row_error(validator, column):
 
 def test_reference_with_unknown_home_is_a_row_error(validator):
     assert columns(errors(validator, references=["~no-such-user-klein/x.png"])) == ["references"]
+
+
+def test_spec_side_bounds_sit_inside_what_the_model_accepts():
+    """A row that validates must never be refused (or silently floored) by the model layer."""
+    from klein_ray.intake import rows
+    from klein_ray.model import limits
+
+    assert rows.MIN_SIDE >= limits.MIN_SIDE and rows.SIDE_MULTIPLE % limits.SIDE_MULTIPLE == 0
+    for side in range(rows.MIN_SIDE, rows.MAX_SIDE + 1, rows.SIDE_MULTIPLE):
+        assert limits.side_problem(side) is None

@@ -21,6 +21,9 @@ KNOWN_COLUMNS = (
     "id", "prompt", "variant", "references", "width", "height", "steps", "guidance", "seed",
     "format",
 )
+# SPEC's bounds on output sides. They must sit inside what the model accepts (model/limits.py,
+# which this package does not import: the driver reads rows and stays clear of the model);
+# tests/test_rows.py checks that they do.
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 64, 2048, 16
 MAX_SEED = 2**63 - 1
 LABEL_CHARS = 160  # the most characters of an invalid id an error record keeps
