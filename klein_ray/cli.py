@@ -16,6 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
+from klein_ray.commands.render import EXECUTORS, render
 from klein_ray.config import ConfigError, load_config
 from klein_ray.intake.manifest import ManifestError
 from klein_ray.output.lease import LeaseHeld
@@ -38,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--config", "-c", help="job config YAML (default: one CPU variant, the tiny model)")
     r.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    r.add_argument("--executor", choices=("ray", "local"), default="ray",
+    r.add_argument("--executor", choices=EXECUTORS, default="ray",
                    help="ray (default): workers are Ray actors; local: workers run on threads of "
                    "this process, without Ray (a laptop, a debugger)")
 
@@ -112,8 +113,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_render(args) -> int:
-    from klein_ray.commands.render import render
-
     config = load_config(args.config)
     job = RenderJob(args.manifest, args.output, config)
     summary, code = render(job, args.executor, args.address, progress=not args.no_progress)
@@ -144,7 +143,6 @@ def cmd_status(args) -> int:
 
 def cmd_demo(args) -> int:
     from klein_ray.commands import demo
-    from klein_ray.commands.render import render
 
     output = str(Path(args.output).absolute())
     os.chdir(demo.REPO)  # the sample's reference paths are relative to the repository root

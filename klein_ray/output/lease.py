@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
-from klein_ray.output.layout import LEASE as LEASE_KEY
+from klein_ray.output.layout import LEASE
 from klein_ray.storage import AlreadyExists, NotFound, Store
 
 TTL_S = 60.0
@@ -61,7 +61,7 @@ class Lease:
                         f"{holder.pid}) is writing to this output; its lease expires in "
                         f"{max(0, holder.expires_at - time.time()):.0f} s. Wait for it, or stop it."
                     ) from None
-                self.store.delete(LEASE_KEY)  # stale: its holder is gone
+                self.store.delete(LEASE)  # stale: its holder is gone
         else:
             raise LeaseHeld("could not take the output lease (contended); retry")
         self._thread = threading.Thread(target=self._renew, name="klein-ray-lease", daemon=True)
@@ -73,7 +73,7 @@ class Lease:
             self._thread.join(timeout=5)
         holder = self._read()
         if holder is not None and holder.run_id == self.record.run_id:
-            self.store.delete(LEASE_KEY)
+            self.store.delete(LEASE)
 
     def __enter__(self) -> "Lease":
         self.acquire()
@@ -91,12 +91,12 @@ class Lease:
 
     def _write(self, if_absent: bool) -> None:
         record = LeaseRecord(self.record.run_id, self.record.host, self.record.pid, time.time() + self.ttl)
-        self.store.put(LEASE_KEY, json.dumps(asdict(record)).encode(), content_type="application/json",
+        self.store.put(LEASE, json.dumps(asdict(record)).encode(), content_type="application/json",
                        if_absent=if_absent)
 
     def _read(self) -> LeaseRecord | None:
         try:
-            return LeaseRecord(**json.loads(self.store.get(LEASE_KEY)))
+            return LeaseRecord(**json.loads(self.store.get(LEASE)))
         except (NotFound, ValueError, TypeError):
             return None
 

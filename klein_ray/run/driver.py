@@ -28,7 +28,7 @@ from klein_ray.output.lease import Lease
 from klein_ray.output.ledger import Ledger
 from klein_ray.render import modelsource
 from klein_ray.run.executor import Executor, Outcome, Pool, WorkerSpec
-from klein_ray.run.policy import Settlement, settle
+from klein_ray.run.policy import settle
 from klein_ray.storage import open_store
 from klein_ray.types import RowError, RowSpec, UnitOutcome, WorkUnit
 
@@ -179,7 +179,7 @@ class Driver:
                 exhausted = self._top_up(units, queues, pools, exhausted)
                 self._dispatch(executor, queues, pools, failed_variants, bar)
                 for unit, outcome in executor.collect(timeout=0.2):
-                    self._apply(unit, outcome, settle(unit, outcome), queues, plan.log, bar)
+                    self._apply(unit, outcome, queues, plan.log, bar)
             if self.interrupted:
                 self._drain(executor, queues, plan.log, bar)
         finally:
@@ -253,9 +253,10 @@ class Driver:
             queues[unit.variant].append(unit)
         return exhausted
 
-    def _apply(self, unit: WorkUnit, outcome: Outcome, settled: Settlement, queues,
-               joblog: JobLog, bar: Progress) -> None:
-        """Record what the policy decided: committed rows, units to run again, failed rows."""
+    def _apply(self, unit: WorkUnit, outcome: Outcome, queues, joblog: JobLog, bar: Progress) -> None:
+        """Ask the policy what ``outcome`` means and record it: committed rows, units to run
+        again, failed rows."""
+        settled = settle(unit, outcome)
         for result in settled.committed:
             self.ledger.record(result)
             if result.already:
@@ -284,7 +285,7 @@ class Driver:
         while executor.in_flight and time.monotonic() < deadline:
             for unit, outcome in executor.collect(timeout=0.2):
                 if isinstance(outcome, UnitOutcome):
-                    self._apply(unit, outcome, settle(unit, outcome), queues, joblog, bar)
+                    self._apply(unit, outcome, queues, joblog, bar)
 
     # -- bookkeeping -----------------------------------------------------------------------
 
