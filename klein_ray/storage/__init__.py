@@ -10,11 +10,14 @@ from __future__ import annotations
 from klein_ray.config import StorageConfig
 from klein_ray.storage.base import (
     AlreadyExists,
+    ConditionFailed,
     NotFound,
     ObjectInfo,
     Store,
     StorageError,
     TooLarge,
+    VersionChanged,
+    Versioned,
     check_key,
     is_s3,
     local_path,
@@ -23,7 +26,8 @@ from klein_ray.storage.base import (
 from klein_ray.storage.local import LocalStore
 
 __all__ = [
-    "AlreadyExists", "LocalStore", "NotFound", "ObjectInfo", "Store", "StorageError", "TooLarge",
+    "AlreadyExists", "ConditionFailed", "LocalStore", "NotFound", "ObjectInfo", "Store",
+    "StorageError", "TooLarge", "VersionChanged", "Versioned",
     "check_key", "is_s3", "local_path", "open_store", "reset_clients", "split_s3",
 ]
 

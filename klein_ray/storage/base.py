@@ -18,12 +18,25 @@ class StorageError(Exception):
     """A storage operation failed after retries."""
 
 
+class StorageUnavailable(StorageError):
+    """The storage could not be reached, or would not serve (connection errors, timeouts, 5xx,
+    throttling), for longer than every retry: nothing is wrong with the request; try later."""
+
+
 class NotFound(StorageError):
     pass
 
 
-class AlreadyExists(StorageError):
-    """A conditional create found the key taken."""
+class ConditionFailed(StorageError):
+    """A conditional write's condition did not hold; nothing was written."""
+
+
+class AlreadyExists(ConditionFailed):
+    """A conditional create (``if_absent``) found the key taken."""
+
+
+class VersionChanged(ConditionFailed):
+    """A conditional replace or delete (``if_match``) found another version, or none."""
 
 
 class TooLarge(StorageError):
@@ -35,6 +48,16 @@ class ObjectInfo:
     key: str  # relative to the store's root
     size: int
     metadata: dict[str, str] | None = None
+    etag: str | None = None  # the version, for ``if_match``; listings leave it out
+    content_sha256: str | None = None  # when the store knows it for certain (local: hashed)
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """An object's content and the version it was read at."""
+
+    data: bytes
+    etag: str
 
 
 def is_s3(uri: str) -> bool:
@@ -76,24 +99,34 @@ class Store(ABC):
     def put(
         self, key: str, data: bytes, *, content_type: str | None = None,
         metadata: dict[str, str] | None = None, if_absent: bool = False,
-    ) -> None:
-        """Write ``data`` at ``key``; with ``if_absent`` raise AlreadyExists if the key is taken."""
+        if_match: str | None = None,
+    ) -> str:
+        """Write ``data`` (and its user ``metadata``, atomically with it) at ``key``; returns the
+        new version's etag. ``if_absent``: only if the key is free, else AlreadyExists.
+        ``if_match``: only if the stored version is that etag, else VersionChanged. Either way a
+        write that fails its condition changes nothing, however late it lands."""
 
     @abstractmethod
     def get(self, key: str, max_bytes: int | None = None) -> bytes:
         """Read ``key``; NotFound if missing, TooLarge past ``max_bytes`` (checked while reading)."""
 
     @abstractmethod
+    def get_versioned(self, key: str, max_bytes: int | None = None) -> Versioned:
+        """Read ``key`` with its etag (what a later ``if_match`` names); errors as ``get``."""
+
+    @abstractmethod
     def head(self, key: str) -> ObjectInfo | None:
-        """Size and user metadata of ``key``, or None."""
+        """Size, user metadata and etag of ``key``, or None."""
 
     @abstractmethod
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         """Every object whose key starts with ``prefix``, in key order."""
 
     @abstractmethod
-    def delete(self, key: str) -> None:
-        """Remove ``key`` if present."""
+    def delete(self, key: str, if_match: str | None = None) -> None:
+        """Remove ``key`` if present. ``if_match`` asks the server to delete only that version:
+        honoured locally, by AWS and moto, IGNORED by Ceph RGW; so never rely on it for safety
+        (fence with a conditional ``put`` instead), use it only to narrow a window."""
 
     @abstractmethod
     def download(self, key: str, dest: Path) -> None:

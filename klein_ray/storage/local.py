@@ -1,19 +1,42 @@
 """The local-directory implementation of ``Store`` (paths and ``file://`` URIs).
 
-Writes go beside the target and are renamed into place, so a reader never sees half a file;
-``if_absent`` is an atomic hard link. User metadata lives in a dot-file sidecar, which listings
-skip like every dot-file (temporaries too).
+Writes go beside the target and are renamed into place, so a reader never sees half a file.
+- A version (etag) is the sha256 of the content: no state beside the file can disagree with it.
+- ``if_absent`` is an atomic hard link; ``if_match`` and fenced deletes compare and swap under
+  an advisory lock (``fcntl.flock``) on a per-key dot-file, so they are atomic between processes
+  on this host (a local output is written from one host).
+- User metadata lives in a dot-file named after the content's sha256
+  (``.{name}.{sha256}.meta``), written BEFORE the content appears: metadata can never be read
+  for other content than it was written with, which is what S3 gives by storing both in one
+  object (a sidecar named after the key, written after the content, could describe the wrong
+  bytes after a crash or a race).
+Listings skip every dot-file (temporaries, locks, metadata).
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
-from klein_ray.storage.base import AlreadyExists, NotFound, ObjectInfo, Store, TooLarge, check_key, local_path
+from klein_ray.storage.base import (
+    AlreadyExists,
+    NotFound,
+    ObjectInfo,
+    Store,
+    TooLarge,
+    VersionChanged,
+    Versioned,
+    check_key,
+    local_path,
+)
+
+_CHUNK = 1024 * 1024
 
 
 class LocalStore(Store):
@@ -24,26 +47,40 @@ class LocalStore(Store):
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
-    def put(self, key, data, *, content_type=None, metadata=None, if_absent=False):
+    def put(self, key, data, *, content_type=None, metadata=None, if_absent=False, if_match=None):
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
+        etag = _etag(data)
+        if metadata:  # first, so the content never appears without its metadata
+            _write_atomic(_meta_path(path, etag), json.dumps(metadata, sort_keys=True).encode())
         # Write beside the target and rename, so a reader never sees half a file.
         tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
         tmp.write_bytes(data)
         try:
             if if_absent:
-                try:
-                    os.link(tmp, path)  # atomic create-if-absent
-                except FileExistsError:
-                    raise AlreadyExists(key) from None
+                self._create(tmp, path, key, etag)
+            elif if_match is not None:
+                with _locked(path):
+                    current = _file_etag(path)
+                    if current != if_match:
+                        raise VersionChanged(f"{key}: not at version {if_match}")
+                    os.replace(tmp, path)
+                _forget_meta(path, current, keep=etag)
             else:
                 os.replace(tmp, path)
+        except (AlreadyExists, VersionChanged):
+            _forget_meta(path, etag, keep=_file_etag(path))
+            raise
         finally:
             tmp.unlink(missing_ok=True)
-        if metadata:
-            _write_sidecar(path, metadata)
-        else:
-            _sidecar(path).unlink(missing_ok=True)  # S3 replaces metadata with the object
+        return etag
+
+    @staticmethod
+    def _create(tmp: Path, path: Path, key: str, etag: str) -> None:
+        try:
+            os.link(tmp, path)  # atomic create-if-absent
+        except FileExistsError:
+            raise AlreadyExists(key) from None
 
     def get(self, key, max_bytes=None):
         path = self._path(key)
@@ -56,11 +93,20 @@ class LocalStore(Store):
             raise TooLarge(f"{key}: larger than {max_bytes} bytes")
         return data
 
+    def get_versioned(self, key, max_bytes=None):
+        data = self.get(key, max_bytes)
+        return Versioned(data, _etag(data))
+
     def head(self, key):
         path = self._path(key)
-        if not path.is_file():
+        etag = _file_etag(path)
+        if etag is None:
             return None
-        return ObjectInfo(key, path.stat().st_size, _read_sidecar(path))
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return None
+        return ObjectInfo(key, size, _read_meta(path, etag), etag, content_sha256=etag)
 
     def list(self, prefix=""):
         # Walk only the directory the prefix names, in S3's order (full keys, byte-wise).
@@ -73,10 +119,17 @@ class LocalStore(Store):
             if key.startswith(prefix):
                 yield ObjectInfo(key, full.stat().st_size)
 
-    def delete(self, key):
+    def delete(self, key, if_match=None):
         path = self._path(key)
-        path.unlink(missing_ok=True)
-        _sidecar(path).unlink(missing_ok=True)
+        with _locked(path) if path.parent.is_dir() else _nothing():
+            current = _file_etag(path)
+            if if_match is not None and current != if_match:
+                if current is None:
+                    return  # gone already: what the caller wanted
+                raise VersionChanged(f"{key}: not at version {if_match}")
+            path.unlink(missing_ok=True)
+        if current is not None:
+            _forget_meta(path, current, keep=None)
 
     def download(self, key, dest):
         try:
@@ -85,9 +138,65 @@ class LocalStore(Store):
             raise NotFound(key) from None
 
 
+def _etag(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _file_etag(path: Path) -> str | None:
+    """The sha256 of the file's content, streamed; None if it is not a file."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(_CHUNK):
+                digest.update(chunk)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.parent / f"{path.name}.{uuid.uuid4().hex}.tmp"
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _meta_path(path: Path, etag: str) -> Path:
+    return path.parent / f".{path.name}.{etag}.meta"
+
+
+def _read_meta(path: Path, etag: str) -> dict[str, str]:
+    try:
+        return json.loads(_meta_path(path, etag).read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _forget_meta(path: Path, etag: str | None, keep: str | None) -> None:
+    """Drop the metadata of content no longer stored (never that of the content now there)."""
+    if etag is not None and etag != keep:
+        _meta_path(path, etag).unlink(missing_ok=True)
+
+
+@contextmanager
+def _locked(path: Path):
+    """An exclusive advisory lock for ``path``'s conditional operations (between processes)."""
+    lock = path.parent / f".{path.name}.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
 def _walk_sorted(directory: Path):
-    """Files under ``directory`` in the order S3 lists their keys; dot-files are ours (temporaries
-    and metadata sidecars) and never listed."""
+    """Files under ``directory`` in the order S3 lists their keys; dot-files are ours (temporaries,
+    locks, metadata) and never listed."""
     entries = [p for p in directory.iterdir() if not p.name.startswith(".")]
     entries.sort(key=lambda p: p.name + "/" if p.is_dir() else p.name)
     for entry in entries:
@@ -95,18 +204,3 @@ def _walk_sorted(directory: Path):
             yield from _walk_sorted(entry)
         elif entry.is_file():
             yield entry
-
-
-def _sidecar(path: Path) -> Path:
-    return path.parent / f".{path.name}.meta"
-
-
-def _write_sidecar(path: Path, metadata: dict[str, str]) -> None:
-    _sidecar(path).write_text(json.dumps(metadata, sort_keys=True))
-
-
-def _read_sidecar(path: Path) -> dict[str, str]:
-    try:
-        return json.loads(_sidecar(path).read_text())
-    except (FileNotFoundError, ValueError):
-        return {}

@@ -21,7 +21,10 @@ from klein_ray.storage.base import (
     ObjectInfo,
     Store,
     StorageError,
+    StorageUnavailable,
     TooLarge,
+    VersionChanged,
+    Versioned,
     check_key,
     split_s3,
 )
@@ -97,7 +100,7 @@ class S3Store(Store):
         check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def put(self, key, data, *, content_type=None, metadata=None, if_absent=False):
+    def put(self, key, data, *, content_type=None, metadata=None, if_absent=False, if_match=None):
         kwargs = {"Bucket": self.bucket, "Key": self._key(key), "Body": data}
         if content_type:
             kwargs["ContentType"] = content_type
@@ -105,15 +108,23 @@ class S3Store(Store):
             kwargs["Metadata"] = metadata
         if if_absent:
             kwargs["IfNoneMatch"] = "*"
+        if if_match is not None:
+            kwargs["IfMatch"] = if_match  # bare: Ceph RGW refuses the quoted form (S3 notes)
         try:
-            self._retrying(lambda: self.client.put_object(**kwargs))
+            resp = self._retrying(lambda: self.client.put_object(**kwargs))
         except Exception as exc:  # noqa: BLE001 - translated below
             code = _code(exc)
-            if code in ("PreconditionFailed", "412"):
+            if code in ("PreconditionFailed", "412") and if_absent:
                 raise AlreadyExists(key) from None
-            raise StorageError(f"put {self.url_of(key)}: {_describe(exc)}") from exc
+            if code in ("PreconditionFailed", "412", "NoSuchKey", "404") and if_match is not None:
+                raise VersionChanged(f"{key}: not at version {if_match}") from None
+            raise _failure(exc)(f"put {self.url_of(key)}: {_describe(exc)}") from exc
+        return _etag(resp)
 
     def get(self, key, max_bytes=None):
+        return self.get_versioned(key, max_bytes).data
+
+    def get_versioned(self, key, max_bytes=None):
         self._key(key)  # unsafe keys are the caller's bug: ValueError, not a storage error
         try:
             return self._retrying(lambda: self._get_once(key, max_bytes))
@@ -122,9 +133,9 @@ class S3Store(Store):
         except Exception as exc:  # noqa: BLE001
             if _code(exc) in ("NoSuchKey", "404", "NotFound"):
                 raise NotFound(key) from None
-            raise StorageError(f"get {self.url_of(key)}: {_describe(exc)}") from exc
+            raise _failure(exc)(f"get {self.url_of(key)}: {_describe(exc)}") from exc
 
-    def _get_once(self, key: str, max_bytes: int | None) -> bytes:
+    def _get_once(self, key: str, max_bytes: int | None) -> Versioned:
         resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
         body = resp["Body"]
         try:
@@ -137,7 +148,7 @@ class S3Store(Store):
                 if max_bytes is not None and total > max_bytes:
                     raise TooLarge(f"{key}: larger than {max_bytes} bytes")
                 chunks.append(chunk)
-            return b"".join(chunks)
+            return Versioned(b"".join(chunks), _etag(resp))
         finally:
             body.close()
 
@@ -148,8 +159,8 @@ class S3Store(Store):
         except Exception as exc:  # noqa: BLE001
             if _code(exc) in ("404", "NoSuchKey", "NotFound"):
                 return None
-            raise StorageError(f"head {self.url_of(key)}: {_describe(exc)}") from exc
-        return ObjectInfo(key, resp["ContentLength"], dict(resp.get("Metadata") or {}))
+            raise _failure(exc)(f"head {self.url_of(key)}: {_describe(exc)}") from exc
+        return ObjectInfo(key, resp["ContentLength"], dict(resp.get("Metadata") or {}), _etag(resp))
 
     def list(self, prefix=""):
         rel = prefix.strip("/")
@@ -164,19 +175,25 @@ class S3Store(Store):
             try:
                 page = self._retrying(lambda: self.client.list_objects_v2(**kwargs))
             except Exception as exc:  # noqa: BLE001
-                raise StorageError(f"list {self.uri}/{prefix}: {_describe(exc)}") from exc
+                raise _failure(exc)(f"list {self.uri}/{prefix}: {_describe(exc)}") from exc
             for obj in page.get("Contents", []):
                 yield ObjectInfo(obj["Key"][strip:], obj["Size"])
             if not page.get("IsTruncated"):
                 return
             kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
-    def delete(self, key):
-        full = self._key(key)
+    def delete(self, key, if_match=None):
+        kwargs = {"Bucket": self.bucket, "Key": self._key(key)}
+        if if_match is not None:
+            kwargs["IfMatch"] = if_match  # honoured by AWS and moto, ignored by Ceph RGW
         try:
-            self._retrying(lambda: self.client.delete_object(Bucket=self.bucket, Key=full))
+            self._retrying(lambda: self.client.delete_object(**kwargs))
         except Exception as exc:  # noqa: BLE001
-            raise StorageError(f"delete {self.url_of(key)}: {_describe(exc)}") from exc
+            if if_match is not None and _code(exc) in ("PreconditionFailed", "412"):
+                raise VersionChanged(f"{key}: not at version {if_match}") from None
+            if if_match is not None and _code(exc) in ("NoSuchKey", "404"):
+                return  # gone already
+            raise _failure(exc)(f"delete {self.url_of(key)}: {_describe(exc)}") from exc
 
     def download(self, key, dest):
         full = self._key(key)
@@ -187,6 +204,11 @@ class S3Store(Store):
             if _code(exc) in ("404", "NoSuchKey", "NotFound"):
                 raise NotFound(key) from None
             raise StorageError(f"download {self.url_of(key)}: {_describe(exc)}") from exc
+
+
+def _etag(resp: dict) -> str:
+    """The response's ETag without the quotes S3 puts around it (RGW wants it bare in IfMatch)."""
+    return str(resp.get("ETag", "")).strip('"')
 
 
 def _code(exc: Exception) -> str:
@@ -206,6 +228,24 @@ def _describe(exc: Exception) -> str:
     if code:
         return f"{code} {message}".strip()
     return f"{type(exc).__name__}: {exc}"
+
+
+# What outlasting every retry means the server is unreachable, as opposed to a conflict or a
+# clock problem: the caller can try again later (a driver stops with exit 75).
+UNREACHABLE_CODES = TRANSIENT_CODES - {"ConditionalRequestConflict", "409", "RequestTimeTooSkewed"}
+
+
+def _failure(exc: Exception) -> type[StorageError]:
+    """The error to raise for ``exc`` once retries are spent: StorageUnavailable when the server
+    could not be reached or would not serve, StorageError for everything else (403, bad key)."""
+    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    if isinstance(exc, ClientError):
+        unreachable = _code(exc) in UNREACHABLE_CODES
+    else:  # resets, timeouts, refused connections; not e.g. NoCredentialsError
+        unreachable = isinstance(exc, (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError))
+    return StorageUnavailable if unreachable else StorageError
 
 
 def _transient(exc: Exception) -> bool:
