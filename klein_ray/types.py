@@ -43,6 +43,7 @@ class RowSpec:
     passthrough: dict[str, Any] = field(default_factory=dict)
     manifest_file: str = ""
     manifest_row: int = -1  # 0-based row index within manifest_file
+    repair: bool = False  # `render --verify` found the row's committed image broken: redo it
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,11 @@ dropped on the way up is ``Expect`` (never signed by botocore): the proxy itself
 may carry many requests (keep-alive); each forwarded request uses a fresh upstream
 connection, so a stale upstream keep-alive can never turn into a spurious fault.
 
+``hold(method, path_contains)`` captures the next matching request: it is read whole and kept,
+not forwarded, until ``release()``; then it is forwarded (it *lands late*, after whatever
+happened meanwhile) and the client connection is reset (its writer is long gone). What a request
+stuck in a proxy or a paused writer does.
+
 Usage::
 
     with FaultProxy("http://127.0.0.1:5000", rate=0.25, seed=1) as proxy:
@@ -188,6 +193,25 @@ class _Request:
         return b"".join([self.line, *kept, b"\r\n", self.body])
 
 
+class Hold:
+    """One captured request: ``arrived`` once it is held, ``landed`` once released and applied."""
+
+    def __init__(self, method: str, path_contains: str, header: Optional[str] = None) -> None:
+        self.method, self.path_contains = method.upper(), path_contains
+        self.header = header.lower() if header else None
+        self.arrived = threading.Event()
+        self.landed = threading.Event()
+        self.status: Optional[int] = None  # the upstream's answer to the late request
+        self._go = threading.Event()
+
+    def matches(self, req: "_Request") -> bool:
+        return (req.method == self.method and self.path_contains in req.target
+                and (self.header is None or self.header in req.headers))
+
+    def release(self) -> None:
+        self._go.set()
+
+
 class FaultProxy:
     """Fault-injecting reverse proxy; see the module docstring."""
 
@@ -225,6 +249,7 @@ class FaultProxy:
         self._conns: set[socket.socket] = set()
         self._threads: set[threading.Thread] = set()
         self.port: Optional[int] = None
+        self._holds: list[Hold] = []
 
     # ----------------------------------------------------------------- public API
     @property
@@ -251,6 +276,34 @@ class FaultProxy:
         if rate > 0 and not self.faults:
             raise ValueError("rate > 0 needs at least one fault kind")
         self._rate = rate
+
+    def hold(self, method: str, path_contains: str, header: Optional[str] = None) -> Hold:
+        """Capture the next ``method`` request whose path contains ``path_contains`` (and that
+        carries ``header``, e.g. ``If-Match``)."""
+        hold = Hold(method, path_contains, header)
+        with self._lock:
+            self._holds.append(hold)
+        return hold
+
+    def _take_hold(self, req: "_Request") -> Optional[Hold]:
+        with self._lock:
+            for hold in self._holds:
+                if hold.matches(req):
+                    self._holds.remove(hold)
+                    return hold
+        return None
+
+    def _land_late(self, req: "_Request", hold: Hold) -> None:
+        hold.arrived.set()
+        while not hold._go.wait(0.1):
+            if self._stop.is_set():
+                return
+        try:
+            response = self._forward(req)
+            hold.status = int(response.split(b" ", 2)[1])
+        finally:
+            self._record(req, "held")
+            hold.landed.set()
 
     def start(self) -> "FaultProxy":
         if self._listener is not None:
@@ -358,6 +411,11 @@ class FaultProxy:
                 if _has_token(req.headers, "expect", "100-continue"):
                     conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
                 self._read_body(rfile, req)
+                held = self._take_hold(req)
+                if held is not None:
+                    self._land_late(req, held)
+                    reset = True  # the writer gave up long ago: no one reads the reply
+                    return
                 if fault == "stall":
                     self._record(req, fault)
                     self._stop.wait(self.stall_seconds)

@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from klein_ray.output.ledger import CommitConflict, Ledger, Receipt
-from klein_ray.storage import LocalStore, NotFound, Store, open_store
+from klein_ray.storage import LocalStore, NotFound, Store, VersionChanged, open_store
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"first image" * 20
 OTHER = b"\x89PNG\r\n\x1a\n" + b"other image" * 20
@@ -42,7 +42,7 @@ def test_commit_writes_image_then_meta(ledger, store):
     sha = hashlib.sha256(PNG).hexdigest()
     assert receipt == Receipt("images/row-1.png", "meta/row-1.json", sha, len(PNG))
     assert store.get("images/row-1.png") == PNG
-    assert store.head("images/row-1.png").metadata == {"sha256": sha}
+    assert store.head("images/row-1.png").metadata == {"sha256": sha, "fingerprint": ""}
     meta = json.loads(store.get("meta/row-1.json"))
     assert meta["image"] == {"key": "images/row-1.png", "sha256": sha, "bytes": len(PNG),
                              "content_type": "image/png"}
@@ -95,14 +95,14 @@ def test_second_commit_of_same_bytes_succeeds(ledger, store):
     assert ledger.committed_ids() == {"row-1"}
 
 
-def test_recommit_with_different_bytes_keeps_the_row_consistent(ledger, store):
-    """A later attempt overwrote the committed image: the marker is made to name what is stored
-    (never a marker naming one image beside another)."""
-    ledger.commit("row-1", "png", PNG, "image/png", META)
-    receipt = ledger.commit("row-1", "png", OTHER, "image/png", META)
-    assert receipt.sha256 == hashlib.sha256(OTHER).hexdigest() and not receipt.already
-    assert store.get("images/row-1.png") == OTHER
-    assert ledger.read_meta("row-1")["image"]["sha256"] == receipt.sha256
+def test_a_committed_image_never_changes(ledger, store):
+    """A later attempt with other bytes (a zombie, a late retry) finds the row committed: the
+    old protocol overwrote the image first and rewrote the marker after; now nothing changes."""
+    ledger.commit("row-1", "png", PNG, "image/png", META, fingerprint="f1")
+    for fp in ("f1", "f2", ""):
+        receipt = ledger.commit("row-1", "png", OTHER, "image/png", META, fingerprint=fp)
+        assert receipt.already and receipt.sha256 == hashlib.sha256(PNG).hexdigest()
+    assert store.get("images/row-1.png") == PNG
     assert ledger.verify("row-1")
     assert [o.key for o in store.list("images/")] == ["images/row-1.png"]
 
@@ -122,14 +122,17 @@ class Interleaved(Store):
     def get(self, key, max_bytes=None):
         return self.inner.get(key, max_bytes)
 
+    def get_versioned(self, key, max_bytes=None):
+        return self.inner.get_versioned(key, max_bytes)
+
     def head(self, key):
         return self.inner.head(key)
 
     def list(self, prefix=""):
         return self.inner.list(prefix)
 
-    def delete(self, key):
-        return self.inner.delete(key)
+    def delete(self, key, if_match=None):
+        return self.inner.delete(key, if_match)
 
     def download(self, key, dest):
         return self.inner.download(key, dest)
@@ -159,16 +162,66 @@ def test_concurrent_consistent_commit_is_kept(store):
     assert Ledger(store).verify("row-1")
 
 
-def test_commit_conflicts_with_a_write_in_progress(store):
-    """Marker names one image, the stored image is a third writer's: neither ours nor named."""
+def test_a_marker_naming_an_image_not_stored_is_repaired_not_trusted(store):
+    """Between our image and our marker, another writer's marker lands naming an image that is
+    not stored (it died before writing it, or its image write was refused): the row would be
+    broken; our marker replaces it, fenced on the version read."""
+    def broken_marker(inner: Store) -> None:
+        inner.put("meta/row-1.json", json.dumps({"image": {"key": "images/row-1.png", "sha256": "0" * 64,
+                                                            "bytes": 3}}).encode(), if_absent=True)
+
+    ledger = Ledger(Interleaved(store, broken_marker))
+    receipt = ledger.commit("row-1", "png", PNG, "image/png", META)
+    assert not receipt.already and receipt.sha256 == hashlib.sha256(PNG).hexdigest()
+    assert Ledger(store).verify("row-1")
+
+
+def test_a_late_marker_repair_changes_nothing(store):
+    """The old repair was an unconditional PUT after a HEAD: two racing writers could leave a
+    marker naming an image that is not stored. A repair is now fenced on the version read: one
+    that lands after the marker changed fails."""
     Ledger(store).commit("row-1", "png", PNG, "image/png", META)
-    third = b"third writer's image"
-    ledger = Ledger(Interleaved(store, _other_writer(third, marker=False)))
-    with pytest.raises(CommitConflict) as info:
-        ledger.commit("row-1", "png", OTHER, "image/png", META)
-    assert "meta/row-1.json" in str(info.value)
-    # Nothing of ours was made final: the marker still names the first image.
-    assert ledger.read_meta("row-1")["image"]["sha256"] == hashlib.sha256(PNG).hexdigest()
+    version = store.get_versioned("meta/row-1.json").etag
+    store.put("meta/row-1.json", store.get("meta/row-1.json") + b" ")  # someone else moved on
+    with pytest.raises(VersionChanged):
+        store.put("meta/row-1.json", b"{}", if_match=version)  # what a late repair sends
+    assert Ledger(store).verify("row-1")
+
+
+def test_a_leftover_of_the_same_inputs_is_adopted_not_rewritten(ledger, store):
+    """A lost worker's image landed, its marker never did: the retry (other bytes: another batch)
+    adopts it as it is, so no write of an image ever replaces another of the same row."""
+    sha = hashlib.sha256(OTHER).hexdigest()
+    store.put("images/row-1.png", OTHER, metadata={"sha256": sha, "fingerprint": "f1"}, if_absent=True)
+    receipt = ledger.commit("row-1", "png", PNG, "image/png", META, fingerprint="f1")
+    assert receipt.adopted and receipt.sha256 == sha and not receipt.already
+    assert store.get("images/row-1.png") == OTHER
+    assert ledger.read_meta("row-1")["image"]["adopted"] is True
+    assert ledger.verify("row-1")
+
+
+def test_a_leftover_of_other_inputs_is_replaced(ledger, store):
+    """A killed run with another prompt left an image: it never blocks the row."""
+    stale = hashlib.sha256(OTHER).hexdigest()
+    store.put("images/row-1.png", OTHER, metadata={"sha256": stale, "fingerprint": "old"}, if_absent=True)
+    receipt = ledger.commit("row-1", "png", PNG, "image/png", META, fingerprint="new")
+    assert not receipt.adopted and store.get("images/row-1.png") == PNG
+    assert ledger.verify("row-1")
+
+
+def test_a_repair_rewrites_damaged_bytes_that_claim_the_right_sha(ledger, store):
+    """Bytes damaged behind our back (metadata still claims the committed sha256): only a deep
+    check sees it, and a repair commit replaces image and marker."""
+    ledger.commit("row-1", "png", PNG, "image/png", META, fingerprint="f")
+    assert ledger.audit("row-1") is None
+    if isinstance(store, LocalStore):
+        (store.root / "images" / "row-1.png").write_bytes(b"rot")
+    else:
+        store.put("images/row-1.png", b"rot", metadata={"sha256": hashlib.sha256(PNG).hexdigest()})
+    assert ledger.audit("row-1", deep=True)
+    receipt = ledger.commit("row-1", "png", PNG, "image/png", META, fingerprint="f", repair=True)
+    assert not receipt.already
+    assert ledger.verify("row-1") and store.get("images/row-1.png") == PNG
 
 
 def test_verify_false_when_image_replaced_behind_the_ledger(ledger, store):

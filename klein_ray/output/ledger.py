@@ -1,28 +1,53 @@
 """The ledger: the only place that decides a row is done, and the commit protocol that makes it so.
 
 A row is done exactly when ``meta/{id}.json`` exists and names an image whose sha256 matches.
-Commit order: the image first (overwriting any uncommitted leftover of an earlier attempt, with
-its sha256 in the object's metadata), then the metadata marker last with a conditional create.
-If the marker already exists (a retried write that had landed, or another writer), it is read
-back: the same image sha256 means our own earlier attempt; anything else is a conflict.
+
+**The invariant: once a row's marker exists, the image it names never changes, whoever writes
+late.** Every write of the protocol is conditional, so a write that lands late (a zombie worker
+of a killed run, a request stuck in a proxy, a process paused between two lines) changes nothing
+once the row is committed:
+
+1. The image is created only if absent (``If-None-Match``), carrying its sha256 and the
+   fingerprint of the render inputs in the object's own metadata (atomic with the content).
+2. If the key is taken, the stored image is read (HEAD) and
+   - it is ours (same sha256): a retried write whose reply was lost;
+   - it has our fingerprint: a leftover of an attempt at the same inputs (a lost worker, a
+     killed run): adopted as it is, never rewritten;
+   - a marker names it: the row is committed by someone else; theirs stands;
+   - otherwise (a leftover of other inputs, or a foreign object): replaced only if it is still
+     the version read (``If-Match``), so a leftover never blocks its row for good.
+3. The marker is created only if absent. If it exists: it names our image (our own earlier
+   attempt) or an intact image (another writer committed: theirs stands, ours is ``already``);
+   a marker that is unreadable or names an image that is not stored is repaired, again only if
+   it is still the version read.
+Races end in a few passes because every pass sees a write that succeeded; ``CommitConflict``
+(retried by the driver as a store error) after that.
+
+The one window conditional writes cannot close on S3: step 2's replace of a leftover of OTHER
+inputs (the manifest or config changed between runs) lands between a zombie of the old run
+committing that very leftover and our marker. Step 3 then repairs the marker to name our image
+(the row stays consistent); a writer dying exactly there leaves a broken row that ``verify``
+reports and ``render --verify`` repairs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from klein_ray.output import layout
 from klein_ray.output.checkpoint import Checkpoint, DoneSet
 from klein_ray.output.layout import image_key, meta_key
-from klein_ray.storage import AlreadyExists, NotFound, Store
-from klein_ray.types import RowResult
+from klein_ray.storage import AlreadyExists, NotFound, ObjectInfo, Store, VersionChanged
+from klein_ray.types import IMAGE_EXTENSIONS, RowResult
+
+PASSES = 4  # each failed pass means another writer's write succeeded in between
 
 
 class CommitConflict(Exception):
-    """The row was committed by someone else with a different image."""
+    """Other writers kept changing the row while we committed; nothing of ours is final."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +57,7 @@ class Receipt:
     sha256: str
     bytes: int
     already: bool = False  # the row was committed by another attempt; this one wrote nothing final
+    adopted: bool = False  # the image is a leftover of an attempt at the same inputs
 
 
 class Ledger:
@@ -50,12 +76,15 @@ class Ledger:
         self.checkpoint.record(result)
 
     def is_fresh(self) -> bool:
-        """No marker at all under OUT (one listing request): workers can skip marker checks."""
-        return next(iter(self.store.list(layout.META)), None) is None
+        """No marker and no image under OUT (two listing requests): nothing to check or adopt."""
+        return all(next(iter(self.store.list(p)), None) is None for p in (layout.META, layout.IMAGES))
 
-    def existing(self, row_id: str) -> dict[str, Any] | None:
-        """The row's marker if it exists already (committed by an earlier attempt)."""
-        return self.read_meta(row_id)
+    def committed(self, row_id: str) -> dict[str, Any] | None:
+        """The row's marker if the row is done (marker and image agree, by HEAD), else None."""
+        meta = self.read_meta(row_id)
+        if meta is None or self._image_problem(meta["image"]) is not None:
+            return None
+        return meta
 
     def committed_ids(self) -> set[str]:
         """Ids whose marker exists, by listing every marker (exact, ~1 request per 1,000 rows)."""
@@ -65,66 +94,182 @@ class Ledger:
     def read_meta(self, row_id: str) -> dict[str, Any] | None:
         """The row's marker, or None if absent or unreadable (a damaged marker commits nothing)."""
         try:
-            meta = json.loads(self.store.get(meta_key(row_id)))
-        except (NotFound, ValueError):
+            return _parse_marker(self.store.get(meta_key(row_id)))
+        except NotFound:
             return None
-        image = meta.get("image") if isinstance(meta, dict) else None
-        if not isinstance(image, dict) or not {"key", "sha256", "bytes"} <= image.keys():
-            return None
-        return meta
+
+    def audit(self, row_id: str, deep: bool = False) -> str | None:
+        """What is wrong with a row that claims to be committed, or None if it is sound.
+        Shallow: marker, image size and the sha256 the image carries; ``deep`` hashes the bytes."""
+        try:
+            raw = self.store.get(meta_key(row_id))
+        except NotFound:
+            return "no marker (the checkpoint names the row, meta/ does not)"
+        meta = _parse_marker(raw)
+        if meta is None:
+            return "marker is not valid JSON naming an image (key, sha256, bytes)"
+        image = meta["image"]
+        problem = self._image_problem(image)
+        if problem is None and deep:
+            try:
+                data = self.store.get(image["key"])
+            except NotFound:
+                return f"{image['key']} is missing"
+            if hashlib.sha256(data).hexdigest() != image["sha256"]:
+                return f"{image['key']}: its bytes do not hash to the sha256 the marker names"
+        return problem
 
     def verify(self, row_id: str) -> bool:
-        """The full check: marker present, and its image present with the sha256 it names."""
-        meta = self.read_meta(row_id)
-        if not meta:
-            return False
-        try:
-            data = self.store.get(meta["image"]["key"])
-        except (NotFound, ValueError):
-            return False
-        return hashlib.sha256(data).hexdigest() == meta["image"]["sha256"]
+        """SPEC's definition of done, checked in full (the image's bytes hashed)."""
+        return self.audit(row_id, deep=True) is None
 
     # -- committing --------------------------------------------------------------------
 
     def commit(self, row_id: str, fmt: str, image: bytes, content_type: str,
-               meta: dict[str, Any]) -> Receipt:
-        """Write the image, then the marker; returns what was committed."""
-        sha = hashlib.sha256(image).hexdigest()
-        receipt = Receipt(image_key(row_id, fmt), meta_key(row_id), sha, len(image))
-        self.store.put(receipt.image_key, image, content_type=content_type, metadata={"sha256": sha})
-        record = dict(meta)
-        record["image"] = {"key": receipt.image_key, "sha256": sha, "bytes": len(image),
-                           "content_type": content_type}
-        # allow_nan=False: a NaN would make the marker invalid JSON, and so the row never done.
-        body = json.dumps(record, sort_keys=True, indent=1, default=str, allow_nan=False).encode()
-        try:
-            self.store.put(receipt.meta_key, body, content_type="application/json", if_absent=True)
-        except AlreadyExists:
-            return self._resolve(row_id, receipt, body)
-        return receipt
+               meta: dict[str, Any], fingerprint: str = "", repair: bool = False,
+               tidy: bool = True) -> Receipt:
+        """Commit ``image`` as the row's image, or find the row committed already.
 
-    def _resolve(self, row_id: str, ours: Receipt, body: bytes) -> Receipt:
-        """The marker exists: decide from stored sha256s, never by guessing.
-
-        - it names our image: our earlier attempt landed (a retried write whose reply was lost);
-        - it names the image now stored: another attempt committed consistently; keep theirs;
-        - the stored image is ours (we overwrote theirs after they committed): make the marker
-          name what is stored, so the row stays consistent;
-        - anything else is someone else's write in progress: a conflict (the caller retries).
+        ``fingerprint`` names the render inputs (a leftover with the same one is adopted);
+        ``repair`` is for a row ``verify`` found broken: its image and marker are replaced
+        whatever they hold; ``tidy`` removes leftovers of the row in other formats (pass False
+        for an output that had no image when the job began: two HEADs a row saved).
         """
-        existing = self.read_meta(row_id) or {}
-        named = existing.get("image", {}).get("sha256")
-        if named == ours.sha256:
-            return ours
-        head = self.store.head(ours.image_key)
-        stored = (head.metadata or {}).get("sha256") if head else None
-        if stored is not None and stored == named:
-            image = existing["image"]
-            return Receipt(image["key"], ours.meta_key, image["sha256"], image["bytes"], already=True)
-        if stored == ours.sha256:
-            self.store.put(ours.meta_key, body, content_type="application/json")
-            old_key = existing.get("image", {}).get("key")
-            if old_key and old_key != ours.image_key:
-                self.store.delete(old_key)  # one image per id, even across a change of format
-            return ours
-        raise CommitConflict(f"{ours.meta_key} names an image another writer is replacing; retry")
+        sha = hashlib.sha256(image).hexdigest()
+        ours = Receipt(image_key(row_id, fmt), meta_key(row_id), sha, len(image))
+        tags = {"sha256": sha, "fingerprint": fingerprint}
+        for _ in range(PASSES):
+            placed = self._place(ours, image, content_type, tags, repair)
+            if placed is None:
+                continue
+            stored, wrote = placed
+            if stored.already:
+                return stored
+            body = _marker_body(meta, stored, content_type)
+            try:
+                self.store.put(ours.meta_key, body, content_type="application/json", if_absent=True)
+            except AlreadyExists:
+                settled = self._settle(stored, wrote, body, repair)
+                if settled is None:
+                    continue
+                return settled
+            if tidy:
+                self._drop_other_formats(row_id, stored.image_key)
+            return stored
+        raise CommitConflict(f"{ours.meta_key}: other writers kept changing the row; retry")
+
+    def _place(self, ours: Receipt, image: bytes, content_type: str, tags: dict[str, str],
+               repair: bool) -> tuple[Receipt, bool] | None:
+        """Step 1 and 2: the image the marker will name, and whether we wrote it; None if the
+        store changed under us (look again)."""
+        try:
+            self.store.put(ours.image_key, image, content_type=content_type, metadata=tags, if_absent=True)
+            return ours, True
+        except AlreadyExists:
+            pass
+        info = self.store.head(ours.image_key)
+        if info is None:
+            return None  # removed since: create again
+        stored_sha = _sha_of(info)
+        if not repair:  # (a repair rewrites even identical-looking bytes: they may be damaged)
+            if stored_sha == ours.sha256:
+                return ours, False  # our own write landed (its reply was lost), or the same bytes
+            same_inputs = bool(tags["fingerprint"]) and (info.metadata or {}).get("fingerprint") == tags["fingerprint"]
+            if stored_sha and same_inputs:
+                return replace(ours, sha256=stored_sha, bytes=info.size, adopted=True), False
+            named = self.read_meta(_row_of(ours))
+            if named and named["image"]["key"] == ours.image_key and named["image"]["sha256"] == stored_sha:
+                return _theirs(ours, named), False
+        try:
+            self.store.put(ours.image_key, image, content_type=content_type, metadata=tags,
+                           if_match=info.etag)
+        except VersionChanged:
+            return None
+        return ours, True
+
+    def _settle(self, stored: Receipt, wrote: bool, body: bytes, repair: bool) -> Receipt | None:
+        """Step 3, the marker exists: whose is it, and is the row it describes intact?"""
+        try:
+            current = self.store.get_versioned(stored.meta_key)
+        except NotFound:
+            return None  # removed since: create again
+        named = _parse_marker(current.data)
+        if named and (named["image"]["key"], named["image"]["sha256"]) == (stored.image_key, stored.sha256):
+            # Our bytes: this row's commit is ours (an earlier attempt of ours whose reply was
+            # lost). An adopted leftover whose marker someone else wrote: theirs.
+            return replace(stored, already=stored.adopted and current.data != body)
+        if named and not repair and self._image_problem(named["image"]) is None:
+            if wrote and named["image"]["key"] != stored.image_key:
+                self._drop(stored.image_key)  # ours in another format: one image per id
+            return _theirs(stored, named)
+        try:  # a broken marker: make it name our image, if it is still what we read
+            self.store.put(stored.meta_key, body, content_type="application/json", if_match=current.etag)
+        except VersionChanged:
+            return None
+        if named and named["image"]["key"] != stored.image_key:
+            self._drop(named["image"]["key"])
+        return stored
+
+    def _image_problem(self, image: dict[str, Any]) -> str | None:
+        info = self.store.head(image["key"])
+        if info is None:
+            return f"{image['key']} is missing"
+        if info.size != image["bytes"]:
+            return f"{image['key']} is {info.size} bytes, the marker says {image['bytes']}"
+        sha = _sha_of(info)
+        if sha is None:
+            return f"{image['key']} carries no sha256 of its own (written by another tool?)"
+        if sha != image["sha256"]:
+            return f"{image['key']} is another image than the one the marker names (sha256 differs)"
+        return None
+
+    def _drop_other_formats(self, row_id: str, kept: str) -> None:
+        """A format change between runs must not leave two images for one id: leftovers of
+        this row in other formats are removed once the marker names ``kept``. Only where an
+        earlier attempt could have left one (the output was not fresh)."""
+        for ext in sorted(set(IMAGE_EXTENSIONS.values())):
+            key = f"{layout.IMAGES}{row_id}.{ext}"
+            if key != kept:
+                self._drop(key)
+
+    def _drop(self, key: str) -> None:
+        info = self.store.head(key)
+        if info is not None:
+            try:
+                self.store.delete(key, if_match=info.etag)
+            except VersionChanged:
+                pass  # changed since we looked: not ours to remove
+
+
+def _parse_marker(raw: bytes) -> dict[str, Any] | None:
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        return None
+    image = meta.get("image") if isinstance(meta, dict) else None
+    if not isinstance(image, dict) or not {"key", "sha256", "bytes"} <= image.keys():
+        return None
+    return meta
+
+
+def _marker_body(meta: dict[str, Any], stored: Receipt, content_type: str) -> bytes:
+    record = dict(meta)
+    record["image"] = {"key": stored.image_key, "sha256": stored.sha256, "bytes": stored.bytes,
+                       "content_type": content_type}
+    if stored.adopted:
+        record["image"]["adopted"] = True  # rendered by an earlier attempt at the same inputs
+    # allow_nan=False: a NaN would make the marker invalid JSON, and so the row never done.
+    return json.dumps(record, sort_keys=True, indent=1, default=str, allow_nan=False).encode()
+
+
+def _theirs(ours: Receipt, named: dict[str, Any]) -> Receipt:
+    image = named["image"]
+    return Receipt(image["key"], ours.meta_key, image["sha256"], image["bytes"], already=True)
+
+
+def _sha_of(info: ObjectInfo) -> str | None:
+    return info.content_sha256 or (info.metadata or {}).get("sha256")
+
+
+def _row_of(receipt: Receipt) -> str:
+    return layout.id_of_meta_key(receipt.meta_key) or ""

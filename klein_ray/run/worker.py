@@ -10,6 +10,8 @@ unit's other rows once rendering succeeded.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import platform
 import socket
@@ -25,7 +27,7 @@ from klein_ray.render import modelsource
 from klein_ray.render.encode import encode_image, make_thumbnail
 from klein_ray.render.references import ReferenceError, ReferenceFetcher, redact
 from klein_ray.run.executor import WorkerSpec
-from klein_ray.storage import open_store
+from klein_ray.storage import StorageError, open_store
 from klein_ray.types import CONTENT_TYPES, RowError, RowResult, RowSpec, UnitOutcome, WorkUnit
 
 
@@ -65,7 +67,11 @@ class RenderWorker:
 
         # 0. Rows committed since the driver's checkpoint was written are done: never redo them.
         if self.spec.check_markers:
-            unit, outcome.results = self._drop_committed(unit)
+            try:
+                unit, outcome.results = self._drop_committed(unit)
+            except StorageError as exc:  # the output cannot be read: every row's store failed
+                outcome.errors = [RowError.from_exception(r, "store", exc, unit.attempt) for r in unit.rows]
+                return outcome
             if not unit.rows:
                 return outcome
 
@@ -111,7 +117,8 @@ class RenderWorker:
     def _drop_committed(self, unit: WorkUnit) -> tuple[WorkUnit, list[RowResult]]:
         todo, done = [], []
         for row in unit.rows:
-            meta = self.ledger.existing(row.id)
+            # Marker AND image: a marker whose image is missing or another is not done.
+            meta = None if row.repair else self.ledger.committed(row.id)
             if meta is None:
                 todo.append(row)
                 continue
@@ -141,7 +148,9 @@ class RenderWorker:
         meta = self._meta(unit, row, image, refs, timings)
         meta["warnings"] = warnings
         try:
-            receipt = self.ledger.commit(row.id, row.format, data, CONTENT_TYPES[row.format], meta)
+            receipt = self.ledger.commit(
+                row.id, row.format, data, CONTENT_TYPES[row.format], meta,
+                fingerprint=self._fingerprint(meta), repair=row.repair, tidy=self.spec.check_markers)
         except Exception as exc:  # noqa: BLE001
             return RowError.from_exception(row, "store", exc, unit.attempt)
         timings["store"] = time.perf_counter() - t0
@@ -151,6 +160,20 @@ class RenderWorker:
             seed=row.seed, prompt=row.prompt, timings=timings, worker=self.name,
             already=receipt.already,
         )
+
+    def _fingerprint(self, meta: dict) -> str:
+        """What the user asked for, hashed: two renders with the same fingerprint are the same
+        row (an image an earlier attempt left can stand for this one). Batch composition and
+        speed settings are left out: they change bits, not what was asked."""
+        model = meta["model"]
+        inputs = {k: meta[k] for k in ("id", "prompt", "variant", "width", "height", "steps",
+                                       "guidance", "seed", "format")}
+        inputs.update(source=model["source"], pipeline=model["pipeline"], dtype=model["dtype"],
+                      references=[r["sha256"] for r in meta["references"]],
+                      encode=self.spec.config.output.model_dump(),
+                      max_sequence_length=self.spec.config.variants[meta["variant"]].max_sequence_length)
+        canonical = json.dumps(inputs, sort_keys=True, default=str).encode()
+        return hashlib.sha256(canonical).hexdigest()[:32]
 
     def _meta(self, unit: WorkUnit, row: RowSpec, image, refs, timings) -> dict:
         info = self.model.info
