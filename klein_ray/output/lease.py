@@ -1,25 +1,43 @@
-"""The output lease: one driver at a time per OUT.
+"""The output lease: one driver at a time per OUT, fenced by the lease object's version.
 
-``_job/lease.json`` names the holder (run id, host, pid) and when the lease expires; a
-heartbeat thread renews it. A second driver pointed at the same OUT refuses with a clear message
-while the lease is live. A lease is stale (and taken over) once expired, or at once when its
-holder was on this host and its process is gone (a killed driver re-run on the same machine).
+``_job/lease.json`` names its holder. Every write of it is conditional on the version read, so
+two drivers can never both believe they hold it:
+
+- **take**: create it if absent; a record of ours after a lost reply is recognised by its nonce.
+  A held lease is taken over (replaced, ``If-Match``) only when it is released, or stale. Stale
+  is judged on the taker's own clock, never by comparing clocks: the same version seen unchanged
+  for the holder's TTL. On the same host, liveness is decided at once where that is provably
+  right: same boot, same PID namespace, and the holder's pid (with its start time) alive or gone.
+  A holder in another container of this host, or on another host, is watched for the TTL.
+- **renew**: every TTL/4, replacing only the version we wrote last. A renewal that finds another
+  holder, or none that it can recreate, loses the lease; so does renewing failing for longer than
+  ``TTL - TTL/4`` (others may take over at TTL). Losing calls ``on_lost`` once, which stops the
+  driver (no new work, exit 75) within one renewal interval.
+- **release**: replace our version with a released record (fenced), then delete it where the
+  server honours ``If-Match`` on delete (Ceph RGW does not: a late delete there can only remove
+  a successor's lease, whose next renewal recreates it or learns it lost it).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
 import time
-from dataclasses import asdict, dataclass
+import uuid
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
 
 from klein_ray.output.layout import LEASE
-from klein_ray.storage import AlreadyExists, NotFound, Store
+from klein_ray.storage import AlreadyExists, NotFound, Store, StorageError, VersionChanged
+
+log = logging.getLogger(__name__)
 
 TTL_S = 60.0
-RENEW_EVERY_S = 15.0
+POLL_S = 1.0  # how often a taker looks at a held lease, and a failing renewal retries
 
 
 class LeaseHeld(Exception):
@@ -29,51 +47,198 @@ class LeaseHeld(Exception):
 @dataclass(frozen=True)
 class LeaseRecord:
     run_id: str
+    nonce: str  # this acquisition: our own create is recognised after a lost reply
+    seq: int  # renewals so far: every write differs, so every version differs
+    ttl: float  # the holder renews well within this, on its own clock
     host: str
     pid: int
-    expires_at: float  # unix time
+    boot_id: str = ""  # these three decide same-host liveness (empty: unknown)
+    pid_ns: str = ""
+    pid_start: str = ""
+    released: bool = False
+    written_at: float = 0.0  # the holder's wall clock, for people reading it; never compared
 
-    def stale(self, now: float) -> bool:
-        if now >= self.expires_at:
-            return True
-        return self.host == socket.gethostname() and not _pid_alive(self.pid)
+    def describe(self) -> str:
+        return f"run {self.run_id}, host {self.host}, pid {self.pid}"
 
 
 class Lease:
-    def __init__(self, store: Store, run_id: str, ttl: float = TTL_S):
+    def __init__(self, store: Store, run_id: str, ttl: float = TTL_S,
+                 on_lost: Callable[[str], None] | None = None):
         self.store = store
         self.ttl = ttl
-        self.record = LeaseRecord(run_id, socket.gethostname(), os.getpid(), 0.0)
+        self.renew_every = ttl / 4
+        self.on_lost = on_lost or (lambda reason: None)
+        boot_id, pid_ns, pid_start = _identity(os.getpid())
+        self.record = LeaseRecord(run_id, uuid.uuid4().hex, 0, ttl, socket.gethostname(),
+                                  os.getpid(), boot_id, pid_ns, pid_start)
+        self.etag: str | None = None
+        self.lost: str | None = None
+        self._last_renewed = 0.0  # monotonic
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    # -- taking ------------------------------------------------------------------------
+
     def acquire(self) -> None:
-        """Take the lease or raise LeaseHeld naming the holder."""
-        for _ in range(3):
+        """Take the lease or raise LeaseHeld naming the holder (waits up to the holder's TTL
+        when its liveness cannot be told at once)."""
+        watched: tuple[str, float] | None = None  # (version, when we first saw it: our clock)
+        while True:
             try:
-                self._write(if_absent=True)
-                break
+                self._take(self._write(if_absent=True))
+                return
             except AlreadyExists:
-                holder = self._read()
-                if holder is not None and not holder.stale(time.time()):
-                    raise LeaseHeld(
-                        f"another klein-ray job (run {holder.run_id}, host {holder.host}, pid "
-                        f"{holder.pid}) is writing to this output; its lease expires in "
-                        f"{max(0, holder.expires_at - time.time()):.0f} s. Wait for it, or stop it."
-                    ) from None
-                self.store.delete(LEASE)  # stale: its holder is gone
-        else:
-            raise LeaseHeld("could not take the output lease (contended); retry")
-        self._thread = threading.Thread(target=self._renew, name="klein-ray-lease", daemon=True)
+                pass
+            try:
+                current = self.store.get_versioned(LEASE)
+            except NotFound:
+                continue  # released and removed since: create it
+            holder = _parse(current.data)
+            if self._is_ours(holder):
+                self._take(current.etag)  # our create landed; its reply was lost
+                return
+            watched = self._judge(holder, current.etag, watched)
+            if watched is None:  # free to take: replace exactly the version we judged
+                try:
+                    self._take(self._write(if_match=current.etag))
+                    return
+                except VersionChanged:
+                    continue
+            time.sleep(POLL_S)
+
+    def _judge(self, holder: LeaseRecord | None, etag: str,
+               watched: tuple[str, float] | None) -> tuple[str, float] | None:
+        """None if the lease may be taken now; else what we are watching. Raises LeaseHeld if
+        the holder is alive."""
+        if holder is None or holder.released:
+            return None
+        liveness = _liveness(holder)
+        if liveness == "dead":
+            log.info("the output's lease names %s, which is gone (this host): taking it", holder.describe())
+            return None
+        if liveness == "alive" or (watched is not None and watched[0] != etag):
+            raise LeaseHeld(f"another klein-ray job ({holder.describe()}) is writing to this output "
+                            "and renewing its lease. Wait for it, or stop it.")
+        if watched is None:
+            log.warning("the output's lease names %s; waiting up to %.0f s to see it renewed or "
+                        "stale", holder.describe(), holder.ttl)
+            return etag, time.monotonic()
+        if time.monotonic() - watched[1] >= holder.ttl:
+            log.warning("the output's lease of %s was not renewed for %.0f s: taking it over",
+                        holder.describe(), holder.ttl)
+            return None
+        return watched
+
+    def _take(self, etag: str) -> None:
+        self.etag = etag
+        self._last_renewed = time.monotonic()
+        self._thread = threading.Thread(target=self._renew_loop, name="klein-ray-lease", daemon=True)
         self._thread.start()
 
+    # -- keeping -----------------------------------------------------------------------
+
+    def fresh(self) -> bool:
+        """Held and renewed recently enough that no one else can have taken it over (False
+        right after this process woke from a long pause, until the next renewal says)."""
+        return self.lost is None and time.monotonic() - self._last_renewed < self.ttl - self.renew_every
+
+    def _renew_loop(self) -> None:
+        wait = self.renew_every
+        while not self._stop.wait(wait):
+            try:
+                self.renew()
+                wait = self.renew_every
+            except StorageError as exc:
+                if time.monotonic() - self._last_renewed >= self.ttl - self.renew_every:
+                    self._lose(f"could not renew it for {self.ttl - self.renew_every:.0f} s ({exc})")
+                    return
+                wait = POLL_S
+            if self.lost:
+                return
+
+    def renew(self) -> None:
+        """One renewal, fenced on the version we wrote last."""
+        with self._lock:
+            if self.lost or self._stop.is_set():
+                return
+            self.record = replace(self.record, seq=self.record.seq + 1)
+            try:
+                self.etag = self._write(if_match=self.etag)
+            except VersionChanged:
+                if not self._recover():
+                    return
+            self._last_renewed = time.monotonic()
+
+    def _recover(self) -> bool:
+        """Our version is gone: a lost reply of our own write, a stray delete, or a taker."""
+        try:
+            current = self.store.get_versioned(LEASE)
+        except NotFound:
+            try:  # a late delete removed it (see the module docstring): nobody took it over
+                self.etag = self._write(if_absent=True)
+                return True
+            except AlreadyExists:
+                current = self.store.get_versioned(LEASE)
+        holder = _parse(current.data)
+        if self._is_ours(holder):  # only we write our nonce: an earlier write of ours landed
+            self.etag = current.etag
+            return True
+        who = holder.describe() if holder else "an unreadable record"
+        self._lose(f"it was taken over ({who})")
+        return False
+
+    def _lose(self, why: str) -> None:
+        self.lost = f"lost the output's lease: {why}"
+        log.error("%s; stopping (no new work)", self.lost)
+        self.on_lost(self.lost)
+
+    # -- letting go --------------------------------------------------------------------
+
     def release(self) -> None:
+        """Give the lease back if it is still ours; never touches another driver's."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
-        holder = self._read()
-        if holder is not None and holder.run_id == self.record.run_id:
-            self.store.delete(LEASE)
+            self._thread.join(timeout=10)
+        with self._lock:
+            if self.etag is None or self.lost:
+                return
+            self.record = replace(self.record, seq=self.record.seq + 1, released=True)
+            try:
+                etag = self._write(if_match=self.etag)
+            except VersionChanged:
+                etag = self._released_late()
+                if etag is None:
+                    return  # not ours any more: someone took it over, leave theirs alone
+            except StorageError as exc:
+                log.warning("could not release the output's lease (%s); it goes stale in %.0f s",
+                            exc, self.ttl)
+                return
+            try:
+                self.store.delete(LEASE, if_match=etag)
+            except (VersionChanged, StorageError):
+                pass  # a released record is as good as none
+
+    def _released_late(self) -> str | None:
+        """Our version changed under a release: an earlier write of ours landed late (release
+        again, fenced on it), or the lease is someone else's now (None)."""
+        try:
+            current = self.store.get_versioned(LEASE)
+        except NotFound:
+            return None
+        holder = _parse(current.data)
+        if holder is not None and holder.nonce == self.record.nonce and holder.released:
+            return current.etag
+        if not self._is_ours(holder):
+            return None
+        try:
+            return self._write(if_match=current.etag)
+        except VersionChanged:
+            return None
+
+    def _is_ours(self, holder: LeaseRecord | None) -> bool:
+        return holder is not None and holder.nonce == self.record.nonce and not holder.released
 
     def __enter__(self) -> "Lease":
         self.acquire()
@@ -82,30 +247,43 @@ class Lease:
     def __exit__(self, *exc: object) -> None:
         self.release()
 
-    def _renew(self) -> None:
-        while not self._stop.wait(RENEW_EVERY_S):
-            try:
-                self._write(if_absent=False)
-            except Exception:  # noqa: BLE001 - a missed renewal is retried at the next beat
-                pass
-
-    def _write(self, if_absent: bool) -> None:
-        record = LeaseRecord(self.record.run_id, self.record.host, self.record.pid, time.time() + self.ttl)
-        self.store.put(LEASE, json.dumps(asdict(record)).encode(), content_type="application/json",
-                       if_absent=if_absent)
-
-    def _read(self) -> LeaseRecord | None:
-        try:
-            return LeaseRecord(**json.loads(self.store.get(LEASE)))
-        except (NotFound, ValueError, TypeError):
-            return None
+    def _write(self, if_absent: bool = False, if_match: str | None = None) -> str:
+        record = replace(self.record, written_at=time.time())
+        return self.store.put(LEASE, json.dumps(asdict(record)).encode(), content_type="application/json",
+                              if_absent=if_absent, if_match=if_match)
 
 
-def _pid_alive(pid: int) -> bool:
+def _parse(data: bytes) -> LeaseRecord | None:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return LeaseRecord(**json.loads(data))
+    except (ValueError, TypeError):
+        return None
+
+
+def _liveness(holder: LeaseRecord) -> str:
+    """"alive", "dead" or "unknown": only a holder in this kernel's boot and this PID namespace
+    can be judged by its pid (a hostname is not enough: containers share it with host networking)."""
+    boot_id, pid_ns, _ = _identity(os.getpid())
+    if not (holder.boot_id and holder.pid_ns) or (holder.boot_id, holder.pid_ns) != (boot_id, pid_ns):
+        return "unknown"
+    start = _identity(holder.pid)[2]
+    return "alive" if start and start == holder.pid_start else "dead"
+
+
+def _identity(pid: int) -> tuple[str, str, str]:
+    """(boot id, PID namespace, the process's start time in clock ticks since boot): empty
+    strings where /proc cannot tell (not Linux, or no such process)."""
+    def read(path: str) -> str:
+        try:
+            return Path(path).read_text().strip()
+        except OSError:
+            return ""
+
+    try:
+        pid_ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pid_ns = ""
+    stat = read(f"/proc/{pid}/stat")
+    # Field 22 is the start time; the command name (field 2) may hold spaces: split after it.
+    start = stat.rsplit(")", 1)[-1].split()[19] if stat else ""
+    return read("/proc/sys/kernel/random/boot_id"), pid_ns, start

@@ -1,0 +1,224 @@
+"""The fenced output lease, each reproduced failure of the old one forced with real stores
+(LocalStore and moto): renewals and takeovers replace only the version read, staleness is seen
+on the taker's clock, release touches only our own lease, our own create is recognised after a
+lost reply, and same-host takeover happens at once only when the holder is provably gone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import replace
+
+import pytest
+
+from klein_ray.output.lease import Lease, LeaseHeld, LeaseRecord, _identity
+from klein_ray.output.layout import LEASE
+from klein_ray.storage import AlreadyExists, LocalStore, Store, StorageError, open_store
+
+
+@pytest.fixture(params=["local", "moto"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return LocalStore(tmp_path / "out")
+    server = request.getfixturevalue("s3_env")(request.getfixturevalue("moto_s3"))
+    return open_store(f"s3://{server.new_bucket()}/out")
+
+
+class Hooked(Store):
+    """A real store with a hook run in place of some writes (to force an interleaving)."""
+
+    def __init__(self, inner: Store, hook):
+        self.inner, self.uri, self.hook = inner, inner.uri, hook
+
+    def put(self, key, data, **kw):
+        return self.hook(self.inner, key, data, kw)
+
+    def get(self, key, max_bytes=None):
+        return self.inner.get(key, max_bytes)
+
+    def get_versioned(self, key, max_bytes=None):
+        return self.inner.get_versioned(key, max_bytes)
+
+    def head(self, key):
+        return self.inner.head(key)
+
+    def list(self, prefix=""):
+        return self.inner.list(prefix)
+
+    def delete(self, key, if_match=None):
+        return self.inner.delete(key, if_match)
+
+    def download(self, key, dest):
+        return self.inner.download(key, dest)
+
+
+def _paused(store: Store, run_id: str, ttl: float, lost: list) -> Lease:
+    """A holder whose renewals we run by hand: between two of them it is 'paused'."""
+    lease = Lease(store, run_id, ttl=ttl, on_lost=lost.append)
+    lease.renew_every = 3600.0  # the background thread never fires in these tests
+    return lease
+
+
+def _holder(store: Store, **fields) -> None:
+    record = dict(run_id="other", nonce=uuid.uuid4().hex, seq=0, ttl=1.0, host="elsewhere", pid=1)
+    record.update(fields)
+    store.put(LEASE, json.dumps(record).encode())
+
+
+def _current(store: Store) -> LeaseRecord:
+    return LeaseRecord(**json.loads(store.get(LEASE)))
+
+
+def test_a_driver_paused_past_its_ttl_learns_it_lost_the_lease(store):
+    lost: list[str] = []
+    first = _paused(store, "first", ttl=1.0, lost=lost)
+    first.acquire()
+    first.record = replace(first.record, host="elsewhere", pid_ns="other-container")
+    first.renew()  # now it looks like a holder in another container: only its TTL can tell
+    second = Lease(store, "second", ttl=1.0)
+    started = time.monotonic()
+    second.acquire()  # watches first's version unchanged for the TTL on its own clock
+    assert time.monotonic() - started >= 1.0
+    first.renew()  # woken: the old code overwrote second's lease here and never knew
+    assert first.lost and lost and "taken over" in lost[0] and "second" in lost[0]
+    assert not first.fresh()
+    first.release()  # must not touch second's lease
+    assert _current(store).run_id == "second" and not _current(store).released
+    second.renew()
+    assert second.lost is None
+    second.release()
+    assert store.head(LEASE) is None
+
+
+def test_two_takers_of_one_stale_lease_cannot_both_win(store):
+    """The old takeover was delete-then-create: two takers could both delete and both create."""
+    _holder(store, released=True)
+    barrier = threading.Barrier(2, timeout=10)
+
+    def both_at_once(inner, key, data, kw):
+        if kw.get("if_match"):
+            barrier.wait()  # both judged the same version free; now both replace it
+        return inner.put(key, data, **kw)
+
+    results: dict[str, str] = {}
+
+    def take(name: str) -> None:
+        lease = Lease(Hooked(store, both_at_once), name, ttl=30.0)
+        try:
+            lease.acquire()
+            results[name] = "holds"
+            lease._stop.set()
+        except LeaseHeld as exc:
+            results[name] = str(exc)
+
+    threads = [threading.Thread(target=take, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(results.values()).count("holds") == 1, results
+    loser = next(v for v in results.values() if v != "holds")
+    assert "another klein-ray job" in loser  # it re-read the lease and saw a live holder
+    assert _current(store).run_id in results and results[_current(store).run_id] == "holds"
+
+
+def test_a_renewing_holder_is_never_taken_over_whatever_its_clock_says(store):
+    """Staleness compared the holder's wall clock with ours; now only versions count."""
+    _holder(store, written_at=0.0, ttl=2.0)  # a clock decades behind, another host
+    stop = threading.Event()
+
+    def keep_renewing():
+        seq = 1
+        while not stop.wait(0.3):
+            _holder(store, written_at=0.0, ttl=2.0, seq=seq)
+            seq += 1
+
+    renewer = threading.Thread(target=keep_renewing)
+    renewer.start()
+    try:
+        with pytest.raises(LeaseHeld, match="renewing its lease"):
+            Lease(store, "taker", ttl=2.0).acquire()
+    finally:
+        stop.set()
+        renewer.join()
+
+
+def test_a_silent_holder_with_a_clock_ahead_is_taken_over_after_its_ttl(store):
+    _holder(store, written_at=time.time() + 10 * 365 * 86400, ttl=1.0)
+    lease = Lease(store, "taker", ttl=5.0)
+    lease.acquire()
+    assert _current(store).run_id == "taker"
+    lease.release()
+
+
+def test_our_own_create_is_recognised_after_a_lost_reply(store):
+    """The create landed but its reply was lost; the retry sees 412. The old lease refused its
+    own record (exit 2)."""
+    def lose_reply(inner, key, data, kw):
+        etag = inner.put(key, data, **kw)
+        if kw.get("if_absent"):
+            raise AlreadyExists(key)
+        return etag
+
+    lease = Lease(Hooked(store, lose_reply), "me", ttl=30.0)
+    lease.acquire()
+    assert _current(store).run_id == "me"
+    lease.release()
+    assert store.head(LEASE) is None
+
+
+def test_same_host_dead_holder_is_taken_over_at_once(store):
+    boot_id, pid_ns, _ = _identity(os.getpid())
+    if not (boot_id and pid_ns):
+        pytest.skip("no /proc here")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    _holder(store, host="this", pid=gone.pid, boot_id=boot_id, pid_ns=pid_ns, pid_start="1", ttl=3600.0)
+    lease = Lease(store, "me", ttl=30.0)
+    started = time.monotonic()
+    lease.acquire()
+    assert time.monotonic() - started < 5  # no TTL wait: provably gone
+    lease.release()
+
+
+def test_same_host_live_holder_is_refused_at_once(store):
+    boot_id, pid_ns, start = _identity(os.getpid())
+    if not (boot_id and pid_ns):
+        pytest.skip("no /proc here")
+    _holder(store, pid=os.getpid(), boot_id=boot_id, pid_ns=pid_ns, pid_start=start, ttl=3600.0)
+    with pytest.raises(LeaseHeld):
+        Lease(store, "me", ttl=30.0).acquire()
+
+
+def test_a_holder_in_another_pid_namespace_is_not_judged_by_pid(store):
+    """Containers with host networking share the hostname: pid 1 'alive' here says nothing."""
+    boot_id, _, _ = _identity(os.getpid())
+    _holder(store, pid=os.getpid(), boot_id=boot_id, pid_ns="pid:[1]", pid_start="0", ttl=1.0)
+    lease = Lease(store, "me", ttl=30.0)
+    started = time.monotonic()
+    lease.acquire()  # waited the holder's TTL unchanged, then took over
+    assert time.monotonic() - started >= 1.0
+    lease.release()
+
+
+def test_a_driver_that_cannot_renew_loses_the_lease_before_anyone_could_take_it(store):
+    broken = threading.Event()
+
+    def outage(inner, key, data, kw):
+        if broken.is_set():
+            raise StorageError("put: connection refused")
+        return inner.put(key, data, **kw)
+
+    lost = threading.Event()
+    lease = Lease(Hooked(store, outage), "me", ttl=1.0, on_lost=lambda why: lost.set())
+    lease.acquire()
+    broken.set()
+    assert lost.wait(5), "never noticed"
+    assert "could not renew" in lease.lost
+    assert not lease.fresh()
+    lease.release()  # cannot reach the store: leaves it to go stale, no exception
