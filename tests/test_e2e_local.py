@@ -80,7 +80,8 @@ def test_bad_rows_are_error_records_and_good_rows_render(tmp_path, tiny_models, 
     assert set(tmp_path.iterdir()) - outside == {out, manifest, tmp_path / "job.yaml", tmp_path / "text.png"}
     assert not list(tmp_path.glob("escape*"))
     status = run_cli("status", str(out))
-    assert last_json(status.stdout) == {"committed": 2, "failed": len(rows) - 2, "remaining": 0}
+    assert last_json(status.stdout) == {"committed": 2, "failed": len(rows) - 2, "remaining": 0,
+                                      "foreign": 0, "unreadable": 0}
 
 
 @pytest.mark.parametrize("case", ["missing", "not-parquet", "no-prompt", "wrong-type"])

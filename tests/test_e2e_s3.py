@@ -62,7 +62,9 @@ def job(rgw, tiny_models, ray_address, tmp_path_factory):
     for i, rows in enumerate((rows_a, rows_b)):
         local = write_manifest(tmp / f"part-{i}.parquet", rows)
         s3.upload_file(str(local), bucket, f"manifests/part-{i}.parquet")
-    config = write_config(tmp / "job.yaml", tiny_models)
+    # An S3 manifest allows no local reference by default: the disk references' directory is
+    # opened deliberately.
+    config = write_config(tmp / "job.yaml", tiny_models, references={"local_roots": [str(tmp)]})
     args = ("render", f"s3://{bucket}/manifests/", "--output", f"s3://{bucket}/out",
             "--config", str(config), "--address", ray_address, "--no-progress")
     first = run_cli(*args, env=rgw.env())
@@ -138,7 +140,8 @@ def test_rerun_renders_and_changes_nothing(job, rgw):
 
     status = run_cli("status", f"s3://{job['bucket']}/out", env=rgw.env())
     assert status.returncode == 0, status.stderr
-    assert last_json(status.stdout) == {"committed": len(job["rows"]), "failed": 0, "remaining": 0}
+    assert last_json(status.stdout) == {"committed": len(job["rows"]), "failed": 0, "remaining": 0,
+                                      "foreign": 0, "unreadable": 0}
 
 
 @pytest.mark.parametrize("row_id", ["t2i-a", "edit-s3", "multi", "base-t2i"])

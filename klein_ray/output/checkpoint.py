@@ -50,6 +50,13 @@ class DoneSet:
     def __contains__(self, row_id: object) -> bool:
         return row_id in self._ids
 
+    def __iter__(self):
+        return iter(self._ids)
+
+    def without(self, ids: frozenset[str]) -> "DoneSet":
+        """These rows are not done after all (``render --verify`` found them broken)."""
+        return DoneSet(list(self._ids - ids))
+
     def mask(self, ids: list) -> list[bool]:
         """For each id in ``ids``: is it committed?"""
         done = self._ids

@@ -25,7 +25,7 @@ from klein_ray.output.report import (
     entries_from_parquet_bytes,
     entries_to_parquet_bytes,
 )
-from klein_ray.storage import NotFound, Store
+from klein_ray.storage import NotFound, Store, local_path
 from klein_ray.storage.tables import get_table, put_table
 from klein_ray.types import RowError, RowResult
 
@@ -41,7 +41,8 @@ class JobLog:
         self.store = store
         self.run_id = run_id
         self.config = config
-        self.manifest_uri = manifest_uri
+        # Absolute, so that `status` run from elsewhere reads the same manifest.
+        self.manifest_uri = manifest_uri if "://" in manifest_uri else str(local_path(manifest_uri))
         self.contact = self._load_contact()
         self._contact_ids = {e.id for e in self.contact}
 
