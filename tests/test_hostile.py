@@ -330,6 +330,8 @@ def _cases(inp: dict[str, Path], lo: Recorder, lo6: Recorder) -> list[Case]:
          "fetch", None, ("not a regular file",)),  # a device is never read, capped or not
         (row(id="bomb-ref", prompt="x", references=[str(inp["bomb.png"])], **sq),
          "fetch", None, ("too large to decode safely",)),
+        (row(id="outside-roots-ref", prompt="x", references=["/etc/passwd"], **sq),
+         "fetch", None, ("is outside references.local_roots", "add its directory")),
         # --- references the model cannot use: per-row errors, not batch crashes ---------
         (row(id="tiny-ref", prompt="x", references=[str(inp["tiny40.png"])], **sq),
          "render", None, ("40x40", "at least 64")),
@@ -471,7 +473,9 @@ def hostile(tmp_path_factory, tiny_models, ray_address, servers):
     cases = _cases(inp, servers.lo, servers.lo6)
     manifest = _write_manifest_dir(root / "manifest", cases)
     good_manifest = _write_manifest_dir(root / "good-manifest", cases, only_good=True)
-    config = _write_job(root / "job.yaml", tiny_models)
+    # The references live beside the manifest directory, not in it (the default root); /dev is
+    # allowed so that the device row below is refused for what it is, not for where it is.
+    config = _write_job(root / "job.yaml", tiny_models, local_roots=[str(inp["ok.png"].parent), "/dev"])
     cwd, tmpdir = root / "cwd", root / "tmpdir"
     cwd.mkdir()
     tmpdir.mkdir()
@@ -620,7 +624,8 @@ def test_no_secret_in_output_streams_or_files(hostile):
 def test_status_counts_from_storage(hostile):
     proc = run_cli("status", str(hostile.out))
     good = sum(c.good for c in hostile.cases)
-    assert last_json(proc.stdout) == {"committed": good, "failed": len(hostile.cases) - good, "remaining": 0}
+    assert last_json(proc.stdout) == {"committed": good, "failed": len(hostile.cases) - good, "remaining": 0,
+                                      "foreign": 0, "unreadable": 0}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -111,7 +111,8 @@ def test_a_file_reference_that_is_not_a_regular_file_is_refused_at_once(tmp_path
     else:
         target = tmp_path / "dir.png"
         target.mkdir()
-    fetcher = ReferenceFetcher(ReferenceConfig(), StorageConfig())
+    # Both directories allowed: this is about what is read, not where (test_confinement.py).
+    fetcher = ReferenceFetcher(ReferenceConfig(local_roots=[str(tmp_path), "/dev"]), StorageConfig())
     outcome: list = []
     reader = threading.Thread(target=lambda: outcome.append(_try_read(fetcher, target.as_uri())), daemon=True)
     reader.start()

@@ -8,15 +8,21 @@ from klein_ray.config import JobConfig
 from klein_ray.intake.manifest import Manifest, id_hash, prescan
 from klein_ray.intake.rows import RowValidator, duplicate_id_error
 from klein_ray.model.limits import shape_problem
+from klein_ray.render.confinement import confine, refusal
 from klein_ray.render.references import ReferenceError, ReferenceFetcher
-from klein_ray.types import RowError
+from klein_ray.types import RowError, RowSpec
 
 
-def validate_manifest(uri: str, config: JobConfig, check_references: bool = False) -> list[RowError]:
+def validate_manifest(uri: str, config: JobConfig, check_references: bool = False,
+                      output: str | None = None) -> list[RowError]:
     """All row problems (several per row when a row has several); raises ManifestError for
-    problems with the manifest as a whole. With ``check_references`` every distinct reference
-    of a valid row is fetched and decoded (same caps and address rules as rendering)."""
-    fetcher = ReferenceFetcher(config.references, config.storage) if check_references else None
+    problems with the manifest as a whole. Every reference is checked against the job's
+    confinement (``references.local_roots`` / ``s3_buckets``, defaults resolved as `render`
+    does; without ``output`` its bucket is not among the defaults). With ``check_references``
+    every allowed, distinct reference of a valid row is also fetched and decoded (same caps
+    and address rules as rendering)."""
+    refcfg = confine(config.references, uri, output)
+    fetcher = ReferenceFetcher(refcfg, config.storage) if check_references else None
     checked_refs: dict[str, str | None] = {}  # uri -> problem (None: fine)
     problems: list[RowError] = []
     with Manifest(uri, config.storage) as manifest:
@@ -30,14 +36,28 @@ def validate_manifest(uri: str, config: JobConfig, check_references: bool = Fals
             if isinstance(checked, list):
                 problems.extend(checked)
                 continue
-            for uri in checked.references if fetcher else ():
-                if uri not in checked_refs:
-                    try:
-                        ref = fetcher.fetch(uri)
-                        checked_refs[uri] = shape_problem(ref.width, ref.height)
-                    except ReferenceError as exc:
-                        checked_refs[uri] = str(exc)
-                if checked_refs[uri]:
-                    problems.append(RowError.for_row(checked, "fetch", "ReferenceError",
-                                                     checked_refs[uri], column="references"))
+            problems.extend(_reference_problems(checked, refcfg, fetcher, checked_refs))
     return problems
+
+
+def _reference_problems(row: RowSpec, refcfg, fetcher: ReferenceFetcher | None,
+                        checked_refs: dict[str, str | None]) -> list[RowError]:
+    """The row's references that may not be read or (when fetching) cannot be used; each
+    distinct reference is checked once."""
+    found = []
+    for ref in row.references:
+        if ref not in checked_refs:
+            # Confinement first: it reads nothing, so it is checked with or without fetching.
+            checked_refs[ref] = refusal(ref, refcfg) or (_fetch_problem(fetcher, ref) if fetcher else None)
+        if checked_refs[ref]:
+            found.append(RowError.for_row(row, "fetch", "ReferenceError", checked_refs[ref],
+                                          column="references"))
+    return found
+
+
+def _fetch_problem(fetcher: ReferenceFetcher, ref: str) -> str | None:
+    try:
+        fetched = fetcher.fetch(ref)
+    except ReferenceError as exc:
+        return str(exc)
+    return shape_problem(fetched.width, fetched.height)

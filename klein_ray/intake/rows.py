@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,11 @@ def duplicate_id_error(row_id: str, file: str, index: int) -> RowError:
 
 
 def normalise_reference(uri: str, base_dir: Path) -> str:
-    """A reference as an absolute URI; plain paths are resolved against ``base_dir`` (the CWD)."""
+    """A reference as an absolute URI; plain paths are resolved against ``base_dir`` (the CWD).
+
+    Lexically ('..' and '.' folded), without following symlinks: the worker resolves the path
+    when it checks it against ``references.local_roots``, and a refusal then quotes the path as
+    written, never a link's target outside the roots."""
     if uri.startswith(REFERENCE_SCHEMES):
         return uri
     if "://" in uri:
@@ -57,7 +62,7 @@ def normalise_reference(uri: str, base_dir: Path) -> str:
         path = Path(uri).expanduser()
     except RuntimeError:  # "~user" with no such user
         raise ValueError(f"cannot expand the home directory in {uri!r}") from None
-    return (base_dir / path).resolve().as_uri()
+    return Path(os.path.normpath(base_dir.absolute() / path)).as_uri()
 
 
 class RowValidator:

@@ -1,9 +1,12 @@
 """Reference images: fetched from s3://, http(s)://, file:// or paths, capped, checked, decoded.
 
-Every source is size-capped while reading. ``http(s)`` requests connect to an address that was
-resolved and checked once (no second lookup a DNS rebinding could change), refuse loopback,
-private and link-local addresses unless allow-listed, and re-check every redirect. Decoding
-keeps Pillow's decompression-bomb guard, applies EXIF orientation and converts to RGB.
+Local and ``s3://`` references are read only from the directories and buckets the job is
+confined to (``confinement``), checked before anything is opened. Every source is size-capped
+while reading. ``http(s)`` requests connect to an address that was resolved and checked once
+(no second lookup a DNS rebinding could change), refuse loopback, private and link-local
+addresses unless allow-listed, and re-check every redirect. Decoding asks Pillow for the
+accepted formats' plugins only, keeps its decompression-bomb guard, applies EXIF orientation
+and converts to RGB.
 """
 
 from __future__ import annotations
@@ -18,14 +21,20 @@ import ssl
 import stat
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from klein_ray.config import ReferenceConfig, StorageConfig
-from klein_ray.storage import TooLarge, local_path, open_store, split_s3
+from klein_ray.render.confinement import Refused, check_bucket, local_target
+from klein_ray.storage import TooLarge, open_store, split_s3
 from klein_ray.types import first_line
 
 MAX_REDIRECTS = 5
 HTTP_ATTEMPTS = 4
+# The formats a reference may be in (Pillow's names; README lists them). Pillow is asked for these
+# plugins only: a file in any other format is never parsed by another decoder (EPS would run
+# Ghostscript; TIFF, PSD and the rest are attack surface no reference needs).
+REFERENCE_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
 class ReferenceError(Exception):
@@ -91,14 +100,17 @@ class ReferenceFetcher:
         try:
             if uri.startswith("s3://"):
                 bucket, key = split_s3(uri)
+                check_bucket(uri, self.cfg.s3_buckets)
                 return open_store(f"s3://{bucket}", self.storage).get(key, max_bytes=limit)
             if uri.startswith(("http://", "https://")):
                 return self._http_get_retrying(uri)
-            return _read_file(uri, limit)
+            return _read_file(local_target(uri, self.cfg.local_roots), uri, limit)
         except TooLarge:
             raise ReferenceError(f"reference {redact(uri)} is larger than {limit} bytes") from None
         except ReferenceError:
             raise
+        except Refused as exc:
+            raise ReferenceError(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - reported per row, without request details
             raise ReferenceError(f"reference {redact(uri)}: {type(exc).__name__}: {_detail(exc, uri)}") from None
 
@@ -174,10 +186,10 @@ def decode_image(data: bytes, label: str, max_pixels: int = 64_000_000):
     """Bytes -> RGB PIL image, or ReferenceError saying why not."""
     import warnings
 
-    from PIL import Image, ImageOps
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as img, warnings.catch_warnings():
+        with Image.open(io.BytesIO(data), formats=REFERENCE_FORMATS) as img, warnings.catch_warnings():
             # Pillow only raises past twice its own limit; ours is checked before decoding.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             if img.width * img.height > max_pixels:
@@ -195,15 +207,19 @@ def decode_image(data: bytes, label: str, max_pixels: int = 64_000_000):
             return img.convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ReferenceError(f"reference {label}: image too large to decode safely") from None
+    except UnidentifiedImageError:  # no accepted plugin recognised it; no other was asked
+        raise ReferenceError(f"reference {label}: not a readable image in an accepted format "
+                             f"({', '.join(REFERENCE_FORMATS)})") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ReferenceError(f"reference {label}: not a readable image ({_short(exc)})") from None
 
 
-def _read_file(uri: str, limit: int) -> bytes:
-    path = local_path(uri)
+def _read_file(path: Path, uri: str, limit: int) -> bytes:
+    """``path``: the resolved file ``local_target`` allowed for the reference ``uri``."""
     # Regular files only: opening a FIFO would wait for a writer, and a device (/dev/zero,
     # /dev/stdin) never ends or blocks. O_NONBLOCK makes the open itself return at once.
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    # O_NOFOLLOW: the path was resolved when checked; a link put there since is not followed.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise ReferenceError(f"reference {uri} is not a regular file")
