@@ -1,4 +1,4 @@
-"""Command line: `klein-ray render | validate | status | demo | make-tiny-model` (SPEC's surface).
+"""Command line: `klein-ray render | validate | status | verify | demo | make-tiny-model`.
 
 Each command parses its arguments, calls one function of ``klein_ray.commands``, and turns
 known failures into a clear one-line message and SPEC's exit code (no tracebacks for user
@@ -16,12 +16,14 @@ import signal
 import sys
 from pathlib import Path
 
-from klein_ray.commands.render import EXECUTORS, render
+from klein_ray.commands.render import EXECUTORS, render, units_left_running
 from klein_ray.config import ConfigError, load_config
 from klein_ray.intake.manifest import ManifestError
 from klein_ray.output.lease import LeaseHeld
-from klein_ray.run.driver import EXIT_INTERRUPTED, EXIT_INVALID, RenderJob
+from klein_ray.run.driver import EXIT_INTERRUPTED, EXIT_INVALID, EXIT_TEMPFAIL, RenderJob
+from klein_ray.run.stopping import TRY_LATER
 from klein_ray.storage import StorageError
+from klein_ray.storage.base import StorageUnavailable
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
                        description="Render every row of MANIFEST into OUT. Re-running the same "
                        "command resumes: committed rows are skipped. Exit codes: 0 all rows "
                        "committed, 1 some rows failed (see OUT/_job/errors.parquet), 2 invalid "
-                       "invocation/config/manifest, 130 interrupted.")
+                       "invocation/config/manifest, 75 storage unreachable (run it again later), "
+                       "130 interrupted.")
     r.add_argument("manifest", help="Parquet file, directory of Parquet files, or s3:// prefix")
     r.add_argument("--output", "-o", required=True, help="s3://bucket/prefix or a local directory")
     r.add_argument("--config", "-c", help="job config YAML (default: one CPU variant, the tiny model)")
@@ -55,6 +58,15 @@ def _parser() -> argparse.ArgumentParser:
                        description="Counts from storage alone (no Ray). The last line is JSON.")
     s.add_argument("output")
     s.add_argument("--config", "-c", help="job config (for storage settings)")
+
+    f = sub.add_parser("verify", help="audit every committed row of an output",
+                       description="Check every row the output says is committed: marker, image "
+                       "key, size and sha256 (--deep downloads and hashes every image). Prints "
+                       "each broken row (id, problem), then a JSON summary; exit 0 if none is "
+                       "broken, 1 if some are (`render --verify` repairs them).")
+    f.add_argument("output")
+    f.add_argument("--deep", action="store_true", help="download and hash every image")
+    f.add_argument("--config", "-c", help="job config (for storage settings)")
 
     d = sub.add_parser("demo", help="render the sample manifest with the tiny model on a local Ray",
                        description="Build the tiny offline models if missing and render "
@@ -99,11 +111,27 @@ def main(argv: list[str] | None = None) -> int:
     _terminate_like_interrupt()
     args = _parser().parse_args(argv)
     configure_logging()
+    code = _run(args)
+    if args.command in ("render", "demo") and units_left_running():
+        # `--executor local` left units on threads (hung, or cut off by a stop): exiting the
+        # usual way would kill them inside torch and abort with 134. Everything is written.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    return code
+
+
+def _run(args) -> int:
+    """The command, with known failures turned into one line and their exit code."""
     try:
         return _COMMANDS[args.command](args)
     except (ConfigError, ManifestError, LeaseHeld) as exc:
         print(f"klein-ray: {exc}", file=sys.stderr)
         return EXIT_INVALID
+    except StorageUnavailable as exc:  # before StorageError: it is one, but temporary
+        print(f"klein-ray: storage unreachable: {exc}; {TRY_LATER}", file=sys.stderr)
+        return EXIT_TEMPFAIL
     except StorageError as exc:
         print(f"klein-ray: storage error: {exc}", file=sys.stderr)
         return EXIT_INVALID
@@ -141,6 +169,17 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from klein_ray.commands.verify import verify_output
+
+    config = load_config(args.config)
+    report = verify_output(args.output, deep=args.deep, storage=config.storage)
+    for damage in report.broken:
+        print(f"{damage.id}\t{damage.problem}")
+    print(json.dumps(report.as_dict()))
+    return 1 if report.broken else 0
+
+
 def cmd_demo(args) -> int:
     from klein_ray.commands import demo
 
@@ -166,7 +205,7 @@ def cmd_make_tiny_model(args) -> int:
 
 
 _COMMANDS = {"render": cmd_render, "validate": cmd_validate, "status": cmd_status,
-             "demo": cmd_demo, "make-tiny-model": cmd_make_tiny_model}
+             "verify": cmd_verify, "demo": cmd_demo, "make-tiny-model": cmd_make_tiny_model}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -107,6 +107,37 @@ class ReferenceConfig(_Strict):
         default_factory=list,
         description="http(s) hosts or CIDRs allowed although loopback/private/link-local.",
     )
+    local_roots: list[str] | None = Field(
+        None,
+        description="Directories local (path, file://) references must lie under, symlinks "
+        "followed; relative ones are taken from the driver's working directory. Unset: the "
+        "manifest's directory, or none for a manifest in S3. []: no local references.",
+    )
+    s3_buckets: list[str] | None = Field(
+        None,
+        description="Buckets s3:// references may be read from. Unset: the manifest's bucket "
+        "and the output's bucket (those in S3). []: no s3:// references.",
+    )
+
+    @field_validator("s3_buckets")
+    @classmethod
+    def _bucket_names(cls, buckets: list[str] | None) -> list[str] | None:
+        # "s3://name/" is what users copy from a console; the bucket is what is compared.
+        if buckets is None:
+            return None
+        names = [b.removeprefix("s3://").strip("/") for b in buckets]
+        for given, name in zip(buckets, names):
+            if not name or "/" in name:
+                raise ValueError(f"{given!r} is not a bucket name (write the bucket alone, no key)")
+        return names
+
+    @field_validator("local_roots")
+    @classmethod
+    def _root_paths(cls, roots: list[str] | None) -> list[str] | None:
+        if roots is not None and any(not r.strip() or ("://" in r and not r.startswith("file://"))
+                                     for r in roots):
+            raise ValueError("local_roots are directories: plain paths or file:// URIs")
+        return roots
 
 
 class RunConfig(_Strict):
@@ -123,6 +154,16 @@ class RunConfig(_Strict):
     model_load_timeout: float = Field(
         1800.0, gt=0, description="Seconds to wait for a variant's actors to load their model "
         "(a first download of real weights can take minutes)."
+    )
+    unit_timeout_s: float = Field(
+        1800.0, gt=0, description="Seconds a work unit may take from its submission to its "
+        "outcome (it may wait behind the actor's other in_flight_per_actor units for the model) "
+        "before its worker counts as hung: the worker is replaced and the unit retried."
+    )
+    unreachable_after_s: float = Field(
+        60.0, gt=0, description="Once rows fail to store because the output storage is "
+        "unreachable (after every storage retry), seconds without any successful commit before "
+        "the run stops with exit 75; nothing is lost, re-run later to resume."
     )
 
 

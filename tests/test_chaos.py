@@ -2,6 +2,7 @@
 
 - the driver's whole process group SIGKILLed at random moments, then re-run to the end;
 - a render worker process SIGKILLed mid-batch: the same run still finishes;
+- a render worker that hangs: past run.unit_timeout_s its actor is killed and replaced;
 - every request through a fault-injecting proxy in front of Ceph RGW (503, 500, resets before
   and after the write lands, stalls past the read timeout), a quarter of them;
 - SIGTERM (a preemption notice): exit 130 within seconds, and a re-run resumes.
@@ -16,6 +17,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -125,6 +127,36 @@ def test_worker_killed_mid_batch_same_run_finishes(tmp_path, tiny_models, ray_ad
     assert proc.returncode == 0, (stdout[-2000:], stderr[-2000:], _errors(errors))
     assert last_json(stdout)["committed"] == len(rows)
     _assert_exactly_once(store, rows)
+
+
+def test_a_hung_actor_is_killed_and_replaced(tmp_path, tiny_models, ray_address):
+    from klein_ray.config import load_config
+    from klein_ray.run.driver import EXIT_OK, Driver, RenderJob
+    from klein_ray.run.ray_executor import RayExecutor
+    from klein_ray.run.worker import RenderWorker
+
+    hung = tmp_path / "hung-worker"
+
+    class Hanging(RenderWorker):  # defined here: Ray ships it to the actor by value
+        def render_unit(self, unit):
+            if unit.attempt == 1 and any(r.id == "hang" for r in unit.rows):
+                hung.write_text(self.name)
+                threading.Event().wait()  # for ever: only killing the actor ends this call
+            return super().render_unit(unit)
+
+    rows = [row(id=f"h{i}", prompt="a teapot", width=64, height=64, seed=i) for i in range(4)]
+    rows.append(row(id="hang", prompt="a stuck teapot", width=80, height=64, seed=9))  # its own unit
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    config = load_config(write_config(tmp_path / "job.yaml", tiny_models, run={"unit_timeout_s": 10}))
+    out = tmp_path / "out"
+    summary, code = Driver(RenderJob(str(manifest), str(out), config), lambda: RayExecutor(worker=Hanging)).run()
+    assert code == EXIT_OK and summary["committed"] == len(rows)
+    meta = json.loads((out / "meta" / "hang.json").read_text())
+    assert meta["attempt"] == 2 and meta["worker"] != hung.read_text()  # a fresh actor
+    try:  # the hung actor's process is gone (killed), not left behind
+        psutil.Process(int(hung.read_text().rsplit(":", 1)[1])).wait(timeout=60)
+    except psutil.NoSuchProcess:
+        pass
 
 
 def test_faults_on_a_quarter_of_storage_requests(tmp_path, tiny_models, ray_address, rgw, s3_env):

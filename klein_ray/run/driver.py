@@ -5,13 +5,14 @@ checkpoint, reads the done set and prescans the manifest: a ``ResumePlan``. ``ex
 the rows the plan leaves, plans work units, keeps every worker fed with a bounded number of
 units through an ``Executor`` (it knows only that interface), applies the retry policy
 (``policy.settle``) to every outcome, and writes the job log. Whether a row is done is the
-ledger's decision, never the driver's.
+ledger's decision, never the driver's. A run can stop early (``stopping``): an interrupt, an
+``abort`` from another thread, or an output store that is unreachable (exit 75).
 """
 
 from __future__ import annotations
 
 import logging
-import signal
+import threading
 import time
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
@@ -27,15 +28,34 @@ from klein_ray.output.joblog import JobLog, new_run_id
 from klein_ray.output.lease import Lease
 from klein_ray.output.ledger import Ledger
 from klein_ray.render import modelsource
-from klein_ray.run.executor import Executor, Outcome, Pool, WorkerSpec
+from klein_ray.render.confinement import confine
+from klein_ray.run.executor import Executor, Outcome, Pool
 from klein_ray.run.policy import settle
+from klein_ray.run.pools import start_pools, worker_specs
+from klein_ray.run.stopping import (  # the exit codes are the driver's API too
+    EXIT_INTERRUPTED,
+    EXIT_INVALID,
+    EXIT_OK,
+    EXIT_ROWS_FAILED,
+    EXIT_TEMPFAIL,
+    INTERRUPT,
+    STOP_GRACE_S,
+    TRY_LATER,
+    OutageWatch,
+    Stop,
+    Stops,
+    restore_signals,
+    trap_signals,
+    unreachable,
+)
 from klein_ray.storage import open_store
-from klein_ray.types import RowError, RowSpec, UnitOutcome, WorkUnit
+from klein_ray.storage.base import StorageUnavailable
+from klein_ray.types import RowError, RowSpec, UnitOutcome, WorkUnit, first_line
 
 log = logging.getLogger(__name__)
 
-INTERRUPT_GRACE_S = 5.0
-EXIT_OK, EXIT_ROWS_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+__all__ = ["Driver", "Progress", "RenderJob", "ResumePlan", "EXIT_OK", "EXIT_ROWS_FAILED",
+           "EXIT_INVALID", "EXIT_TEMPFAIL", "EXIT_INTERRUPTED"]
 
 
 class Progress(Protocol):
@@ -89,12 +109,16 @@ class Driver:
         # node uses its own AWS chain (a local Ray inherits the driver's environment).
         storage = job.config.storage
         self.cfg = job.config.model_copy(update={"storage": storage.model_copy(
-            update={"endpoint_url": storage.resolved_endpoint()})})
+            update={"endpoint_url": storage.resolved_endpoint()}),
+            # Likewise the references' confinement: its defaults depend on where the manifest
+            # and OUT are, which workers do not know.
+            "references": confine(job.config.references, job.manifest, job.output)})
         self.store = open_store(job.output, self.cfg.storage)
         self.run_id = new_run_id()
         self.ledger = Ledger(self.store, self.run_id)
         self.tally = _Tally()
         self.interrupted = False
+        self._stops = Stops()
         self.sources = self._check_sources()
         self._make_executor = executor
         self._progress = progress or (lambda total: _Silent())
@@ -102,17 +126,47 @@ class Driver:
     def run(self) -> tuple[dict, int]:
         """Render the job; returns (summary, exit code). Raises LeaseHeld if OUT is in use."""
         started = time.monotonic()
-        with Manifest(self.job.manifest, self.cfg.storage) as manifest, Lease(self.store, self.run_id):
-            plan = self.prepare(manifest)
-            log.info("run %s: %d rows, %d committed already, %d to render", self.run_id,
-                     manifest.total_rows, len(plan.done), sum(plan.pending.values()))
-            self.execute(plan)
-            summary = self._summary(manifest.total_rows, started)
+        with Manifest(self.job.manifest, self.cfg.storage) as manifest:
+            lease = Lease(self.store, self.run_id)
+            lease.acquire()
+            try:
+                summary = self._run_leased(manifest, started)
+            except StorageUnavailable as exc:  # the driver's own reads and writes of OUT
+                self._unreachable(f"storage unreachable: {first_line(exc)}")
+                summary = self._summary(manifest.total_rows, started)
+            finally:
+                self._let_go(lease)
+        log.info("run %s %s: %d committed, %d skipped, %d failed in %.1f s", self.run_id,
+                 "stopped" if self.stopped else "finished", summary["committed"], summary["skipped"],
+                 summary["failed"], summary["seconds"])
+        if self.stopped not in (None, INTERRUPT):
+            log.error("%s", self.stopped.reason)  # the last line: what to do now
+        return summary, self._exit_code()
+
+    def abort(self, reason: str, exit_code: int, write_log: bool = True) -> None:
+        """Stop the run from any thread: no more work is issued, units in flight get a short
+        grace, and ``run`` returns ``exit_code``. ``write_log=False``: nothing more is written
+        under ``OUT/_job`` (job log, checkpoint), e.g. the lease was lost and OUT belongs to
+        another driver now; rows the workers commit stay safe by the commit protocol. The
+        first stop wins."""
+        if self._stops.request(Stop(reason, exit_code, write_log)):
+            log.warning("stopping: %s", reason)
+
+    @property
+    def stopped(self) -> Stop | None:
+        """Why the run stopped early (the first stop asked for), or None."""
+        return self._stops.first
+
+    def _run_leased(self, manifest: Manifest, started: float) -> dict:
+        plan = self.prepare(manifest)
+        log.info("run %s: %d rows, %d committed already, %d to render", self.run_id,
+                 manifest.total_rows, len(plan.done), sum(plan.pending.values()))
+        self.execute(plan)
+        summary = self._summary(manifest.total_rows, started)
+        if self._writes_log():
             noise = any(modelsource.is_test_model(s) for s in self.sources.values())
             plan.log.finish(self.tally.errors, summary, len(plan.done) + self.tally.committed, noise)
-        log.info("run %s finished: %d committed, %d skipped, %d failed in %.1f s", self.run_id,
-                 summary["committed"], summary["skipped"], summary["failed"], summary["seconds"])
-        return summary, self._exit_code()
+        return summary
 
     def prepare(self, manifest: Manifest) -> ResumePlan:
         """Where this run starts (call it holding the lease): a few requests, not a listing."""
@@ -126,17 +180,23 @@ class Driver:
 
     def execute(self, plan: ResumePlan) -> None:
         """Render what ``plan`` leaves; rows found bad on the way are recorded, never rendered."""
-        old_handlers = _trap_signals(self._on_signal)
+        old_handlers = trap_signals(self._on_signal)
         try:
-            if sum(plan.pending.values()):
+            if self.stopped is not None:  # stopped while preparing: start nothing
+                pass
+            elif sum(plan.pending.values()):
                 self._render(plan)
             else:
                 for _ in self.rows(plan):  # nothing to render: still count skips, record bad rows
                     pass
+        except StorageUnavailable as exc:  # a checkpoint flush (or the manifest) could not be written/read
+            self._unreachable(f"storage unreachable: {first_line(exc)}")
         finally:
-            _restore_signals(old_handlers)
-            self.ledger.checkpoint.flush()
-        self.ledger.checkpoint.compact()
+            restore_signals(old_handlers)
+            if self._writes_log():
+                self.ledger.checkpoint.flush()
+        if self._writes_log():
+            self.ledger.checkpoint.compact()
 
     # -- rows and units --------------------------------------------------------------------
 
@@ -168,19 +228,26 @@ class Driver:
 
     def _render(self, plan: ResumePlan) -> None:
         executor = self._make_executor()
-        _trap_signals(self._on_signal)  # again: ray.init installs its own SIGTERM handler
-        pools, failed_variants = self._start_pools(executor, plan)
+        trap_signals(self._on_signal)  # again: ray.init installs its own SIGTERM handler
+        specs = worker_specs(self.cfg, executor, sorted(plan.pending), self.store.uri, self.sources,
+                             plan.check_markers)
+        pools, failed_variants = start_pools(executor, specs, self.cfg.run,
+                                             lambda: self.stopped is not None)
         units = self.units(plan)
         queues: dict[str, deque[WorkUnit]] = defaultdict(deque)
         bar = self._progress(sum(plan.pending.values()))
+        watch = OutageWatch(self.cfg.run.unreachable_after_s)
         try:
             exhausted = False
-            while not self.interrupted and (not exhausted or any(queues.values()) or executor.in_flight):
+            while self.stopped is None and (not exhausted or any(queues.values()) or executor.in_flight):
                 exhausted = self._top_up(units, queues, pools, exhausted)
                 self._dispatch(executor, queues, pools, failed_variants, bar)
                 for unit, outcome in executor.collect(timeout=0.2):
+                    watch.observe(outcome)
                     self._apply(unit, outcome, queues, plan.log, bar)
-            if self.interrupted:
+                if (evidence := watch.gone()) is not None:
+                    self._unreachable(f"output storage unreachable: {evidence}")
+            if self.stopped is not None:
                 self._drain(executor, queues, plan.log, bar)
         finally:
             bar.close()
@@ -199,50 +266,6 @@ class Driver:
             while queue and sum(pool.in_flight.values()) < len(pool.healthy) * self.cfg.run.in_flight_per_actor:
                 executor.submit(pool, queue.popleft())
 
-    def _start_pools(self, executor: Executor, plan: ResumePlan) -> tuple[dict[str, Pool], dict[str, str]]:
-        """Start every needed variant's workers at once and wait for their models; a variant
-        that fails to load is retried, then reported (its rows fail, the others go on)."""
-        specs = self._worker_specs(executor, plan)
-        pools, failed = {}, {}
-        todo = sorted(specs)
-        for attempt in range(1, self.cfg.run.model_load_attempts + 1):
-            started = {v: executor.start_pool(specs[v][0], *specs[v][1:]) for v in todo}
-            errors = executor.wait_ready(list(started.values()), self.cfg.run.model_load_timeout,
-                                         lambda: self.interrupted)
-            for variant, pool in started.items():
-                if variant in errors:
-                    executor.shutdown_pool(pool)
-                    failed[variant] = (f"variant {variant!r} failed to load after {attempt} attempt(s): "
-                                       f"{type(errors[variant]).__name__}: {errors[variant]}")
-                else:
-                    pools[variant] = pool
-                    failed.pop(variant, None)
-                    log.info("variant %s: %d worker(s) ready", variant, len(pool.workers))
-            todo = sorted(errors)
-            if not todo or self.interrupted:
-                break
-        for reason in failed.values():
-            log.error("%s", reason)
-        return pools, failed
-
-    def _worker_specs(self, executor: Executor, plan: ResumePlan) -> dict[str, tuple]:
-        """Per variant: (WorkerSpec, workers, CPUs, GPUs). CPU actors without cpus_per_actor
-        reserve none and split the node's cores between them (torch threads)."""
-        needed = sorted(v for v in plan.pending if v in self.cfg.variants)
-        shared = [v for v in needed if self.cfg.variants[v].gpus_per_actor == 0
-                  and self.cfg.variants[v].cpus_per_actor is None]
-        shared_actors = sum(self.cfg.variants[v].actors for v in shared)
-        shared_threads = max(1, int(executor.cluster_cpus() // max(1, shared_actors)))
-        specs = {}
-        for variant in needed:
-            vcfg = self.cfg.variants[variant]
-            cpus = vcfg.cpus_per_actor if vcfg.cpus_per_actor is not None else (1 if vcfg.gpus_per_actor else 0)
-            threads = int(cpus) if cpus else shared_threads
-            spec = WorkerSpec(variant, self.cfg, self.store.uri, self.sources[variant], threads,
-                              plan.check_markers)
-            specs[variant] = (spec, vcfg.actors, cpus, vcfg.gpus_per_actor)
-        return specs
-
     def _top_up(self, units: Iterator[WorkUnit], queues, pools, exhausted: bool) -> bool:
         """Plan ahead just far enough that no worker waits; False until the manifest is done."""
         limit = 2 * sum(len(p.workers) * self.cfg.run.in_flight_per_actor for p in pools.values()) + 2
@@ -258,7 +281,8 @@ class Driver:
         again, failed rows."""
         settled = settle(unit, outcome)
         for result in settled.committed:
-            self.ledger.record(result)
+            if self._writes_log():  # else committed all the same: a re-run's marker check finds it
+                self.ledger.record(result)
             if result.already:
                 self.tally.skipped += 1
             else:
@@ -279,8 +303,8 @@ class Driver:
             bar.update(unit.size)
 
     def _drain(self, executor: Executor, queues, joblog: JobLog, bar: Progress) -> None:
-        """After an interrupt: let in-flight commits land for a few seconds, take nothing new."""
-        deadline = time.monotonic() + INTERRUPT_GRACE_S
+        """After a stop: let in-flight commits land for a few seconds, take nothing new."""
+        deadline = time.monotonic() + STOP_GRACE_S
         queues.clear()
         while executor.in_flight and time.monotonic() < deadline:
             for unit, outcome in executor.collect(timeout=0.2):
@@ -302,17 +326,46 @@ class Driver:
         if self.interrupted:  # a second Ctrl-C: stop waiting
             raise KeyboardInterrupt
         self.interrupted = True
+        self._stops.request(INTERRUPT)
         log.warning("interrupted; finishing in-flight commits (Ctrl-C again to abandon)")
 
+    @property
+    def _offline(self) -> bool:
+        return self.stopped is not None and self.stopped.offline
+
+    def _unreachable(self, why: str) -> None:
+        """The output store cannot be reached: stop, and write nothing more to it (every write
+        would only block for the storage retries and fail)."""
+        reason = f"{why.rstrip('.')}; {TRY_LATER}"
+        self._stops.request(Stop(reason, EXIT_TEMPFAIL, write_log=False, offline=True))
+
+    def _writes_log(self) -> bool:
+        """Whether the job log and the checkpoint may still be written (see ``abort``)."""
+        return self.stopped is None or self.stopped.write_log
+
+    def _let_go(self, lease: Lease) -> None:
+        """Release the lease; with the store unreachable, in the background, so that it cannot
+        hold the exit (unreleased, it expires, or on this host is taken over once we are gone)."""
+        if not self._offline:
+            lease.release()
+            return
+        threading.Thread(target=_quietly, args=(lease.release,), name="klein-ray-lease-release",
+                         daemon=True).start()
+
     def _summary(self, total: int, started: float) -> dict:
+        errors = self.tally.errors
+        if self._offline:  # rows that could not be stored are not failed, only not done yet
+            errors = [e for e in errors if not unreachable(e)]
+        stop = self.stopped
         return {"total": total, "committed": self.tally.committed, "skipped": self.tally.skipped,
-                "failed": len(self.tally.errors), "output": self.store.uri,
+                "failed": len(errors), "output": self.store.uri,
                 "seconds": round(time.monotonic() - started, 3), "run_id": self.run_id,
-                "interrupted": self.interrupted}
+                "interrupted": self.interrupted,
+                "stopped": None if stop in (None, INTERRUPT) else stop.reason}
 
     def _exit_code(self) -> int:
-        if self.interrupted:
-            return EXIT_INTERRUPTED
+        if self.stopped is not None:
+            return self.stopped.exit_code
         return EXIT_ROWS_FAILED if self.tally.errors else EXIT_OK
 
 
@@ -322,16 +375,8 @@ def _describe(outcome: Outcome) -> str:
     return f"{type(outcome).__name__} ({outcome})"
 
 
-def _trap_signals(handler) -> dict:
-    old = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            old[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread (e.g. embedded use)
-            pass
-    return old
-
-
-def _restore_signals(old: dict) -> None:
-    for sig, handler in old.items():
-        signal.signal(sig, handler)
+def _quietly(fn: Callable[[], object]) -> None:
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - best effort: the store is unreachable
+        log.debug("releasing the lease failed", exc_info=True)

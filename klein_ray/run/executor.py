@@ -10,10 +10,20 @@ An outcome is what the worker returned (``UnitOutcome``: every row a result or a
 one of two shared failure types: ``WorkerLost`` (the worker went away under the unit: killed,
 preempted, node lost) and ``WorkerFailed`` (the worker raised; ``cause`` is the original
 exception, so the driver classifies by type, never by message).
+
+A worker that hangs is found here too: a unit whose outcome has not come back within
+``run.unit_timeout_s`` of its submission means its worker is stuck (a wedged driver call, a
+deadlocked library). Measured from submission because that is when the call starts: the driver
+gives a worker at most ``in_flight_per_actor`` units and the worker runs that many calls at
+once, so a unit waits only behind the others' turns at the model, which the generous deadline
+covers. The executor then replaces that worker and reports each of its units ``WorkerLost``,
+exactly as when its process dies; the retry policy does the rest. A late outcome of an
+abandoned call is never reported.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -67,6 +77,8 @@ class Pool:
     in_flight: dict[int, int] = field(default_factory=dict)  # worker index -> units queued
     down: set[int] = field(default_factory=set)  # restarting: no work until it answers again
     dead: set[int] = field(default_factory=set)  # gone for good
+    unit_timeout: float = math.inf  # run.unit_timeout_s: past it, a worker counts as hung
+    launch: Callable[[], Any] | None = None  # starts one more worker like these (replaces a hung one)
 
     def __post_init__(self) -> None:
         self.in_flight = self.in_flight or {i: 0 for i in range(len(self.workers))}
@@ -82,6 +94,53 @@ class Pool:
     def least_loaded(self) -> int:
         """The healthy worker with the fewest units queued (submit only while one is healthy)."""
         return min(self.healthy, key=self.in_flight.__getitem__)
+
+
+@dataclass
+class Call:
+    """A unit in flight: on which worker, and when it is overdue."""
+
+    pool: Pool
+    index: int
+    unit: WorkUnit
+    due: float  # when (the executor's clock: time.monotonic) its outcome must be back by
+
+    @classmethod
+    def start(cls, pool: Pool, index: int, unit: WorkUnit, now: float) -> "Call":
+        pool.in_flight[index] += 1
+        return cls(pool, index, unit, now + pool.unit_timeout)
+
+
+def wait_seconds(calls: Iterable[Call], timeout: float, now: float) -> float:
+    """How long ``collect`` may wait: ``timeout``, or less when a call falls due sooner."""
+    due = min((c.due for c in calls), default=math.inf)
+    return max(0.0, min(timeout, due - now))
+
+
+def take_hung(calls: dict[Hashable, Call], now: float) -> list[tuple[Pool, int, list[tuple[WorkUnit, Outcome]]]]:
+    """Remove from ``calls`` (those still running) every call on a worker that has an overdue
+    one: that worker counts as hung and its units are lost with it. Returns, per hung worker,
+    its pool, index and units with their ``WorkerLost``; the caller replaces the worker."""
+    hung: dict[tuple[int, int], Call] = {}
+    for call in calls.values():
+        if call.due <= now:
+            hung.setdefault((id(call.pool), call.index), call)
+    taken = []
+    for culprit in hung.values():
+        pool, index, limit = culprit.pool, culprit.index, culprit.pool.unit_timeout
+        lost = []
+        for key in [k for k, c in calls.items() if c.pool is pool and c.index == index]:
+            call = calls.pop(key)
+            pool.in_flight[index] -= 1
+            if call.due <= now:
+                reason = (f"unit {call.unit.unit_id} ({call.unit.size} row(s)) exceeded "
+                          f"run.unit_timeout_s ({limit:g} s); its worker was replaced")
+            else:
+                reason = (f"its worker was replaced: unit {culprit.unit.unit_id} on it exceeded "
+                          f"run.unit_timeout_s ({limit:g} s)")
+            lost.append((call.unit, WorkerLost(reason)))
+        taken.append((pool, index, lost))
+    return taken
 
 
 class Executor(ABC):
@@ -113,7 +172,8 @@ class Executor(ABC):
 
     @abstractmethod
     def collect(self, timeout: float) -> list[tuple[WorkUnit, Outcome]]:
-        """Units finished since the last call (waiting up to ``timeout`` s for the first)."""
+        """Units finished since the last call (waiting up to ``timeout`` s for the first), and
+        the units of workers found hung (``WorkerLost``; those workers are being replaced)."""
 
     @abstractmethod
     def shutdown_pool(self, pool: Pool) -> None:

@@ -11,7 +11,7 @@ order) and which rows failed for good. The driver applies it; tests can read it 
 | the worker ran out of memory (batch > 1)  | the same rows as two halves                         |
 | the worker raised (batch > 1)             | each row alone, so one poisonous row sinks only itself |
 | the worker raised (one row)               | again, until MAX_ROW_FAILURES, then the row fails   |
-| the worker was lost under the unit        | the whole unit again; split into single rows after MAX_LOST; a single row fails |
+| the worker was lost under the unit (it died, or hung past run.unit_timeout_s and was replaced) | the whole unit again; split into single rows after MAX_LOST; a single row fails |
 
 A retried unit is a subset of the rows of the one it replaces with ``attempt`` one higher, so
 its rows' history (``failures``, ``losses``) travels with it and nothing here needs memory.

@@ -2,22 +2,29 @@
 
 It connects to (or starts) Ray, creates actor pools of ``RenderWorker`` with the configured
 resources, submits units and reports what finished. A dead actor is restarted by Ray (its model
-reloads) and gets no work until it answers a ping. The driver decides what to submit and when.
+reloads) and gets no work until it answers a ping. An actor that hangs on a unit past
+``run.unit_timeout_s`` is killed and replaced by a fresh one (a hang is not a crash: it does not
+use up the restarts Ray keeps for those), which also gets no work until it answers. The driver
+decides what to submit and when.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from klein_ray.run.executor import (
+    Call,
     Executor,
     Outcome,
     Pool,
     WorkerFailed,
     WorkerLost,
     WorkerSpec,
+    take_hung,
     wait_for_loads,
+    wait_seconds,
 )
 from klein_ray.run.worker import RenderWorker
 from klein_ray.types import WorkUnit, first_line
@@ -25,14 +32,16 @@ from klein_ray.types import WorkUnit, first_line
 ACTOR_RESTARTS = 3  # a killed worker process comes back (its model reloads)
 
 
-def _worker_class():
+def _worker_class(worker: type[RenderWorker]):
     import ray
 
-    return ray.remote(RenderWorker)
+    return ray.remote(worker)
 
 
 class RayExecutor(Executor):
-    def __init__(self, address: str | None = None):
+    """Workers are Ray actors of ``worker`` (``RenderWorker``; tests subclass it to inject faults)."""
+
+    def __init__(self, address: str | None = None, worker: type[RenderWorker] = RenderWorker):
         import ray
 
         self._ray = ray
@@ -45,8 +54,8 @@ class RayExecutor(Executor):
             if local:
                 kwargs.update(include_dashboard=False, num_cpus=os.cpu_count() or 1)
             ray.init(**kwargs)
-        self._actor_cls = _worker_class()
-        self._refs: dict[Any, tuple[Pool, int, WorkUnit]] = {}
+        self._actor_cls = _worker_class(worker)
+        self._refs: dict[Any, Call] = {}
         self._pings: dict[Any, tuple[Pool, int]] = {}
 
     def cluster_cpus(self) -> float:
@@ -57,8 +66,11 @@ class RayExecutor(Executor):
         # model, so fetch, encode and upload of other units overlap the render.
         opts = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=ACTOR_RESTARTS,
                     max_task_retries=0, max_concurrency=spec.config.run.in_flight_per_actor)
-        actors = [self._actor_cls.options(**opts).remote(spec) for _ in range(count)]
-        return Pool(spec.variant, actors)
+        def launch():
+            return self._actor_cls.options(**opts).remote(spec)
+
+        return Pool(spec.variant, [launch() for _ in range(count)],
+                    unit_timeout=spec.config.run.unit_timeout_s, launch=launch)
 
     def wait_ready(self, pools: list[Pool], timeout: float, stop) -> dict[str, BaseException]:
         # The actors load in parallel; each answers `describe` once its model is loaded.
@@ -83,8 +95,7 @@ class RayExecutor(Executor):
     def submit(self, pool: Pool, unit: WorkUnit) -> None:
         index = pool.least_loaded()
         ref = pool.workers[index].render_unit.remote(unit)
-        pool.in_flight[index] += 1
-        self._refs[ref] = (pool, index, unit)
+        self._refs[ref] = Call.start(pool, index, unit, time.monotonic())
 
     @property
     def in_flight(self) -> int:
@@ -94,23 +105,37 @@ class RayExecutor(Executor):
         waiting = list(self._refs) + list(self._pings)
         if not waiting:
             return []
-        ready, _ = self._ray.wait(waiting, num_returns=len(waiting), timeout=timeout)
+        ready, _ = self._ray.wait(waiting, num_returns=len(waiting),
+                                  timeout=wait_seconds(self._refs.values(), timeout, time.monotonic()))
         done = []
         for ref in ready:
             if ref in self._pings:
                 self._settle_ping(ref)
                 continue
-            pool, index, unit = self._refs.pop(ref)
-            pool.in_flight[index] -= 1
+            call = self._refs.pop(ref)
+            call.pool.in_flight[call.index] -= 1
             try:
-                done.append((unit, self._ray.get(ref)))
+                done.append((call.unit, self._ray.get(ref)))
             except self._ray.exceptions.RayActorError as exc:
                 # The process died (or is restarting): stop feeding it until it answers a ping.
-                self._mark_down(pool, index)
-                done.append((unit, WorkerLost(first_line(exc)[:300])))
+                self._mark_down(call.pool, call.index)
+                done.append((call.unit, WorkerLost(first_line(exc)[:300])))
             except self._ray.exceptions.RayTaskError as exc:
-                done.append((unit, WorkerFailed(_unwrap(exc))))
+                done.append((call.unit, WorkerFailed(_unwrap(exc))))
+        for pool, index, lost in take_hung(self._refs, time.monotonic()):
+            self._replace(pool, index)
+            done.extend(lost)
         return done
+
+    def _replace(self, pool: Pool, index: int) -> None:
+        """Kill a hung actor for good (its calls fail; their refs are already forgotten) and
+        start a fresh one in its place, with all of Ray's restarts for real crashes ahead of it."""
+        self._ray.kill(pool.workers[index], no_restart=True)
+        # A ping to the old actor would fail and mark its successor dead: forget it.
+        self._pings = {r: w for r, w in self._pings.items() if not (w[0] is pool and w[1] == index)}
+        pool.workers[index] = pool.launch()
+        pool.down.add(index)
+        self._pings[pool.workers[index].describe.remote()] = (pool, index)
 
     def _mark_down(self, pool: Pool, index: int) -> None:
         if index in pool.down or index in pool.dead:

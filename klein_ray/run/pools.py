@@ -1,0 +1,67 @@
+"""Starting a run's worker pools: what each variant's workers reserve, and loading their models.
+
+Called by the driver once there is something to render, through the ``Executor`` interface
+only. A variant whose model fails to load is retried (``run.model_load_attempts``), then
+reported, so that its rows fail and the other variants go on.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from klein_ray.config import JobConfig, RunConfig
+from klein_ray.run.executor import Executor, Pool, WorkerSpec
+
+log = logging.getLogger(__name__)
+
+# Per variant: (WorkerSpec, workers, CPUs, GPUs).
+Specs = dict[str, tuple[WorkerSpec, int, float, float]]
+
+
+def worker_specs(cfg: JobConfig, executor: Executor, variants: list[str], output_uri: str,
+                 sources: dict[str, str], check_markers: bool) -> Specs:
+    """What the workers of each of ``variants`` (those the config knows) need and reserve.
+    CPU actors without cpus_per_actor reserve none and split the node's cores between them
+    (torch threads)."""
+    needed = sorted(v for v in variants if v in cfg.variants)
+    shared = [v for v in needed if cfg.variants[v].gpus_per_actor == 0
+              and cfg.variants[v].cpus_per_actor is None]
+    shared_actors = sum(cfg.variants[v].actors for v in shared)
+    shared_threads = max(1, int(executor.cluster_cpus() // max(1, shared_actors)))
+    specs: Specs = {}
+    for variant in needed:
+        vcfg = cfg.variants[variant]
+        cpus = vcfg.cpus_per_actor if vcfg.cpus_per_actor is not None else (1 if vcfg.gpus_per_actor else 0)
+        threads = int(cpus) if cpus else shared_threads
+        spec = WorkerSpec(variant, cfg, output_uri, sources[variant], threads, check_markers)
+        specs[variant] = (spec, vcfg.actors, cpus, vcfg.gpus_per_actor)
+    return specs
+
+
+def start_pools(executor: Executor, specs: Specs, run: RunConfig,
+                stopping: Callable[[], bool]) -> tuple[dict[str, Pool], dict[str, str]]:
+    """Start every variant's workers at once and wait for their models. Returns the pools that
+    loaded and, for the variants that did not after every attempt, why. Returns early, with
+    what loaded so far, once ``stopping()`` is true."""
+    pools: dict[str, Pool] = {}
+    failed: dict[str, str] = {}
+    todo = sorted(specs)
+    for attempt in range(1, run.model_load_attempts + 1):
+        started = {v: executor.start_pool(specs[v][0], *specs[v][1:]) for v in todo}
+        errors = executor.wait_ready(list(started.values()), run.model_load_timeout, stopping)
+        for variant, pool in started.items():
+            if variant in errors:
+                executor.shutdown_pool(pool)
+                failed[variant] = (f"variant {variant!r} failed to load after {attempt} attempt(s): "
+                                   f"{type(errors[variant]).__name__}: {errors[variant]}")
+            else:
+                pools[variant] = pool
+                failed.pop(variant, None)
+                log.info("variant %s: %d worker(s) ready", variant, len(pool.workers))
+        todo = sorted(errors)
+        if not todo or stopping():
+            break
+    for reason in failed.values():
+        log.error("%s", reason)
+    return pools, failed
