@@ -42,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--config", "-c", help="job config YAML (default: one CPU variant, the tiny model)")
     r.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    r.add_argument("--verify", action="store_const", const="shallow", dest="verify",
+                   help="first audit every committed row (as `klein-ray verify`) and render the "
+                   "broken ones again, replacing their image and marker")
+    r.add_argument("--verify-deep", action="store_const", const="deep", dest="verify",
+                   help="the same, downloading and hashing every image")
     r.add_argument("--executor", choices=EXECUTORS, default="ray",
                    help="ray (default): workers are Ray actors; local: workers run on threads of "
                    "this process, without Ray (a laptop, a debugger)")
@@ -142,7 +147,7 @@ def _run(args) -> int:
 
 def cmd_render(args) -> int:
     config = load_config(args.config)
-    job = RenderJob(args.manifest, args.output, config)
+    job = RenderJob(args.manifest, args.output, config, verify=args.verify)
     summary, code = render(job, args.executor, args.address, progress=not args.no_progress)
     print(json.dumps(summary), flush=True)
     return code

@@ -165,6 +165,11 @@ class RunConfig(_Strict):
         "unreachable (after every storage retry), seconds without any successful commit before "
         "the run stops with exit 75; nothing is lost, re-run later to resume."
     )
+    lease_ttl_s: float = Field(
+        60.0, ge=2, description="The output lease's time to live: the driver renews it every "
+        "quarter of this; another driver takes it over only after seeing it unchanged this long "
+        "on its own clock; a driver that cannot renew it for three quarters of this stops (exit 75)."
+    )
 
 
 class JobConfig(_Strict):

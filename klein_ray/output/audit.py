@@ -9,11 +9,14 @@ our back does not update). Read-only: auditing needs no lease and writes nothing
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
 
 from klein_ray.output.ledger import Ledger
+
+log = logging.getLogger(__name__)
 
 THREADS = 16  # requests in flight (each row is one GET and one HEAD, or two GETs deep)
 
@@ -58,3 +61,14 @@ def audit(ledger: Ledger, deep: bool = False, ids: list[str] | None = None) -> A
 def _audit_all(ledger: Ledger, ids: list[str], deep: bool) -> Iterator[tuple[str, str | None]]:
     with ThreadPoolExecutor(THREADS, thread_name_prefix="klein-ray-audit") as pool:
         yield from zip(ids, pool.map(lambda i: ledger.audit(i, deep), ids))
+
+
+def broken_rows(ledger: Ledger, mode: str) -> frozenset[str]:
+    """``render --verify`` (``mode`` "shallow" or "deep"): the committed rows that are broken,
+    logged (the first 20 with their problem), to be rendered again and repaired."""
+    report = audit(ledger, deep=mode == "deep")
+    for damage in report.broken[:20]:
+        log.warning("verify: %s: %s", damage.id, damage.problem)
+    log.info("verify: %d committed rows checked (%s), %d broken: rendering them again",
+             report.checked, mode, len(report.broken))
+    return report.broken_ids

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections import Counter, defaultdict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
@@ -25,6 +25,7 @@ from klein_ray.intake.planner import Planner
 from klein_ray.intake.rows import RowValidator, duplicate_id_error
 from klein_ray.output.checkpoint import DoneSet
 from klein_ray.output.joblog import JobLog, new_run_id
+from klein_ray.output.audit import broken_rows
 from klein_ray.output.lease import Lease
 from klein_ray.output.ledger import Ledger
 from klein_ray.render import modelsource
@@ -79,6 +80,7 @@ class RenderJob:
     manifest: str
     output: str
     config: JobConfig
+    verify: str | None = None  # "shallow" or "deep": audit OUT first, render broken rows again
 
 
 @dataclass
@@ -91,6 +93,7 @@ class ResumePlan:
     pending: Counter  # rows left to render, per variant
     check_markers: bool  # False only when OUT had no marker at all: workers skip the check
     log: JobLog
+    repair: frozenset[str] = frozenset()  # committed rows `--verify` found broken
 
 
 @dataclass
@@ -122,13 +125,16 @@ class Driver:
         self.sources = self._check_sources()
         self._make_executor = executor
         self._progress = progress or (lambda total: _Silent())
+        # False while the lease may have been taken over (after a long pause, until renewed).
+        self._may_issue: Callable[[], bool] = lambda: True
 
     def run(self) -> tuple[dict, int]:
         """Render the job; returns (summary, exit code). Raises LeaseHeld if OUT is in use."""
         started = time.monotonic()
         with Manifest(self.job.manifest, self.cfg.storage) as manifest:
-            lease = Lease(self.store, self.run_id)
+            lease = Lease(self.store, self.run_id, self.cfg.run.lease_ttl_s, on_lost=self._lost_lease)
             lease.acquire()
+            self._may_issue = lease.fresh
             try:
                 summary = self._run_leased(manifest, started)
             except StorageUnavailable as exc:  # the driver's own reads and writes of OUT
@@ -152,6 +158,10 @@ class Driver:
         if self._stops.request(Stop(reason, exit_code, write_log)):
             log.warning("stopping: %s", reason)
 
+    def _lost_lease(self, why: str) -> None:
+        self.abort(f"{why}. Another driver is writing to this output; this one stopped and wrote "
+                   "nothing more under _job/ (rows it committed are safe)", EXIT_TEMPFAIL, write_log=False)
+
     @property
     def stopped(self) -> Stop | None:
         """Why the run stopped early (the first stop asked for), or None."""
@@ -173,10 +183,12 @@ class Driver:
         self.ledger.checkpoint.compact(keep=64)  # killed runs never compacted at their end
         done = self.ledger.done()
         fresh = not len(done) and self.ledger.is_fresh()
+        repair = broken_rows(self.ledger, self.job.verify) if self.job.verify and not fresh else frozenset()
+        done = done.without(repair)
         duplicates, pending = prescan(manifest, self.cfg.default_variant, done.mask)
         joblog = JobLog(self.store, self.cfg, self.job.manifest, self.run_id)
         joblog.start(manifest.total_rows)
-        return ResumePlan(manifest, done, duplicates, pending, not fresh, joblog)
+        return ResumePlan(manifest, done, duplicates, pending, not fresh, joblog, repair)
 
     def execute(self, plan: ResumePlan) -> None:
         """Render what ``plan`` leaves; rows found bad on the way are recorded, never rendered."""
@@ -217,7 +229,7 @@ class Driver:
                 if isinstance(checked, list):
                     self.tally.errors.append(checked[0])
                     continue
-                yield checked
+                yield replace(checked, repair=True) if checked.id in plan.repair else checked
 
     def units(self, plan: ResumePlan) -> Iterator[WorkUnit]:
         """The plan's rows grouped into work units, planned lazily as they are consumed."""
@@ -241,7 +253,8 @@ class Driver:
             exhausted = False
             while self.stopped is None and (not exhausted or any(queues.values()) or executor.in_flight):
                 exhausted = self._top_up(units, queues, pools, exhausted)
-                self._dispatch(executor, queues, pools, failed_variants, bar)
+                if self._may_issue():
+                    self._dispatch(executor, queues, pools, failed_variants, bar)
                 for unit, outcome in executor.collect(timeout=0.2):
                     watch.observe(outcome)
                     self._apply(unit, outcome, queues, plan.log, bar)
