@@ -286,3 +286,21 @@ def test_recommit_in_another_format_leaves_one_image(ledger, store):
         pass  # refusing is fine; leaving two images is not
     assert ledger.verify("row-1")
     assert len(list(store.list("images/"))) == 1
+
+
+def test_a_leftover_in_another_format_is_removed_when_the_row_commits(ledger, store):
+    """Run 1 (png) died between image and marker; run 2 renders jpeg: one image for the id."""
+    store.put("images/row-1.png", PNG, metadata={"sha256": hashlib.sha256(PNG).hexdigest()}, if_absent=True)
+    assert not ledger.is_fresh()  # so the worker checks markers and tidies
+    receipt = ledger.commit("row-1", "jpeg", OTHER, "image/jpeg", META, fingerprint="f", tidy=True)
+    assert receipt.image_key == "images/row-1.jpg"
+    assert [o.key for o in store.list("images/")] == ["images/row-1.jpg"]
+    assert ledger.verify("row-1")
+
+
+def test_committed_looks_at_the_image_not_only_the_marker(ledger, store):
+    """The worker's skip check trusted the marker: a row whose image was lost stayed 'done'."""
+    ledger.commit("row-1", "png", PNG, "image/png", META)
+    assert ledger.committed("row-1") is not None
+    store.delete("images/row-1.png")
+    assert ledger.read_meta("row-1") is not None and ledger.committed("row-1") is None

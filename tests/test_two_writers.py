@@ -122,3 +122,21 @@ def test_render_verify_repairs_what_verify_finds(tmp_path, tiny_models):
     store = LocalStore(out)
     for r in rows:
         assert_done(store, r["id"])
+
+
+def test_a_marker_without_its_image_is_not_taken_for_done(tmp_path, tiny_models):
+    """Rows committed after the last checkpoint part are found by the worker's marker check;
+    it trusted the marker alone, so a row whose image was lost stayed 'done' for ever."""
+    rows = _rows(4, "m")
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    config = write_config(tmp_path / "job.yaml", tiny_models)
+    out = tmp_path / "out"
+    args = ("render", str(manifest), "--output", str(out), "--config", str(config), "--no-progress",
+            "--executor", "local")
+    assert run_cli(*args).returncode == 0
+    shutil.rmtree(out / "_job" / "results")  # as if the driver died before flushing its checkpoint
+    (out / "images" / "m002.png").unlink()
+    resumed = run_cli(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (last_json(resumed.stdout)["committed"], last_json(resumed.stdout)["skipped"]) == (1, 3)
+    assert run_cli("verify", str(out), "--deep").returncode == 0
