@@ -24,6 +24,13 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests' own helpers (browser, f
 
 S3_KEY, S3_SECRET = "testkey", "testsecret"
 
+# Ray 2.60 turns token authentication on by default, with a token in ~/.ray/auth_token that the
+# test process caches once. Every Ray of the session (the local one, multi-node clusters,
+# `ray start` heads, CLI and job subprocesses) shares this one token from the environment
+# instead, so the tests never depend on, or write, the user's ~/.ray.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", uuid.uuid4().hex + uuid.uuid4().hex)
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: needs Ray, Ceph or a browser")
@@ -43,6 +50,8 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {
         "tiny": make_tiny_model(root / "tiny-klein", seed=0, distilled=True),
         "tiny-base": make_tiny_model(root / "tiny-klein-base", seed=1, distilled=False),
+        # Laid out like BFL's 9B-KV (model_index.json names Flux2KleinKVPipeline); ~0.1 s to build.
+        "tiny-kv": make_tiny_model(root / "tiny-klein-kv", seed=2, kv=True),
     }
 
 

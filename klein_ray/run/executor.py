@@ -157,9 +157,10 @@ class Executor(ABC):
     @abstractmethod
     def wait_ready(self, pools: list[Pool], timeout: float,
                    stop: Callable[[], bool]) -> dict[str, BaseException]:
-        """Wait until every worker of ``pools`` has loaded its model; return the variants that
-        failed, with why (a load error, or ``TimeoutError`` after ``timeout`` seconds). Returns
-        early, reporting nothing more, once ``stop()`` is true (an interrupt)."""
+        """Wait until every pool has a worker with its model loaded; return the variants that
+        have none, with why (a load error, or ``TimeoutError`` after ``timeout`` seconds). The
+        pools' other workers join as they finish loading (down until then; dead if their load
+        fails). Returns early, reporting nothing more, once ``stop()`` is true (an interrupt)."""
 
     @abstractmethod
     def submit(self, pool: Pool, unit: WorkUnit) -> None:
@@ -185,20 +186,40 @@ class Executor(ABC):
             self.shutdown_pool(pool)
 
 
-def wait_for_loads(pending: dict[Hashable, Pool], poll: Callable[[list, float], Iterable[tuple]],
-                   timeout: float, stop: Callable[[], bool], every: float = 0.5) -> dict[str, BaseException]:
+def wait_for_loads(pending: dict[Hashable, tuple[Pool, int]], poll: Callable[[list, float], Iterable[tuple]],
+                   timeout: float, stop: Callable[[], bool],
+                   every: float = 0.5) -> tuple[dict[str, BaseException], dict[Hashable, tuple[Pool, int]]]:
     """``wait_ready``'s loop for any executor: ``pending`` maps a handle on one worker's model
-    load to its pool; ``poll(handles, seconds)`` waits up to ``seconds`` and returns
-    ``(handle, error or None)`` for the loads that finished. Polls so that ``stop()`` is noticed."""
-    failed: dict[str, BaseException] = {}
+    load to its (pool, index); ``poll(handles, seconds)`` waits up to ``seconds`` and returns
+    ``(handle, error or None)`` for the loads that finished. Polls so that ``stop()`` is noticed.
+
+    Returns as soon as every pool has one worker ready (work can start; a cluster short of
+    resources, or still scaling up, must not hold the whole job) or none can be: the variants
+    with no worker ready (why: the first load error, or ``TimeoutError``), and the loads still
+    pending, whose workers are marked down (the executor lets them join once loaded). A worker
+    whose load failed in a pool that has a ready one is marked dead."""
+    errors: dict[str, BaseException] = {}
+    ready: set[int] = set()  # ids of pools with a worker ready
+    pools = {id(pool): pool for pool, _ in pending.values()}
     deadline = time.monotonic() + timeout
-    while pending and not stop():
-        if time.monotonic() > deadline:
-            for pool in pending.values():
-                failed.setdefault(pool.variant, TimeoutError(f"no model loaded after {timeout:.0f} s"))
-            break
+
+    def waiting_for() -> set[int]:
+        return {id(pool) for pool, _ in pending.values()} - ready
+
+    while waiting_for() and not stop() and time.monotonic() <= deadline:
         for handle, error in poll(list(pending), every):
-            pool = pending.pop(handle)
-            if error is not None:
-                failed.setdefault(pool.variant, error)
-    return failed
+            pool, index = pending.pop(handle)
+            if error is None:
+                ready.add(id(pool))
+            else:
+                errors.setdefault(pool.variant, error)
+                pool.dead.add(index)
+    failed = {}
+    for key, pool in pools.items():
+        if key not in ready:
+            failed[pool.variant] = errors.get(pool.variant) or TimeoutError(
+                f"no worker loaded its model within {timeout:.0f} s")
+    later = {h: (pool, i) for h, (pool, i) in pending.items() if id(pool) in ready}
+    for pool, index in later.values():
+        pool.down.add(index)
+    return failed, later

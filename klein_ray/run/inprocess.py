@@ -63,7 +63,7 @@ class InProcessExecutor(Executor):
         self._clock = clock
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="klein-ray-load")  # one load at a time
         self._futures: dict[Future, Call] = {}
-        self._reloads: dict[Future, tuple[Pool, int]] = {}  # fresh workers replacing hung ones
+        self._reloads: dict[Future, tuple[Pool, int]] = {}  # workers still loading: later, or replacing hung ones
 
     def cluster_cpus(self) -> float:
         return float(os.cpu_count() or 1)
@@ -76,13 +76,15 @@ class InProcessExecutor(Executor):
                     unit_timeout=spec.config.run.unit_timeout_s, launch=launch)
 
     def wait_ready(self, pools: list[Pool], timeout: float, stop) -> dict[str, BaseException]:
-        pending = {loading: pool for pool in pools for loading in pool.workers}
+        pending = {loading: (pool, i) for pool in pools for i, loading in enumerate(pool.workers)}
 
         def poll(futures: list[Future], seconds: float):
             done, _ = wait(futures, timeout=seconds, return_when=FIRST_COMPLETED)
             return [(future, future.exception()) for future in done]
 
-        return wait_for_loads(pending, poll, timeout, stop)
+        failed, later = wait_for_loads(pending, poll, timeout, stop)
+        self._reloads.update(later)  # they join when loaded, like a replacement for a hung one
+        return failed
 
     def submit(self, pool: Pool, unit: WorkUnit) -> None:
         index = pool.least_loaded()

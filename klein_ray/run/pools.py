@@ -58,7 +58,9 @@ def start_pools(executor: Executor, specs: Specs, run: RunConfig,
             else:
                 pools[variant] = pool
                 failed.pop(variant, None)
-                log.info("variant %s: %d worker(s) ready", variant, len(pool.workers))
+                ready = len(pool.workers) - len(pool.down) - len(pool.dead)
+                log.info("variant %s: %d of %d worker(s) ready%s", variant, ready, len(pool.workers),
+                         "; the others join as they load" if ready < len(pool.workers) else "")
         todo = sorted(errors)
         if not todo or stopping():
             break

@@ -11,9 +11,11 @@ decides what to submit and when.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from typing import Any
 
+from klein_ray.config import ConfigError
 from klein_ray.run.executor import (
     Call,
     Executor,
@@ -35,7 +37,55 @@ ACTOR_RESTARTS = 3  # a killed worker process comes back (its model reloads)
 def _worker_class(worker: type[RenderWorker]):
     import ray
 
-    return ray.remote(worker)
+    class OnRay(worker):  # type: ignore[valid-type, misc]
+        """The worker, naming the Ray node it runs on in every row's metadata."""
+
+        def __init__(self, spec: WorkerSpec):
+            super().__init__(spec)
+            self.name = f"{self.name}@node:{ray.get_runtime_context().get_node_id()[:12]}"
+
+    OnRay.__name__ = OnRay.__qualname__ = worker.__name__  # `ray::RenderWorker` in ps and logs
+    return ray.remote(OnRay)
+
+
+def connect(ray, address: str | None) -> None:
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else the one `ray start` runs on
+    this node (as Ray's own tools do), else start a local Ray sized to this machine."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    recorded = None if address else _recorded_cluster()
+    if recorded is not None and not _answers(recorded):
+        raise ConfigError(
+            f"`ray start` left a record of a Ray cluster at {recorded} on this node, but nothing "
+            "answers there (the cluster is gone). Run `ray stop` to clear the record, or pass "
+            "--address (or set RAY_ADDRESS) to join another cluster.")
+    address = address or recorded
+    kwargs: dict[str, Any] = dict(address=address, log_to_driver=False, configure_logging=True,
+                                  logging_level="ERROR")
+    if address is None:  # a new local Ray: num_cpus is only allowed when starting one
+        kwargs.update(include_dashboard=False, num_cpus=os.cpu_count() or 1)
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, TimeoutError) as exc:
+        raise ConfigError(f"could not join the Ray cluster at {address}: {first_line(exc)}") from None
+
+
+def _recorded_cluster() -> str | None:
+    """The address `ray start` recorded on this node (Ray's temp dir; RAY_TMPDIR moves it)."""
+    try:
+        from ray._private.utils import read_ray_address
+
+        return read_ray_address(None) or None
+    except Exception:  # noqa: BLE001 - a private helper: without it, behave as before
+        return None
+
+
+def _answers(address: str, timeout: float = 3.0) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 class RayExecutor(Executor):
@@ -48,12 +98,7 @@ class RayExecutor(Executor):
         # Only a Ray this executor started is shut down by it (tests and notebooks share theirs).
         self.owns_ray = not ray.is_initialized()
         if self.owns_ray:
-            local = not (address or os.environ.get("RAY_ADDRESS"))
-            kwargs: dict[str, Any] = dict(address=address or None, log_to_driver=False,
-                                          configure_logging=True, logging_level="ERROR")
-            if local:
-                kwargs.update(include_dashboard=False, num_cpus=os.cpu_count() or 1)
-            ray.init(**kwargs)
+            connect(ray, address)
         self._actor_cls = _worker_class(worker)
         self._refs: dict[Any, Call] = {}
         self._pings: dict[Any, tuple[Pool, int]] = {}
@@ -74,13 +119,15 @@ class RayExecutor(Executor):
 
     def wait_ready(self, pools: list[Pool], timeout: float, stop) -> dict[str, BaseException]:
         # The actors load in parallel; each answers `describe` once its model is loaded.
-        pending = {a.describe.remote(): pool for pool in pools for a in pool.workers}
+        pending = {a.describe.remote(): (pool, i) for pool in pools for i, a in enumerate(pool.workers)}
 
         def poll(refs: list, seconds: float):
             ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=seconds)
             return [(ref, self._load_error(ref)) for ref in ready]
 
-        return wait_for_loads(pending, poll, timeout, stop)
+        failed, later = wait_for_loads(pending, poll, timeout, stop)
+        self._pings.update(later)  # they join when loaded (an actor waiting for a node, too)
+        return failed
 
     def _load_error(self, ref) -> BaseException | None:
         """Why an actor's model did not load (the original exception), or None if it did."""
