@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from klein_ray.commands.render import EXECUTORS, render, units_left_running
@@ -29,6 +30,9 @@ from klein_ray.storage.base import StorageUnavailable
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="klein-ray", description="Batch rendering of FLUX.2 [klein] "
                                 "manifests on Ray into S3-compatible storage.")
+    p.add_argument("--log-format", choices=LOG_FORMATS, default=None,
+                   help="stderr log lines as text (default) or JSON lines for log shippers "
+                   "(also KLEIN_RAY_LOG_FORMAT)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("render", help="render every row of a manifest (re-run to resume)",
@@ -82,7 +86,10 @@ def _parser() -> argparse.ArgumentParser:
                        description="Write a small randomly initialised Flux2KleinPipeline in "
                        "diffusers layout, offline. Its images are noise.")
     m.add_argument("directory")
-    m.add_argument("--base", action="store_true", help="mark it undistilled (Base: CFG, 50 steps)")
+    kind = m.add_mutually_exclusive_group()  # a KV checkpoint is distilled
+    kind.add_argument("--base", action="store_true", help="mark it undistilled (Base: CFG, 50 steps)")
+    kind.add_argument("--kv", action="store_true",
+                      help="a KV checkpoint: model_index.json names Flux2KleinKVPipeline, like BFL's 9B-KV")
     m.add_argument("--seed", type=int, default=0)
     return p
 
@@ -100,14 +107,41 @@ def _terminate_like_interrupt() -> None:
         pass
 
 
-def configure_logging(level: int = logging.INFO) -> None:
-    """klein-ray's log lines on stderr, prefixed like its other messages (idempotent)."""
+LOG_FORMATS = ("text", "json")
+# The fields run events carry beside their message (``extra=`` at the call); nothing else of a
+# record is copied into a JSON line, so no argument can carry a secret there by accident.
+EVENT_FIELDS = ("event", "run_id", "variant", "unit", "attempt", "rows", "workers", "exit_code",
+                "committed", "skipped", "failed", "seconds")
+
+
+class JsonLines(logging.Formatter):
+    """One JSON object per line, for log shippers: time, level, logger, message, and the run
+    event's fields (``event``: run_start, variant_ready, variant_failed, unit_retried,
+    worker_lost, run_stopping, run_finish)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+                "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        line.update({k: getattr(record, k) for k in EVENT_FIELDS if hasattr(record, k)})
+        if record.exc_info:
+            line["error"] = self.formatException(record.exc_info).splitlines()[-1]
+        return json.dumps(line, default=str)
+
+
+JsonLines.converter = time.gmtime  # UTC, as the Z says
+
+
+def configure_logging(level: int = logging.INFO, fmt: str | None = None) -> None:
+    """klein-ray's log lines on stderr: prefixed text like its other messages, or JSON lines
+    (``--log-format json`` or ``KLEIN_RAY_LOG_FORMAT=json``). Idempotent."""
+    fmt = fmt or os.environ.get("KLEIN_RAY_LOG_FORMAT") or "text"
     logger = logging.getLogger("klein_ray")
-    if not any(getattr(h, "_klein_ray", False) for h in logger.handlers):
+    handler = next((h for h in logger.handlers if getattr(h, "_klein_ray", False)), None)
+    if handler is None:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("klein-ray: %(message)s"))
         handler._klein_ray = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
+    handler.setFormatter(JsonLines() if fmt == "json" else logging.Formatter("klein-ray: %(message)s"))
     logger.setLevel(level)
     logger.propagate = False
 
@@ -115,7 +149,7 @@ def configure_logging(level: int = logging.INFO) -> None:
 def main(argv: list[str] | None = None) -> int:
     _terminate_like_interrupt()
     args = _parser().parse_args(argv)
-    configure_logging()
+    configure_logging(fmt=args.log_format)
     code = _run(args)
     if args.command in ("render", "demo") and units_left_running():
         # `--executor local` left units on threads (hung, or cut off by a stop): exiting the
@@ -170,6 +204,13 @@ def cmd_status(args) -> int:
     config = load_config(args.config)
     st = output_status(args.output, config.storage)
     print(f"output:    {args.output}\nmanifest:  {st.manifest or '-'}\ntotal:     {st.total if st.total is not None else '-'}")
+    if st.progress:
+        p = st.progress
+        eta = f", ETA {p['eta_seconds']:.0f} s" if p.get("eta_seconds") is not None else ""
+        print(f"last run:  {p['run_id']} {p['state']} (updated {p['updated_at']}): "
+              f"{p['committed_this_run']} committed, {p['in_flight']} in flight, "
+              f"{p['rows_per_second']} rows/s{eta}")
+    print(f"counted:   {st.requests}")
     print(json.dumps(st.counts()))
     return 0
 
@@ -204,7 +245,7 @@ def cmd_demo(args) -> int:
 def cmd_make_tiny_model(args) -> int:
     from klein_ray.model.tiny import make_tiny_model
 
-    path = make_tiny_model(args.directory, seed=args.seed, distilled=not args.base)
+    path = make_tiny_model(args.directory, seed=args.seed, distilled=not args.base, kv=args.kv)
     print(f"wrote a tiny random FLUX.2 klein pipeline to {path} (its images are noise)")
     return 0
 

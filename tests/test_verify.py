@@ -91,11 +91,26 @@ def test_checkpointed_rows_without_marker_are_broken(tmp_path, capsys):
     assert code == 1 and broken == ["x\tno marker (the checkpoint names the row, meta/ does not)"]
 
 
-def test_status_counts_only_readable_markers_of_the_manifest(tmp_path):
+@pytest.mark.parametrize("lookups", [True, False])
+def test_status_counts_only_readable_markers_of_the_manifest(tmp_path, monkeypatch, lookups):
+    """Both ways of counting: the checkpoint plus a lookup of each row it does not name (few),
+    or plus a listing of every marker (many)."""
+    from klein_ray.commands import status
+
+    monkeypatch.setattr(status, "LOOKUP_LIMIT", 2000 if lookups else 0)
     uri = str(tmp_path / "out")
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": i, "prompt": "p"} for i in IDS])
-    ledger = _committed(uri, ["a", "b", "zzz"])  # zzz: not a row of this manifest
+    ledger = _committed(uri, ["a", "b", "zzz"])  # zzz: a row of another job's manifest
+    ledger.record(_result("zzz"))  # that job's checkpoint names it
+    ledger.record(_result("a"))
+    ledger.checkpoint.flush()
     ledger.store.put("meta/c.json", b"garbage")  # c: a marker that commits nothing
     ledger.store.put(layout.STATE, json.dumps({"manifest": str(manifest), "total": 4}).encode())
     st = output_status(uri)
     assert st.counts() == {"committed": 2, "failed": 0, "remaining": 2, "foreign": 1, "unreadable": 1}
+    assert ("lookups" in st.requests) is lookups
+
+
+def _result(i: str) -> RowResult:
+    return RowResult(id=i, variant="v", image_key=f"images/{i}.png", meta_key=f"meta/{i}.json",
+                     sha256="0" * 64, bytes=1, width=1, height=1, seed=1, prompt="p", timings={}, worker="w")

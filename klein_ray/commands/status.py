@@ -3,19 +3,23 @@
 Committed means a readable marker of a row of the job's manifest. Markers of ids the manifest
 does not have (an output reused with another manifest, a file copied in) are counted apart as
 ``foreign``, and markers that are not valid JSON naming an image as ``unreadable``: neither is a
-committed row of this job. Only markers the checkpoint does not name yet (written since its
-last part) are read to find unreadable ones; ``verify`` checks every row in full.
+committed row of this job. The checkpoint names most committed rows; only markers it does not
+name (written since its last part) are read; ``verify`` checks every row in full. A running
+job's ``_job/progress.json`` is shown too.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 from klein_ray.config import StorageConfig
 from klein_ray.intake.manifest import Manifest, ManifestError
-from klein_ray.output.joblog import read_errors, read_state
+from klein_ray.output.joblog import read_errors, read_progress, read_state
 from klein_ray.output.ledger import Ledger
 from klein_ray.storage import StorageError, open_store
+
+LOOKUP_LIMIT = 2000  # rows outside the checkpoint looked up one by one; more: list the markers
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,8 @@ class OutputStatus:
     manifest: str | None
     foreign: int | None = 0  # markers of ids outside the manifest (None: manifest unreadable)
     unreadable: int = 0  # markers that commit nothing
+    progress: dict | None = None  # the latest run's _job/progress.json (state "running" while it runs)
+    requests: str = ""  # how the counts were made: from the checkpoint, or a listing of markers
 
     def counts(self) -> dict:
         return {"committed": self.committed, "failed": self.failed, "remaining": self.remaining,
@@ -37,21 +43,38 @@ class OutputStatus:
 
 
 def output_status(uri: str, storage: StorageConfig | None = None) -> OutputStatus:
+    """Exact counts, cheaply: the checkpoint names most committed rows; only rows it does not
+    name are looked up (a HEAD-sized GET of each marker) when they are few, else every marker is
+    listed (one request per 1,000)."""
     storage = storage or StorageConfig()
     ledger = Ledger(open_store(uri, storage))
-    markers = ledger.committed_ids()
-    checkpointed = set(ledger.done())
-    unreadable = {i for i in markers - checkpointed if ledger.read_meta(i) is None}
-    committed = markers - unreadable
     state = read_state(ledger.store) or {}
     manifest_ids = _manifest_ids(state.get("manifest"), storage)
-    foreign = committed - manifest_ids if manifest_ids is not None else set()
-    committed -= foreign
+    checkpointed = set(ledger.done())
+    outside = manifest_ids - checkpointed if manifest_ids is not None else None
+    if outside is not None and len(outside) <= LOOKUP_LIMIT:
+        found = _lookup(ledger, outside)
+        markers = checkpointed | {i for i, state in found.items() if state == "readable"}
+        unreadable = {i for i, state in found.items() if state == "unreadable"}
+        how = f"checkpoint + {len(outside)} marker lookups"
+    else:
+        listed = ledger.committed_ids()
+        unreadable = {i for i in listed - checkpointed if ledger.read_meta(i) is None}
+        markers = listed - unreadable
+        how = "checkpoint + a listing of every marker"
+    foreign = markers - manifest_ids if manifest_ids is not None else set()
+    committed = markers - foreign
     failed = _failed_rows(ledger, committed)
     total = state.get("total")
     remaining = max(0, total - len(committed) - failed) if total is not None else None
     return OutputStatus(len(committed), failed, remaining, total, state.get("manifest"),
-                        len(foreign) if manifest_ids is not None else None, len(unreadable))
+                        len(foreign) if manifest_ids is not None else None, len(unreadable),
+                        read_progress(ledger.store), how)
+
+
+def _lookup(ledger: Ledger, ids: set[str]) -> dict[str, str]:
+    with ThreadPoolExecutor(16) as pool:
+        return dict(zip(ids, pool.map(ledger.marker_state, ids)))
 
 
 def _failed_rows(ledger: Ledger, committed: set[str]) -> int:

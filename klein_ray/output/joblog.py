@@ -82,9 +82,20 @@ class JobLog:
         except NotFound:
             return []
 
+    def put_progress(self, progress: dict) -> None:
+        """``_job/progress.json``: what a scheduler or `status` reads while the run goes on."""
+        self._put_json(layout.PROGRESS, progress)
+
     def _put_json(self, key: str, obj: dict) -> None:
         self.store.put(key, json.dumps(obj, indent=1, sort_keys=True).encode(),
                        content_type="application/json")
+
+
+def read_progress(store: Store) -> dict | None:
+    try:
+        return json.loads(store.get(layout.PROGRESS))
+    except (NotFound, ValueError):
+        return None
 
 
 def read_state(store: Store) -> dict | None:

@@ -6,6 +6,7 @@ meta/{id}.json                 the row's commit marker (written last)
 _job/config.yaml               the resolved job config
 _job/state.json                manifest URI, row count, run id (for `status`)
 _job/lease.json                the running driver's lease
+_job/progress.json             the running (or last) run's progress, rewritten every few seconds
 _job/results/{run}-L{level}-{seq}.parquet   the results table, which is the checkpoint
 _job/errors.parquet            rows that failed in the latest run
 _job/summary.json              the summary `render` prints last
@@ -29,6 +30,7 @@ RESULTS = f"{JOB}results/"
 CONFIG = f"{JOB}config.yaml"
 STATE = f"{JOB}state.json"
 LEASE = f"{JOB}lease.json"
+PROGRESS = f"{JOB}progress.json"
 ERRORS = f"{JOB}errors.parquet"
 SUMMARY = f"{JOB}summary.json"
 CONTACT = f"{JOB}contact.parquet"

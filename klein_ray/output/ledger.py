@@ -98,6 +98,14 @@ class Ledger:
         except NotFound:
             return None
 
+    def marker_state(self, row_id: str) -> str:
+        """'absent', 'unreadable' (commits nothing) or 'readable' (one GET; the image unchecked)."""
+        try:
+            raw = self.store.get(meta_key(row_id))
+        except NotFound:
+            return "absent"
+        return "readable" if _parse_marker(raw) is not None else "unreadable"
+
     def audit(self, row_id: str, deep: bool = False) -> str | None:
         """What is wrong with a row that claims to be committed, or None if it is sound.
         Shallow: marker, image size and the sha256 the image carries; ``deep`` hashes the bytes."""

@@ -17,9 +17,9 @@ import time
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator
 
-from klein_ray.config import ConfigError, JobConfig
+from klein_ray.config import JobConfig
 from klein_ray.intake.manifest import Manifest, id_hash, prescan
 from klein_ray.intake.planner import Planner
 from klein_ray.intake.rows import RowValidator, duplicate_id_error
@@ -30,9 +30,10 @@ from klein_ray.output.lease import Lease
 from klein_ray.output.ledger import Ledger
 from klein_ray.render import modelsource
 from klein_ray.render.confinement import confine
-from klein_ray.run.executor import Executor, Outcome, Pool
+from klein_ray.run.executor import Executor, Outcome, Pool, WorkerLost
 from klein_ray.run.policy import settle
-from klein_ray.run.pools import start_pools, worker_specs
+from klein_ray.run.telemetry import Progress, RunWatch, Silent
+from klein_ray.run.pools import check_sources, start_pools, worker_specs
 from klein_ray.run.stopping import (  # the exit codes are the driver's API too
     EXIT_INTERRUPTED,
     EXIT_INVALID,
@@ -49,7 +50,7 @@ from klein_ray.run.stopping import (  # the exit codes are the driver's API too
     trap_signals,
     unreachable,
 )
-from klein_ray.storage import open_store
+from klein_ray.storage import StorageError, open_store
 from klein_ray.storage.base import StorageUnavailable
 from klein_ray.types import RowError, RowSpec, UnitOutcome, WorkUnit, first_line
 
@@ -57,22 +58,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Driver", "Progress", "RenderJob", "ResumePlan", "EXIT_OK", "EXIT_ROWS_FAILED",
            "EXIT_INVALID", "EXIT_TEMPFAIL", "EXIT_INTERRUPTED"]
-
-
-class Progress(Protocol):
-    """Where the driver reports rows settled (the CLI shows a bar; library use, nothing)."""
-
-    def update(self, n: int) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class _Silent:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 @dataclass
@@ -122,9 +107,9 @@ class Driver:
         self.tally = _Tally()
         self.interrupted = False
         self._stops = Stops()
-        self.sources = self._check_sources()
+        self.sources = check_sources(self.cfg)
         self._make_executor = executor
-        self._progress = progress or (lambda total: _Silent())
+        self._progress = progress or (lambda total: Silent())
         # False while the lease may have been taken over (after a long pause, until renewed).
         self._may_issue: Callable[[], bool] = lambda: True
 
@@ -144,7 +129,8 @@ class Driver:
                 self._let_go(lease)
         log.info("run %s %s: %d committed, %d skipped, %d failed in %.1f s", self.run_id,
                  "stopped" if self.stopped else "finished", summary["committed"], summary["skipped"],
-                 summary["failed"], summary["seconds"])
+                 summary["failed"], summary["seconds"],
+                 extra={"event": "run_finish", "run_id": self.run_id, **_counts(summary)})
         if self.stopped not in (None, INTERRUPT):
             log.error("%s", self.stopped.reason)  # the last line: what to do now
         return summary, self._exit_code()
@@ -156,7 +142,8 @@ class Driver:
         another driver now; rows the workers commit stay safe by the commit protocol. The
         first stop wins."""
         if self._stops.request(Stop(reason, exit_code, write_log)):
-            log.warning("stopping: %s", reason)
+            log.warning("stopping: %s", reason, extra={"event": "run_stopping", "run_id": self.run_id,
+                                                        "exit_code": exit_code})
 
     def _lost_lease(self, why: str) -> None:
         self.abort(f"{why}. Another driver is writing to this output; this one stopped and wrote "
@@ -170,7 +157,8 @@ class Driver:
     def _run_leased(self, manifest: Manifest, started: float) -> dict:
         plan = self.prepare(manifest)
         log.info("run %s: %d rows, %d committed already, %d to render", self.run_id,
-                 manifest.total_rows, len(plan.done), sum(plan.pending.values()))
+                 manifest.total_rows, len(plan.done), sum(plan.pending.values()),
+                 extra={"event": "run_start", "run_id": self.run_id, "rows": manifest.total_rows})
         self.execute(plan)
         summary = self._summary(manifest.total_rows, started)
         if self._writes_log():
@@ -249,6 +237,9 @@ class Driver:
         queues: dict[str, deque[WorkUnit]] = defaultdict(deque)
         bar = self._progress(sum(plan.pending.values()))
         watch = OutageWatch(self.cfg.run.unreachable_after_s)
+        self._watch = RunWatch(self.run_id, plan.manifest.total_rows, len(plan.done), plan.pending,
+                               self._progress_writer(plan.log), executor.metrics(),
+                               errors=lambda: len(self.tally.errors))
         try:
             exhausted = False
             while self.stopped is None and (not exhausted or any(queues.values()) or executor.in_flight):
@@ -260,11 +251,13 @@ class Driver:
                     self._apply(unit, outcome, queues, plan.log, bar)
                 if (evidence := watch.gone()) is not None:
                     self._unreachable(f"output storage unreachable: {evidence}")
+                self._watch.tick()
             if self.stopped is not None:
                 self._drain(executor, queues, plan.log, bar)
         finally:
             bar.close()
             executor.shutdown(list(pools.values()))
+            self._watch.finish(_state(self.stopped))
 
     def _dispatch(self, executor: Executor, queues, pools: dict[str, Pool],
                   failed_variants: dict[str, str], bar: Progress) -> None:
@@ -277,7 +270,9 @@ class Driver:
                 continue
             pool = pools[variant]
             while queue and sum(pool.in_flight.values()) < len(pool.healthy) * self.cfg.run.in_flight_per_actor:
-                executor.submit(pool, queue.popleft())
+                unit = queue.popleft()
+                executor.submit(pool, unit)
+                self._watch.submitted(unit)
 
     def _top_up(self, units: Iterator[WorkUnit], queues, pools, exhausted: bool) -> bool:
         """Plan ahead just far enough that no worker waits; False until the manifest is done."""
@@ -293,6 +288,8 @@ class Driver:
         """Ask the policy what ``outcome`` means and record it: committed rows, units to run
         again, failed rows."""
         settled = settle(unit, outcome)
+        self._watch.returned(unit)
+        self._watch.settled(unit.variant, settled)
         for result in settled.committed:
             if self._writes_log():  # else committed all the same: a re-run's marker check finds it
                 self.ledger.record(result)
@@ -303,7 +300,10 @@ class Driver:
                 joblog.add_result(result)
         if settled.retry:
             log.info("unit %d (%d rows, attempt %d): %s; %d unit(s) queued again", unit.unit_id,
-                     unit.size, unit.attempt, _describe(outcome), len(settled.retry))
+                     unit.size, unit.attempt, _describe(outcome), len(settled.retry),
+                     extra={"event": "worker_lost" if isinstance(outcome, WorkerLost) else "unit_retried",
+                            "run_id": self.run_id, "variant": unit.variant, "unit": unit.unit_id,
+                            "attempt": unit.attempt})
         queues[unit.variant].extendleft(reversed(settled.retry))
         self.tally.errors.extend(settled.failed)
         bar.update(len(settled.committed) + len(settled.failed))
@@ -313,6 +313,7 @@ class Driver:
             unit = queue.popleft()
             for row in unit.rows:
                 self.tally.errors.append(RowError.for_row(row, "render", "ModelLoadError", reason, unit.attempt))
+            self._watch.fail(unit.variant, ["render"] * unit.size)
             bar.update(unit.size)
 
     def _drain(self, executor: Executor, queues, joblog: JobLog, bar: Progress) -> None:
@@ -325,15 +326,6 @@ class Driver:
                     self._apply(unit, outcome, queues, joblog, bar)
 
     # -- bookkeeping -----------------------------------------------------------------------
-
-    def _check_sources(self) -> dict[str, str]:
-        sources = {}
-        for name, vcfg in self.cfg.variants.items():
-            try:
-                sources[name] = modelsource.normalise(vcfg.source)
-            except (modelsource.ModelSourceError, ValueError) as exc:
-                raise ConfigError(f"variant {name!r}: {exc}") from None
-        return sources
 
     def _on_signal(self, signum, frame) -> None:
         if self.interrupted:  # a second Ctrl-C: stop waiting
@@ -351,6 +343,17 @@ class Driver:
         would only block for the storage retries and fail)."""
         reason = f"{why.rstrip('.')}; {TRY_LATER}"
         self._stops.request(Stop(reason, EXIT_TEMPFAIL, write_log=False, offline=True))
+
+    def _progress_writer(self, joblog: JobLog) -> Callable[[dict], None]:
+        """Progress is written while OUT is ours to write and reachable; a failed write is
+        skipped (the next one, seconds later, says the same and more)."""
+        def write(progress: dict) -> None:
+            if self._writes_log() and not self._offline:
+                try:
+                    joblog.put_progress(progress)
+                except StorageError as exc:
+                    log.debug("progress not written: %s", exc)
+        return write
 
     def _writes_log(self) -> bool:
         """Whether the job log and the checkpoint may still be written (see ``abort``)."""
@@ -380,6 +383,14 @@ class Driver:
         if self.stopped is not None:
             return self.stopped.exit_code
         return EXIT_ROWS_FAILED if self.tally.errors else EXIT_OK
+
+
+def _counts(summary: dict) -> dict:
+    return {k: summary[k] for k in ("committed", "skipped", "failed", "seconds")}
+
+
+def _state(stop: Stop | None) -> str:
+    return "finished" if stop is None else "interrupted" if stop is INTERRUPT else "stopped"
 
 
 def _describe(outcome: Outcome) -> str:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterable, Union
 
 from klein_ray.config import JobConfig
+from klein_ray.run.metrics import RunMetrics
 from klein_ray.types import UnitOutcome, WorkUnit, first_line
 
 
@@ -179,6 +180,10 @@ class Executor(ABC):
     @abstractmethod
     def shutdown_pool(self, pool: Pool) -> None:
         """Stop the pool's workers (their units in flight are abandoned)."""
+
+    def metrics(self) -> RunMetrics:
+        """Where the run's metrics go (this base: nowhere)."""
+        return RunMetrics()
 
     def shutdown(self, pools: list[Pool]) -> None:
         """Stop every pool and release what the executor holds."""

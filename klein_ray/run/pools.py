@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from klein_ray.config import JobConfig, RunConfig
+from klein_ray.config import ConfigError, JobConfig, RunConfig
+from klein_ray.render import modelsource
 from klein_ray.run.executor import Executor, Pool, WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,22 @@ def start_pools(executor: Executor, specs: Specs, run: RunConfig,
                 failed.pop(variant, None)
                 ready = len(pool.workers) - len(pool.down) - len(pool.dead)
                 log.info("variant %s: %d of %d worker(s) ready%s", variant, ready, len(pool.workers),
-                         "; the others join as they load" if ready < len(pool.workers) else "")
+                         "; the others join as they load" if ready < len(pool.workers) else "",
+                         extra={"event": "variant_ready", "variant": variant, "workers": ready})
         todo = sorted(errors)
         if not todo or stopping():
             break
     for reason in failed.values():
-        log.error("%s", reason)
+        log.error("%s", reason, extra={"event": "variant_failed"})
     return pools, failed
+
+
+def check_sources(cfg: JobConfig) -> dict[str, str]:
+    """Every variant's model source, normalised; a bad one is a ConfigError naming the variant."""
+    sources = {}
+    for name, vcfg in cfg.variants.items():
+        try:
+            sources[name] = modelsource.normalise(vcfg.source)
+        except (modelsource.ModelSourceError, ValueError) as exc:
+            raise ConfigError(f"variant {name!r}: {exc}") from None
+    return sources

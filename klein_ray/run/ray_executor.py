@@ -28,6 +28,7 @@ from klein_ray.run.executor import (
     wait_for_loads,
     wait_seconds,
 )
+from klein_ray.run.ray_metrics import RayMetrics
 from klein_ray.run.worker import RenderWorker
 from klein_ray.types import WorkUnit, first_line
 
@@ -102,6 +103,7 @@ class RayExecutor(Executor):
         self._actor_cls = _worker_class(worker)
         self._refs: dict[Any, Call] = {}
         self._pings: dict[Any, tuple[Pool, int]] = {}
+        self._metrics: RayMetrics | None = None
 
     def cluster_cpus(self) -> float:
         return float(self._ray.cluster_resources().get("CPU", os.cpu_count() or 1))
@@ -132,12 +134,20 @@ class RayExecutor(Executor):
     def _load_error(self, ref) -> BaseException | None:
         """Why an actor's model did not load (the original exception), or None if it did."""
         try:
-            self._ray.get(ref)
+            self._loaded(self._ray.get(ref))
         except self._ray.exceptions.RayActorError as exc:
             return _unwrap(getattr(exc, "cause", None) or exc)
         except self._ray.exceptions.RayTaskError as exc:
             return _unwrap(exc)
         return None
+
+    def _loaded(self, info: dict) -> None:
+        self.metrics().model_load_seconds(info["variant"], info["load_seconds"])
+
+    def metrics(self) -> RayMetrics:
+        if self._metrics is None:
+            self._metrics = RayMetrics()
+        return self._metrics
 
     def submit(self, pool: Pool, unit: WorkUnit) -> None:
         index = pool.least_loaded()
@@ -193,7 +203,7 @@ class RayExecutor(Executor):
     def _settle_ping(self, ref) -> None:
         pool, index = self._pings.pop(ref)
         try:
-            self._ray.get(ref)
+            self._loaded(self._ray.get(ref))
             pool.down.discard(index)  # restarted, model loaded: back to work
         except self._ray.exceptions.ActorUnavailableError:
             self._pings[pool.workers[index].describe.remote()] = (pool, index)  # still restarting
