@@ -3,7 +3,7 @@
 diffusers as it is vs klein-ray's model layer, and the text encoder alone.
 
     .venv/bin/python benchmarks/gpu.py [--variants 4b,9b] [--sizes 1024,512] [--batches 1,4] [--reps 3]
-                                       [--ours-settings compile,channels_last] [--json FILE]
+                                       [--ours-settings compile,channels_last] [--kv-refs 3] [--json FILE]
     .venv/bin/python benchmarks/gpu.py --dry-run [--scale tiny]      # no GPU: CPU-side code path
 
 Needs a CUDA GPU (an H100 runs the defaults in a few minutes). Without one it prints
@@ -39,10 +39,16 @@ timed calls, ``torch.cuda.synchronize`` around each; PIL images out, as both ret
 They run in the order (c), (a), then (b) and (b+): wrapping applies ``KleinModel``'s GPU settings
 (``--ours-settings compile,channels_last``; none by default), which change the pipeline in place.
 
+  (d) the KV row (``gpu_kv.py``), on a fresh 9B: a ``--kv-refs``-reference edit (default 3
+      references; 0 skips it) at the first size, references of that size too, batch 1, through
+      ``KleinModel.render`` on ``Flux2KleinPipeline`` and then on ``Flux2KleinKVPipeline`` over the
+      same components, after checking the KV render extracted the references' K/V at step 0 and
+      reused it at steps 1-3. No ``--ours-settings`` there.
+
 Rather than writing 16-34 GB to disk, the benchmark wraps the in-memory pipeline with
 ``KleinModel.from_pipe``. ``--dry-run`` checks that against ``KleinModel.from_pretrained`` of the
 same pipeline saved to disk (bitwise-equal images) at the tiny scale, builds the full-size 4B and 9B on the ``meta`` device to check the configs
-(parameter counts), then runs the whole benchmark loop on CPU at ``--scale tiny``.
+(parameter counts), then runs the whole benchmark loop on CPU at ``--scale tiny``, the KV row included.
 """
 
 from __future__ import annotations
@@ -238,6 +244,21 @@ def bench_variant(variant: str, scale: str, device: str, dtype, tokenizer, sizes
     return out
 
 
+def bench_kv_row(scale: str, device: str, dtype, tokenizer, size: int, n_refs: int, reps: int) -> dict:
+    """(d): the 9B, built afresh (the variants' pipelines are gone), through gpu_kv.bench_kv."""
+    import torch
+    from gpu_kv import bench_kv  # beside this script
+
+    print(f"## 9b ({scale}): {n_refs}-reference edit, without and with the KV cache", flush=True)
+    pipe = build_pipeline("9b", scale, device, dtype, tokenizer)
+    out = bench_kv(pipe, device, size, n_refs, reps, timed)
+    del pipe
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return out
+
+
 # -- dry-run checks -----------------------------------------------------------------------------
 
 def check_from_pipe(tokenizer) -> None:
@@ -280,6 +301,30 @@ def check_full_configs(tokenizer) -> None:
               flush=True)
 
 
+def print_tables(results: list[dict], kv: dict | None) -> None:
+    """The figures as Markdown tables: renders, text encoder, and the KV row when it ran."""
+    print()
+    print("| variant | size | batch | diffusers s/img | ours s/img | ours/diffusers | ours cached s/img | cached/diffusers |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        for row in r["render"]:
+            a, b, c = row["diffusers_s_per_image"], row["ours_s_per_image"], row["ours_cached_s_per_image"]
+            print(f"| {r['variant']} | {row['size']} | {row['batch']} | {a:.3f} | {b:.3f} | {b / a:.2f} | {c:.3f} | {c / a:.2f} |")
+    print()
+    print("| variant | batch | encode_prompt s | PromptEncoder s | ratio | max abs diff |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        for row in r["text"]:
+            print(f"| {r['variant']} | {row['batch']} | {row['encode_prompt_s']:.4f} | {row['prompt_encoder_s']:.4f} | "
+                  f"{row['prompt_encoder_s'] / row['encode_prompt_s']:.2f} | {row['max_abs_diff']:.3g} |")
+    if kv:
+        print()
+        print("| variant | size | references | without KV s/img | with KV s/img | KV/without |")
+        print("|---|---:|---:|---:|---:|---:|")
+        a, b = kv["without_kv_s_per_image"], kv["with_kv_s_per_image"]
+        print(f"| 9b | {kv['size']} | {kv['references']} | {a:.3f} | {b:.3f} | {b / a:.2f} |")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", default="4b,9b")
@@ -290,6 +335,8 @@ def main() -> int:
     p.add_argument("--scale", choices=["full", "tiny"], help="model size (default full; dry-run tiny)")
     p.add_argument("--ours-settings", default="",
                    help="GPUSettings for ours, comma-separated: compile,channels_last (default none)")
+    p.add_argument("--kv-refs", type=int, default=3,
+                   help="references in the 9B KV-vs-plain edit row (default 3; 0 skips the row)")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
 
@@ -321,27 +368,16 @@ def main() -> int:
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
         settings = {name.strip(): True for name in args.ours_settings.split(",") if name.strip()}
         results.append(bench_variant(variant, scale, device, dtype, tokenizer, sizes, batches, reps, settings))
+    kv = bench_kv_row(scale, device, dtype, tokenizer, sizes[0], args.kv_refs, reps) if args.kv_refs else None
 
-    print()
-    print("| variant | size | batch | diffusers s/img | ours s/img | ours/diffusers | ours cached s/img | cached/diffusers |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for r in results:
-        for row in r["render"]:
-            a, b, c = row["diffusers_s_per_image"], row["ours_s_per_image"], row["ours_cached_s_per_image"]
-            print(f"| {r['variant']} | {row['size']} | {row['batch']} | {a:.3f} | {b:.3f} | {b / a:.2f} | {c:.3f} | {c / a:.2f} |")
-    print()
-    print("| variant | batch | encode_prompt s | PromptEncoder s | ratio | max abs diff |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in results:
-        for row in r["text"]:
-            print(f"| {r['variant']} | {row['batch']} | {row['encode_prompt_s']:.4f} | {row['prompt_encoder_s']:.4f} | "
-                  f"{row['prompt_encoder_s'] / row['encode_prompt_s']:.2f} | {row['max_abs_diff']:.3g} |")
+    print_tables(results, kv)
     if args.dry_run:
         print("\nDRY RUN on CPU at a reduced scale: the figures above check the code path, they are "
               "not GPU measurements.")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": device, "gpu": gpu, "scale": scale,
-                                               "dry_run": args.dry_run, "results": results}, indent=1))
+                                               "dry_run": args.dry_run, "results": results, "kv": kv},
+                                              indent=1))
     return 0
 
 

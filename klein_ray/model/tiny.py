@@ -5,6 +5,10 @@ The result is a real diffusers directory (``model_index.json``, ``scheduler/``, 
 ``from_pretrained`` path as the published checkpoints. It is built entirely offline: the
 tokenizer is a byte-level BPE trained here on a few sentences. Its images are noise: it proves
 the plumbing, never the model's quality.
+
+With ``kv=True`` it is laid out like BFL's FLUX.2-klein-9b-kv: the very same components and
+weight files, only ``model_index.json`` names ``Flux2KleinKVPipeline`` (that class name is all
+that makes a diffusers checkpoint KV; the transformer class and its config are unchanged).
 """
 
 from __future__ import annotations
@@ -40,13 +44,28 @@ _CORPUS = [
 ]
 
 
-def build_tiny_pipeline(seed: int = 0, distilled: bool = True):
-    """Return an in-memory ``Flux2KleinPipeline`` with tiny random weights (seeded)."""
+def build_tiny_pipeline(seed: int = 0, distilled: bool = True, kv: bool = False):
+    """Return an in-memory ``Flux2KleinPipeline`` (``Flux2KleinKVPipeline`` with ``kv``) with tiny
+    random weights (seeded). A KV pipeline is always distilled, as BFL's 9B-KV is."""
+    from diffusers import Flux2KleinKVPipeline, Flux2KleinPipeline
+
+    if kv and not distilled:
+        raise ValueError("a KV checkpoint is distilled (no CFG): kv=True needs distilled=True")
+    parts = _tiny_parts(seed)
+    if kv:
+        # The same parts under the KV class, which swaps in the K/V-caching attention processors;
+        # saved, its model_index.json names Flux2KleinKVPipeline and nothing else changes (the
+        # class registers no is_distilled: a KV checkpoint is distilled).
+        return Flux2KleinKVPipeline(**parts)
+    return Flux2KleinPipeline(**parts, is_distilled=distilled)
+
+
+def _tiny_parts(seed: int) -> dict:
+    """The pipeline's five components, tiny and randomly initialised (seeded)."""
     import torch
     from diffusers import (
         AutoencoderKLFlux2,
         FlowMatchEulerDiscreteScheduler,
-        Flux2KleinPipeline,
         Flux2Transformer2DModel,
     )
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -98,20 +117,15 @@ def build_tiny_pipeline(seed: int = 0, distilled: bool = True):
 
     # 5. Scheduler: the real checkpoints' settings (shift 3.0, dynamic shifting).
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
-    return Flux2KleinPipeline(
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        transformer=transformer,
-        is_distilled=distilled,
-    )
+    return {"scheduler": scheduler, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+            "transformer": transformer}
 
 
-def make_tiny_model(directory: str | Path, seed: int = 0, distilled: bool = True) -> Path:
-    """Write the tiny pipeline in diffusers layout to ``directory`` and return its path."""
+def make_tiny_model(directory: str | Path, seed: int = 0, distilled: bool = True, kv: bool = False) -> Path:
+    """Write the tiny pipeline in diffusers layout to ``directory`` and return its path; with ``kv``
+    a KV checkpoint (``model_index.json`` names ``Flux2KleinKVPipeline``)."""
     out = Path(directory)
-    pipe = build_tiny_pipeline(seed=seed, distilled=distilled)
+    pipe = build_tiny_pipeline(seed=seed, distilled=distilled, kv=kv)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
     # Say plainly what this is, for anyone who finds the folder later.
@@ -120,7 +134,7 @@ def make_tiny_model(directory: str | Path, seed: int = 0, distilled: bool = True
         "offline by `klein-ray make-tiny-model`. Its images are noise: it exists to exercise "
         "loading, batching and storage, never to judge quality.\n"
     )
-    (out / TEST_MODEL_MARKER).write_text(json.dumps({"seed": seed, "distilled": distilled}))
+    (out / TEST_MODEL_MARKER).write_text(json.dumps({"seed": seed, "distilled": distilled, "kv": kv}))
     return out
 
 
