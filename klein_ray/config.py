@@ -63,6 +63,43 @@ class VariantConfig(_Strict):
     max_sequence_length: int = Field(
         512, ge=16, le=512, description="Text tokens given to the encoder (the pipeline's limit)."
     )
+    transformer: str | None = Field(
+        None,
+        description="A single-file transformer checkpoint in BFL's (ComfyUI's) layout, bf16, fp8 "
+        "or nvfp4 (e.g. BFL's FLUX.2-klein-4b-fp8), replacing the transformer of `source`, which "
+        "still gives the text encoder, VAE, tokenizer, scheduler and the transformer's config. A "
+        "local path or file:// URI (made absolute on the driver), s3://bucket/key (copied once "
+        "per node into cache_dir) or hf://org/repo/file.safetensors. Quantized weights are "
+        "dequantized to `dtype` when loaded.",
+    )
+
+    @field_validator("transformer")
+    @classmethod
+    def _transformer_file(cls, ref: str | None) -> str | None:
+        if ref is None:
+            return None
+        ref = ref.strip()
+        if not ref.endswith(".safetensors"):
+            raise ValueError(f"transformer {ref!r}: expected a .safetensors file")
+        scheme = ref.partition("://")[0] if "://" in ref else ""
+        parts = ref.partition("://")[2].split("/")
+        if scheme == "s3" and (len(parts) < 2 or not parts[0] or not parts[-1]):
+            raise ValueError(f"transformer {ref!r}: expected s3://bucket/key.safetensors")
+        if scheme == "hf" and (len(parts) < 3 or not all(parts)):
+            raise ValueError(f"transformer {ref!r}: expected hf://org/repo/file.safetensors")
+        if scheme not in ("", "file", "s3", "hf"):
+            raise ValueError(f"transformer {ref!r}: use a path, file://, s3:// or hf://")
+        if scheme in ("", "file"):
+            # Workers may run elsewhere than the driver's directory (Ray actors do): a
+            # relative path is taken from where the job was started, as model sources are.
+            from urllib.parse import unquote, urlparse
+
+            parsed = urlparse(ref)
+            if scheme and parsed.netloc not in ("", "localhost"):
+                raise ValueError(f"transformer {ref!r}: file:// with a remote host")
+            path = unquote(parsed.path) if scheme else ref
+            return os.path.abspath(os.path.expanduser(path))
+        return ref
 
 
 class StorageConfig(_Strict):

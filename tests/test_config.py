@@ -216,3 +216,33 @@ def test_every_field_has_a_description(model):
 @pytest.mark.parametrize("model", _config_models(), ids=lambda m: m.__name__)
 def test_every_model_rejects_unknown_keys(model):
     assert model.model_config.get("extra") == "forbid"
+
+
+# -- a variant's single-file transformer ----------------------------------------------------
+
+
+def test_transformer_file_is_made_absolute_and_remote_ones_kept(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, "variants:\n  q:\n    source: black-forest-labs/FLUX.2-klein-4B\n"
+                           "    transformer: weights/flux-2-klein-4b-fp8.safetensors\n"
+                           "default_variant: q\n")
+    q = load_config(path).variants["q"]
+    assert q.transformer == str(tmp_path / "weights" / "flux-2-klein-4b-fp8.safetensors")
+    assert VariantConfig(source="a/b").transformer is None
+    for ref in ("s3://models/klein/flux-2-klein-4b-nvfp4.safetensors",
+                "hf://black-forest-labs/FLUX.2-klein-4b-fp8/flux-2-klein-4b-fp8.safetensors"):
+        assert VariantConfig(source="a/b", transformer=ref).transformer == ref
+    uri = VariantConfig(source="a/b", transformer="file:///w/a%20b.safetensors").transformer
+    assert uri == "/w/a b.safetensors"
+
+
+@pytest.mark.parametrize("ref, needle", [
+    ("weights.ckpt", ".safetensors"), ("s3://only-bucket.safetensors", "s3://bucket/key"),
+    ("hf://org/file.safetensors", "hf://org/repo/file"), ("https://h/f.safetensors", "s3:// or hf://"),
+    ("file://remote/f.safetensors", "remote host"), ("", ".safetensors"),
+])
+def test_bad_transformer_file_is_a_config_error(tmp_path, ref, needle):
+    path = write(tmp_path, f"variants:\n  q: {{source: a/b, transformer: '{ref}'}}\ndefault_variant: q\n")
+    with pytest.raises(ConfigError, match="variants.q.transformer") as info:
+        load_config(path)
+    assert needle in str(info.value)

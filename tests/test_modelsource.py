@@ -1,4 +1,5 @@
-"""Model sources: classifying and normalising, and the once-per-node s3:// sync (against moto)."""
+"""Model sources: classifying and normalising, the once-per-node s3:// sync (against moto), and a
+variant's single transformer file (local, s3:// once per node, hf:// through the Hub cache)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from klein_ray.config import StorageConfig
-from klein_ray.render.modelsource import COMPLETE, ModelSourceError, classify, normalise, resolve, sync_s3
+from klein_ray.render.modelsource import (
+    COMPLETE,
+    ModelSourceError,
+    classify,
+    normalise,
+    resolve,
+    resolve_file,
+    sync_s3,
+)
 
 TREE = {
     "model_index.json": json.dumps({"_class_name": "Flux2KleinPipeline"}).encode(),
@@ -229,3 +238,47 @@ def test_sync_refuses_absolute_keys(bucket, moto_client, tmp_path):
     with pytest.raises(ModelSourceError):
         sync_s3(f"s3://{bucket}/evil", tmp_path / "cache", StorageConfig())
     assert not outside.exists()
+
+
+# -- a variant's single-file transformer ------------------------------------------------------
+
+
+def test_resolve_file_local(tmp_path):
+    weights = tmp_path / "klein-fp8.safetensors"
+    weights.write_bytes(b"x")
+    assert resolve_file(str(weights), str(tmp_path / "cache"), StorageConfig()) == str(weights)
+    assert resolve_file(weights.as_uri(), str(tmp_path / "cache"), StorageConfig()) == str(weights)
+    with pytest.raises(ModelSourceError, match="not found"):
+        resolve_file(str(tmp_path / "absent.safetensors"), str(tmp_path / "cache"), StorageConfig())
+
+
+def test_resolve_file_s3_downloads_once_per_node(bucket, moto_client, tmp_path):
+    upload(moto_client, bucket, "bfl", {"flux-2-klein-4b-fp8.safetensors": b"fp8 weights"})
+    ref = f"s3://{bucket}/bfl/flux-2-klein-4b-fp8.safetensors"
+    first = Path(resolve_file(ref, str(tmp_path), StorageConfig()))
+    assert first.name == "flux-2-klein-4b-fp8.safetensors" and first.read_bytes() == b"fp8 weights"
+    assert first.is_relative_to(tmp_path) and not list(tmp_path.rglob("*.part"))
+    empty_bucket(moto_client, bucket)  # a second download would now fail
+    assert Path(resolve_file(ref, str(tmp_path), StorageConfig())) == first
+    with pytest.raises(ModelSourceError, match="absent.safetensors"):
+        resolve_file(f"s3://{bucket}/bfl/absent.safetensors", str(tmp_path), StorageConfig())
+    assert not list(tmp_path.rglob("absent.safetensors"))
+
+
+def test_resolve_file_hub_goes_through_the_hf_cache(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(**kw):
+        calls.append(kw)
+        return "/hf-cache/snapshot/flux-2-klein-4b-nvfp4.safetensors"
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    got = resolve_file("hf://black-forest-labs/FLUX.2-klein-4b-nvfp4@main/flux-2-klein-4b-nvfp4.safetensors",
+                       str(tmp_path), StorageConfig())
+    assert got == "/hf-cache/snapshot/flux-2-klein-4b-nvfp4.safetensors"
+    assert calls == [{"repo_id": "black-forest-labs/FLUX.2-klein-4b-nvfp4",
+                      "filename": "flux-2-klein-4b-nvfp4.safetensors", "revision": "main"}]
+    with pytest.raises(ModelSourceError, match="hf://org/repo/file"):
+        resolve_file("hf://org/file.safetensors", str(tmp_path), StorageConfig())

@@ -99,9 +99,13 @@ class KleinModel:
     @classmethod
     def from_pretrained(cls, source: str, pipeline: str = "auto", dtype: str = "auto",
                         device: str | None = None, threads: int | None = None,
-                        prompt_cache: int = 1024, settings: "GPUSettings | None" = None) -> "KleinModel":
+                        prompt_cache: int = 1024, settings: "GPUSettings | None" = None,
+                        transformer_file: str | None = None) -> "KleinModel":
         """Load ``source`` (a local diffusers directory or a Hub repo id) with diffusers'
-        ``from_pretrained``; ``pipeline`` 'base'/'distilled' override the checkpoint's flag."""
+        ``from_pretrained``; ``pipeline`` 'base'/'distilled' override the checkpoint's flag,
+        'kv' loads it as ``Flux2KleinKVPipeline``, 'auto' as its model_index.json says.
+        ``transformer_file``: a local BFL-layout single file (bf16, fp8, nvfp4) whose weights
+        replace ``source``'s transformer (see ``klein_ray.model.quantized``)."""
         import diffusers
         import torch
         import transformers
@@ -112,7 +116,7 @@ class KleinModel:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
         # 2. Which pipeline class, and the checkpoint's own flag overridden on request.
-        pipe_cls = diffusers.Flux2KleinKVPipeline if pipeline == "kv" else diffusers.Flux2KleinPipeline
+        pipe_cls = _pipeline_class(source, pipeline)
         kwargs: dict[str, Any] = {"dtype": _torch_dtype(dtype, device)}
         if pipeline in ("base", "distilled"):
             kwargs["is_distilled"] = pipeline == "distilled"
@@ -121,6 +125,10 @@ class KleinModel:
         #    progress bars: a batch job loads many times and its logs are read by machines.
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
+        if transformer_file:  # the base checkpoint's own transformer weights are never read
+            from klein_ray.model.quantized import load_transformer
+
+            kwargs["transformer"] = load_transformer(source, transformer_file, kwargs["dtype"])
         pipe = pipe_cls.from_pretrained(source, **kwargs)
         return cls(pipe, source=source, device=device, prompt_cache=prompt_cache, settings=settings)
 
@@ -218,3 +226,37 @@ def _torch_dtype(name: str, device: str):
     if name == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     return getattr(torch, name)
+
+
+KV_PIPELINE = "Flux2KleinKVPipeline"
+
+
+def _pipeline_class(source: str, pipeline: str):
+    """The diffusers class to load ``source`` with.
+
+    A KV checkpoint differs from the others only by model_index.json's ``_class_name``, and
+    ``Flux2KleinPipeline.from_pretrained`` loads one without a word as the plain pipeline (the
+    caller's class wins over the file's): it would then render every step with the reference
+    tokens and no K/V cache, slower and not as the KV model was trained. So 'auto' reads the
+    name itself, and 'base'/'distilled' on a checkpoint that declares KV are refused. 'kv' is
+    taken at its word (a checkpoint copied with a generic model_index.json is still KV)."""
+    import diffusers
+
+    if pipeline == "kv":
+        return diffusers.Flux2KleinKVPipeline
+    declared = _declared_class(source)
+    if declared == KV_PIPELINE and pipeline != "auto":
+        raise ValueError(f"{source} is a KV checkpoint (model_index.json names {KV_PIPELINE}): "
+                         f"pipeline '{pipeline}' would render it without its K/V cache; use 'kv' or 'auto'")
+    return diffusers.Flux2KleinKVPipeline if declared == KV_PIPELINE else diffusers.Flux2KleinPipeline
+
+
+def _declared_class(source: str) -> str | None:
+    """model_index.json's pipeline class name, or None where it cannot be read (from_pretrained
+    then reports why, with the full story)."""
+    import diffusers
+
+    try:
+        return diffusers.DiffusionPipeline.load_config(source).get("_class_name")
+    except (OSError, ValueError):
+        return None

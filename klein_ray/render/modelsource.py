@@ -4,6 +4,11 @@ An ``s3://`` source is copied once per node into the cache directory: the first 
 takes a file lock and syncs, the others wait on the lock and find the ``.complete`` marker,
 which is written last. BFL-format single files at the prefix root are skipped: diffusers does
 not need them and they are as large as the transformer itself.
+
+A variant's ``transformer`` names one such single file instead (a local path, ``s3://bucket/key``
+or ``hf://org/repo/file``): ``resolve_file`` makes it a local path for the model layer, an
+``s3://`` file copied once per node under the same lock-and-marker rule, an ``hf://`` one through
+the Hugging Face cache that ``from_pretrained`` uses for Hub sources.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from klein_ray.types import TEST_MODEL_MARKER
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 COMPLETE = ".complete"
+HF_SCHEME = "hf://"
 
 
 class ModelSourceError(ValueError):
@@ -97,6 +103,57 @@ def _download_tree(store, dest: Path, source: str) -> int:
             part.replace(target)
         count += 1
     return count
+
+
+def resolve_file(ref: str, cache_dir: str, storage: StorageConfig) -> str:
+    """A local path to the single file ``ref`` names (path or file://, s3://, hf://)."""
+    if is_s3(ref):
+        return str(sync_s3_file(ref, Path(cache_dir).expanduser(), storage))
+    if ref.startswith(HF_SCHEME):
+        return _hub_file(ref)
+    path = local_path(ref)
+    if not path.is_file():
+        raise ModelSourceError(f"transformer file {path}: not found")
+    return str(path)
+
+
+def sync_s3_file(ref: str, cache_dir: Path, storage: StorageConfig) -> Path:
+    """``s3://bucket/dir/name`` copied once per node to ``cache_dir/files/<digest>/name``."""
+    bucket, key = split_s3(ref)
+    folder, _, name = key.rpartition("/")
+    if not name:
+        raise ModelSourceError(f"transformer file {ref}: no object key")
+    digest = hashlib.sha256(f"{bucket}/{key}".encode()).hexdigest()[:16]
+    dest = cache_dir / "files" / digest
+    dest.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f"{digest}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one download per node; the rest wait here
+        if (dest / COMPLETE).is_file() and (dest / name).is_file():
+            return dest / name
+        part = dest / f"{name}.part"
+        try:
+            open_store(f"s3://{bucket}/{folder}", storage).download(name, part)
+        except StorageError as exc:
+            part.unlink(missing_ok=True)
+            raise ModelSourceError(f"transformer file {ref}: {exc}") from None
+        part.replace(dest / name)
+        (dest / COMPLETE).write_text(f"{ref}\n")
+        return dest / name
+
+
+def _hub_file(ref: str) -> str:
+    """``hf://org/repo[@revision]/path/file`` through the Hugging Face cache."""
+    parts = ref[len(HF_SCHEME):].split("/")
+    if len(parts) < 3 or not all(parts):
+        raise ModelSourceError(f"transformer file {ref!r}: expected hf://org/repo/file")
+    repo, _, revision = "/".join(parts[:2]).partition("@")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return hf_hub_download(repo_id=repo, filename="/".join(parts[2:]), revision=revision or None)
+    except (OSError, ValueError, EntryNotFoundError) as exc:
+        raise ModelSourceError(f"transformer file {ref}: {exc}") from None
 
 
 def is_test_model(source: str) -> bool:

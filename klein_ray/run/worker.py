@@ -42,10 +42,12 @@ class RenderWorker:
         vcfg = spec.config.variants[spec.variant]
         started = time.perf_counter()
         local = modelsource.resolve(spec.source, spec.config.run.cache_dir, spec.config.storage)
+        transformer = vcfg.transformer and modelsource.resolve_file(
+            vcfg.transformer, spec.config.run.cache_dir, spec.config.storage)
         settings = GPUSettings(compile=vcfg.compile, channels_last=vcfg.channels_last, cpu_offload=vcfg.cpu_offload)
         self.model = KleinModel.from_pretrained(
             local, pipeline=vcfg.pipeline, dtype=vcfg.dtype, threads=spec.threads,
-            prompt_cache=vcfg.prompt_cache, settings=settings)
+            prompt_cache=vcfg.prompt_cache, settings=settings, transformer_file=transformer)
         self.load_seconds = time.perf_counter() - started
         self.test_model = modelsource.is_test_model(spec.source)  # its images are noise: say so
         self.ledger = Ledger(open_store(spec.output_uri, spec.config.storage))
@@ -118,7 +120,7 @@ class RenderWorker:
         todo, done = [], []
         for row in unit.rows:
             # Marker AND image: a marker whose image is missing or another is not done.
-            meta = None if row.repair else self.ledger.committed(row.id)
+            meta = None if row.repair is not None else self.ledger.committed(row.id)
             if meta is None:
                 todo.append(row)
                 continue
