@@ -174,6 +174,9 @@ def _run(args) -> int:
     except StorageError as exc:
         print(f"klein-ray: storage error: {exc}", file=sys.stderr)
         return EXIT_INVALID
+    except OSError as exc:  # a local output or input path that cannot be used (not a directory...)
+        print(f"klein-ray: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_INVALID
     except KeyboardInterrupt:
         print("klein-ray: interrupted; re-run the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -203,6 +206,9 @@ def cmd_status(args) -> int:
 
     config = load_config(args.config)
     st = output_status(args.output, config.storage)
+    if st.total is None and st.committed == 0 and st_missing(args.output, config):
+        print(f"klein-ray: no klein-ray output at {args.output} (no _job/state.json)", file=sys.stderr)
+        return EXIT_INVALID
     print(f"output:    {args.output}\nmanifest:  {st.manifest or '-'}\ntotal:     {st.total if st.total is not None else '-'}")
     if st.progress:
         p = st.progress
@@ -215,11 +221,23 @@ def cmd_status(args) -> int:
     return 0
 
 
+def st_missing(output: str, config) -> bool:
+    """No job ever wrote to ``output`` (its state file is absent)."""
+    from klein_ray.output.joblog import read_state
+    from klein_ray.storage import open_store
+
+    return read_state(open_store(output, config.storage)) is None
+
+
 def cmd_verify(args) -> int:
     from klein_ray.commands.verify import verify_output
 
     config = load_config(args.config)
     report = verify_output(args.output, deep=args.deep, storage=config.storage)
+    if report.checked == 0 and st_missing(args.output, config):
+        print(f"klein-ray: no klein-ray output at {args.output} (nothing committed, no _job/state.json)",
+              file=sys.stderr)
+        return EXIT_INVALID  # a mistyped path must not read as "every row sound"
     for damage in report.broken:
         print(f"{damage.id}\t{damage.problem}")
     print(json.dumps(report.as_dict()))

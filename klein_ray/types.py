@@ -43,7 +43,9 @@ class RowSpec:
     passthrough: dict[str, Any] = field(default_factory=dict)
     manifest_file: str = ""
     manifest_row: int = -1  # 0-based row index within manifest_file
-    repair: bool = False  # `render --verify` found the row's committed image broken: redo it
+    # `render --verify` found the row broken: its marker's version then ('' if none), which the
+    # repair replaces only if it is still that (None: an ordinary row).
+    repair: str | None = None
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ class Hooked(Store):
 
     def __init__(self, inner: Store, hook):
         self.inner, self.uri, self.hook = inner, inner.uri, hook
+        self.fenced_delete = inner.fenced_delete
 
     def put(self, key, data, **kw):
         return self.hook(self.inner, key, data, kw)
@@ -70,6 +71,14 @@ def _holder(store: Store, **fields) -> None:
     store.put(LEASE, json.dumps(record).encode())
 
 
+def _free(store: Store) -> bool:
+    """No lease is held: none at all (a local output), or a released record (S3: never deleted,
+    since a late delete could remove a successor's lease; Ceph RGW ignores If-Match on delete)."""
+    if isinstance(store, LocalStore):
+        return store.head(LEASE) is None
+    return _current(store).released
+
+
 def _current(store: Store) -> LeaseRecord:
     return LeaseRecord(**json.loads(store.get(LEASE)))
 
@@ -92,7 +101,7 @@ def test_a_driver_paused_past_its_ttl_learns_it_lost_the_lease(store):
     second.renew()
     assert second.lost is None
     second.release()
-    assert store.head(LEASE) is None
+    assert _free(store)
 
 
 def test_two_takers_of_one_stale_lease_cannot_both_win(store):
@@ -169,7 +178,7 @@ def test_our_own_create_is_recognised_after_a_lost_reply(store):
     lease.acquire()
     assert _current(store).run_id == "me"
     lease.release()
-    assert store.head(LEASE) is None
+    assert _free(store)
 
 
 def test_same_host_dead_holder_is_taken_over_at_once(store):
@@ -222,3 +231,41 @@ def test_a_driver_that_cannot_renew_loses_the_lease_before_anyone_could_take_it(
     assert "could not renew" in lease.lost
     assert not lease.fresh()
     lease.release()  # cannot reach the store: leaves it to go stale, no exception
+
+
+def test_a_released_lease_is_taken_at_once_and_never_deleted_on_s3(store):
+    first = Lease(store, "first", ttl=3600.0)
+    first.acquire()
+    first.release()
+    assert _free(store)
+    second = Lease(store, "second", ttl=3600.0)
+    started = time.monotonic()
+    second.acquire()
+    assert time.monotonic() - started < 5 and _current(store).run_id == "second"
+    second.release()
+
+
+def test_an_unreadable_lease_record_is_watched_not_taken(store):
+    """A record this version cannot read (another version's format) may be a live driver's."""
+    store.put(LEASE, json.dumps({"run_id": "old", "host": "h", "pid": 1, "expires_at": 0}).encode())
+    lease = Lease(store, "me", ttl=30.0)
+    lease.ttl = 1.0  # the watch uses our TTL for a record that names none
+    started = time.monotonic()
+    lease.acquire()
+    assert time.monotonic() - started >= 1.0
+    lease.release()
+
+
+def test_a_renewal_that_raises_anything_loses_the_lease_in_time(tmp_path):
+    """A local OSError (disk full, a stale NFS handle) killed the renewal thread silently: the
+    driver then neither renewed nor stopped."""
+    store = LocalStore(tmp_path / "out")
+    lost = threading.Event()
+    lease = Lease(store, "me", ttl=1.0, on_lost=lambda why: lost.set())
+    lease.acquire()
+
+    def broken(*args, **kw):
+        raise OSError(28, "No space left on device")
+
+    lease._write = broken
+    assert lost.wait(5) and "could not renew" in lease.lost

@@ -88,7 +88,8 @@ def test_second_commit_of_same_bytes_succeeds(ledger, store):
     """A retried commit whose earlier attempt landed: same image, a fresh meta body."""
     first = ledger.commit("row-1", "png", PNG, "image/png", {**META, "attempt": 1})
     second = ledger.commit("row-1", "png", PNG, "image/png", {**META, "attempt": 2})
-    assert first == second
+    assert not first.already and second.already  # counted once: by the attempt whose marker stands
+    assert (first.image_key, first.sha256, first.bytes) == (second.image_key, second.sha256, second.bytes)
     # The marker is the first one: a conditional create never overwrites it.
     assert ledger.read_meta("row-1")["attempt"] == 1
     assert ledger.verify("row-1")
@@ -218,10 +219,38 @@ def test_a_repair_rewrites_damaged_bytes_that_claim_the_right_sha(ledger, store)
         (store.root / "images" / "row-1.png").write_bytes(b"rot")
     else:
         store.put("images/row-1.png", b"rot", metadata={"sha256": hashlib.sha256(PNG).hexdigest()})
-    assert ledger.audit("row-1", deep=True)
-    receipt = ledger.commit("row-1", "png", PNG, "image/png", META, fingerprint="f", repair=True)
+    problem, version = ledger.audit_version("row-1", deep=True)
+    assert problem
+    receipt = ledger.commit("row-1", "png", PNG, "image/png", META, fingerprint="f", repair=version)
     assert not receipt.already
     assert ledger.verify("row-1") and store.get("images/row-1.png") == PNG
+
+
+def test_a_late_repair_never_replaces_a_row_made_sound(ledger, store):
+    """Two attempts at one repair (a hung unit retried; a zombie of a killed --verify run): the
+    first claims the broken marker's version and repairs; the late one finds that version gone
+    and commits as usual, leaving the repaired row alone (before: it replaced the image)."""
+    ledger.commit("row-1", "png", PNG, "image/png", META, fingerprint="f")
+    store.delete("images/row-1.png")
+    problem, version = ledger.audit_version("row-1")
+    assert problem and version
+    first = ledger.commit("row-1", "png", PNG, "image/png", META, fingerprint="f", repair=version)
+    assert ledger.verify("row-1")
+    late = ledger.commit("row-1", "png", OTHER, "image/png", META, fingerprint="f", repair=version)
+    assert late.already and late.sha256 == first.sha256
+    assert store.get("images/row-1.png") == PNG and ledger.verify("row-1")
+
+
+def test_markers_naming_keys_we_never_write_commit_nothing(ledger, store):
+    """A marker naming ../x, a number, or a bad sha256 crashed verify and the worker's check."""
+    for i, image in enumerate([{"key": "../x", "sha256": "0" * 64, "bytes": 1},
+                               {"key": 5, "sha256": "0" * 64, "bytes": 1},
+                               {"key": "images/a.png", "sha256": "zz", "bytes": 1},
+                               {"key": "images/a.png", "sha256": "0" * 64, "bytes": "1"}]):
+        store.put(f"meta/bad{i}.json", json.dumps({"image": image}).encode())
+        assert ledger.read_meta(f"bad{i}") is None
+        assert "not valid JSON naming an image" in ledger.audit(f"bad{i}")
+        assert ledger.committed(f"bad{i}") is None
 
 
 def test_verify_false_when_image_replaced_behind_the_ledger(ledger, store):

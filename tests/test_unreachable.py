@@ -9,6 +9,8 @@ after a given commit marker landed), never after a sleep.
 
 from __future__ import annotations
 
+import json
+
 import hashlib
 import threading
 import time
@@ -202,4 +204,5 @@ def test_output_store_unreachable_from_the_start_exits_75(tmp_path, tiny_models,
     assert proc.returncode == EXIT_TEMPFAIL, proc.stderr[-3000:]
     assert "storage unreachable: " in proc.stderr and TRY_LATER in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert proc.stdout.strip() == ""  # it stopped before anything ran
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])  # it stopped before anything ran
+    assert summary["committed"] == 0 and summary["stopped"].startswith("storage unreachable")

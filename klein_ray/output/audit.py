@@ -27,6 +27,7 @@ class Damage:
 
     id: str
     problem: str
+    marker_version: str = ""  # the marker's etag as judged ('' if none): what a repair replaces
 
 
 @dataclass
@@ -38,6 +39,11 @@ class AuditReport:
     @property
     def broken_ids(self) -> frozenset[str]:
         return frozenset(d.id for d in self.broken)
+
+    @property
+    def repairs(self) -> dict[str, str]:
+        """Broken row id -> the marker version judged broken (for ``Ledger.commit(repair=)``)."""
+        return {d.id: d.marker_version for d in self.broken}
 
     def as_dict(self) -> dict:
         return {"checked": self.checked, "broken": len(self.broken), "deep": self.deep}
@@ -52,18 +58,18 @@ def audit(ledger: Ledger, deep: bool = False, ids: list[str] | None = None) -> A
     """Check every claimed row (or ``ids``), in parallel; damages in id order."""
     ids = claimed(ledger) if ids is None else ids
     report = AuditReport(checked=len(ids), deep=deep)
-    for row_id, problem in _audit_all(ledger, ids, deep):
+    for row_id, (problem, version) in _audit_all(ledger, ids, deep):
         if problem is not None:
-            report.broken.append(Damage(row_id, problem))
+            report.broken.append(Damage(row_id, problem, version))
     return report
 
 
-def _audit_all(ledger: Ledger, ids: list[str], deep: bool) -> Iterator[tuple[str, str | None]]:
+def _audit_all(ledger: Ledger, ids: list[str], deep: bool) -> Iterator[tuple[str, tuple[str | None, str]]]:
     with ThreadPoolExecutor(THREADS, thread_name_prefix="klein-ray-audit") as pool:
-        yield from zip(ids, pool.map(lambda i: ledger.audit(i, deep), ids))
+        yield from zip(ids, pool.map(lambda i: ledger.audit_version(i, deep), ids))
 
 
-def broken_rows(ledger: Ledger, mode: str) -> frozenset[str]:
+def broken_rows(ledger: Ledger, mode: str) -> dict[str, str]:
     """``render --verify`` (``mode`` "shallow" or "deep"): the committed rows that are broken,
     logged (the first 20 with their problem), to be rendered again and repaired."""
     report = audit(ledger, deep=mode == "deep")
@@ -71,4 +77,4 @@ def broken_rows(ledger: Ledger, mode: str) -> frozenset[str]:
         log.warning("verify: %s: %s", damage.id, damage.problem)
     log.info("verify: %d committed rows checked (%s), %d broken: rendering them again",
              report.checked, mode, len(report.broken))
-    return report.broken_ids
+    return report.repairs

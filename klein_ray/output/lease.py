@@ -13,9 +13,10 @@ two drivers can never both believe they hold it:
   holder, or none that it can recreate, loses the lease; so does renewing failing for longer than
   ``TTL - TTL/4`` (others may take over at TTL). Losing calls ``on_lost`` once, which stops the
   driver (no new work, exit 75) within one renewal interval.
-- **release**: replace our version with a released record (fenced), then delete it where the
-  server honours ``If-Match`` on delete (Ceph RGW does not: a late delete there can only remove
-  a successor's lease, whose next renewal recreates it or learns it lost it).
+- **release**: replace our version with a released record (fenced), which any driver takes at
+  once; it is deleted only where the store provably honours ``If-Match`` on delete (local
+  outputs). On S3 it stays: Ceph RGW ignores the condition, and a delete landing late could
+  remove a successor's lease.
 """
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ from klein_ray.storage import AlreadyExists, NotFound, Store, StorageError, Vers
 log = logging.getLogger(__name__)
 
 TTL_S = 60.0
+
+
+def _clock() -> float:
+    """Seconds on a clock that goes on while the machine sleeps (a suspended laptop or VM must
+    not wake believing its lease is fresh); monotonic where there is none."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(boottime) if boottime is not None else time.monotonic()
 POLL_S = 1.0  # how often a taker looks at a held lease, and a failing renewal retries
 
 
@@ -112,8 +120,10 @@ class Lease:
                watched: tuple[str, float] | None) -> tuple[str, float] | None:
         """None if the lease may be taken now; else what we are watching. Raises LeaseHeld if
         the holder is alive."""
-        if holder is None or holder.released:
+        if holder is not None and holder.released:
             return None
+        if holder is None:  # unreadable (another version's format?): only time can tell
+            holder = LeaseRecord("?", "", 0, self.ttl, "an unreadable lease record", 0)
         liveness = _liveness(holder)
         if liveness == "dead":
             log.info("the output's lease names %s, which is gone (this host): taking it", holder.describe())
@@ -124,8 +134,8 @@ class Lease:
         if watched is None:
             log.warning("the output's lease names %s; waiting up to %.0f s to see it renewed or "
                         "stale", holder.describe(), holder.ttl)
-            return etag, time.monotonic()
-        if time.monotonic() - watched[1] >= holder.ttl:
+            return etag, _clock()
+        if _clock() - watched[1] >= holder.ttl:
             log.warning("the output's lease of %s was not renewed for %.0f s: taking it over",
                         holder.describe(), holder.ttl)
             return None
@@ -133,7 +143,7 @@ class Lease:
 
     def _take(self, etag: str) -> None:
         self.etag = etag
-        self._last_renewed = time.monotonic()
+        self._last_renewed = _clock()
         self._thread = threading.Thread(target=self._renew_loop, name="klein-ray-lease", daemon=True)
         self._thread.start()
 
@@ -142,7 +152,7 @@ class Lease:
     def fresh(self) -> bool:
         """Held and renewed recently enough that no one else can have taken it over (False
         right after this process woke from a long pause, until the next renewal says)."""
-        return self.lost is None and time.monotonic() - self._last_renewed < self.ttl - self.renew_every
+        return self.lost is None and _clock() - self._last_renewed < self.ttl - self.renew_every
 
     def _renew_loop(self) -> None:
         wait = self.renew_every
@@ -150,8 +160,8 @@ class Lease:
             try:
                 self.renew()
                 wait = self.renew_every
-            except StorageError as exc:
-                if time.monotonic() - self._last_renewed >= self.ttl - self.renew_every:
+            except Exception as exc:  # noqa: BLE001 - any failure to renew (a local OSError too)
+                if _clock() - self._last_renewed >= self.ttl - self.renew_every:
                     self._lose(f"could not renew it for {self.ttl - self.renew_every:.0f} s ({exc})")
                     return
                 wait = POLL_S
@@ -164,12 +174,13 @@ class Lease:
             if self.lost or self._stop.is_set():
                 return
             self.record = replace(self.record, seq=self.record.seq + 1)
+            sent = _clock()  # the lease is fresh from when the write left, not when it was answered
             try:
                 self.etag = self._write(if_match=self.etag)
             except VersionChanged:
                 if not self._recover():
                     return
-            self._last_renewed = time.monotonic()
+            self._last_renewed = sent
 
     def _recover(self) -> bool:
         """Our version is gone: a lost reply of our own write, a stray delete, or a taker."""
@@ -215,10 +226,11 @@ class Lease:
                 log.warning("could not release the output's lease (%s); it goes stale in %.0f s",
                             exc, self.ttl)
                 return
-            try:
-                self.store.delete(LEASE, if_match=etag)
-            except (VersionChanged, StorageError):
-                pass  # a released record is as good as none
+            if self.store.fenced_delete:  # else a late delete could remove a successor's lease
+                try:
+                    self.store.delete(LEASE, if_match=etag)
+                except (VersionChanged, StorageError):
+                    pass  # a released record is as good as none
 
     def _released_late(self) -> str | None:
         """Our version changed under a release: an earlier write of ours landed late (release
@@ -264,10 +276,19 @@ def _liveness(holder: LeaseRecord) -> str:
     """"alive", "dead" or "unknown": only a holder in this kernel's boot and this PID namespace
     can be judged by its pid (a hostname is not enough: containers share it with host networking)."""
     boot_id, pid_ns, _ = _identity(os.getpid())
-    if not (holder.boot_id and holder.pid_ns) or (holder.boot_id, holder.pid_ns) != (boot_id, pid_ns):
+    if not (holder.boot_id and holder.pid_ns and holder.pid_start) or \
+            (holder.boot_id, holder.pid_ns) != (boot_id, pid_ns):
         return "unknown"
     start = _identity(holder.pid)[2]
-    return "alive" if start and start == holder.pid_start else "dead"
+    if start:
+        return "alive" if start == holder.pid_start else "dead"  # same pid, another process: dead
+    try:  # /proc would not say (hidepid): ask the kernel whether the pid exists at all
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return "dead"
+    except OSError:
+        return "unknown"
+    return "unknown"
 
 
 def _identity(pid: int) -> tuple[str, str, str]:

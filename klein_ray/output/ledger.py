@@ -23,27 +23,33 @@ once the row is committed:
 Races end in a few passes because every pass sees a write that succeeded; ``CommitConflict``
 (retried by the driver as a store error) after that.
 
-The one window conditional writes cannot close on S3: step 2's replace of a leftover of OTHER
-inputs (the manifest or config changed between runs) lands between a zombie of the old run
-committing that very leftover and our marker. Step 3 then repairs the marker to name our image
-(the row stays consistent); a writer dying exactly there leaves a broken row that ``verify``
-reports and ``render --verify`` repairs.
+What conditional writes cannot close on S3 (no transaction spans two keys): two writers with
+DIFFERENT fingerprints at once, i.e. a zombie of an earlier run whose manifest or config was
+changed for this id, racing this run's writer before its marker lands. Each may replace the
+other's uncommitted image (each at the version it read), and the marker that lands last may
+be repaired to name the zombie's image: the row ends consistent (marker and image agree) but
+may hold the old inputs' render, or, if a writer dies between its image and its marker repair,
+broken; ``verify`` reports the latter and ``render --verify`` repairs it. A fencing epoch per
+lease in every image and marker would close it; not done. Same-input zombies (the usual case:
+a lost worker, a killed run resumed) cannot cause it: they adopt, they never replace.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from dataclasses import dataclass, replace
 from typing import Any
 
 from klein_ray.output import layout
 from klein_ray.output.checkpoint import Checkpoint, DoneSet
 from klein_ray.output.layout import image_key, meta_key
-from klein_ray.storage import AlreadyExists, NotFound, ObjectInfo, Store, VersionChanged
+from klein_ray.storage import AlreadyExists, ConditionFailed, NotFound, ObjectInfo, Store, VersionChanged, check_key
 from klein_ray.types import IMAGE_EXTENSIONS, RowResult
 
 PASSES = 4  # each failed pass means another writer's write succeeded in between
+REPAIRING = b'{"repairing": true}\n'  # a marker that commits nothing: a repair is under way
 
 
 class CommitConflict(Exception):
@@ -109,10 +115,18 @@ class Ledger:
     def audit(self, row_id: str, deep: bool = False) -> str | None:
         """What is wrong with a row that claims to be committed, or None if it is sound.
         Shallow: marker, image size and the sha256 the image carries; ``deep`` hashes the bytes."""
+        return self.audit_version(row_id, deep)[0]
+
+    def audit_version(self, row_id: str, deep: bool = False) -> tuple[str | None, str]:
+        """``audit``, and the marker's version it judged ('' if there is none): a repair
+        replaces the row only while the marker is still that version."""
         try:
-            raw = self.store.get(meta_key(row_id))
+            current = self.store.get_versioned(meta_key(row_id))
         except NotFound:
-            return "no marker (the checkpoint names the row, meta/ does not)"
+            return "no marker (the checkpoint names the row, meta/ does not)", ""
+        return self._audit_marker(current.data, deep), current.etag
+
+    def _audit_marker(self, raw: bytes, deep: bool) -> str | None:
         meta = _parse_marker(raw)
         if meta is None:
             return "marker is not valid JSON naming an image (key, sha256, bytes)"
@@ -134,30 +148,38 @@ class Ledger:
     # -- committing --------------------------------------------------------------------
 
     def commit(self, row_id: str, fmt: str, image: bytes, content_type: str,
-               meta: dict[str, Any], fingerprint: str = "", repair: bool = False,
+               meta: dict[str, Any], fingerprint: str = "", repair: str | None = None,
                tidy: bool = True) -> Receipt:
         """Commit ``image`` as the row's image, or find the row committed already.
 
-        ``fingerprint`` names the render inputs (a leftover with the same one is adopted);
-        ``repair`` is for a row ``verify`` found broken: its image and marker are replaced
-        whatever they hold; ``tidy`` removes leftovers of the row in other formats (pass False
-        for an output that had no image when the job began: two HEADs a row saved).
+        ``fingerprint`` names the render inputs (a leftover with the same one is adopted).
+        ``repair`` is for a row ``verify`` found broken: the version of its marker then ('' for
+        none). The repair first claims the row by replacing exactly that version with a
+        placeholder (which commits nothing); then image and marker are replaced whatever they
+        hold. If the marker moved on since (another repair, a retry of this one, a late attempt
+        of a killed run), the claim fails and this is an ordinary commit: a repair never
+        replaces a row someone else made sound. ``tidy`` removes leftovers of the row in other
+        formats (pass False for an output that had no image when the job began).
         """
         sha = hashlib.sha256(image).hexdigest()
         ours = Receipt(image_key(row_id, fmt), meta_key(row_id), sha, len(image))
         tags = {"sha256": sha, "fingerprint": fingerprint}
+        repairing = repair is not None and self._claim(ours.meta_key, repair)
+        # Every commit's marker differs from every other's, so that a version (etag: a hash of
+        # the content) once replaced never comes back (ABA) to let a late conditional write in.
+        token = uuid.uuid4().hex
         for _ in range(PASSES):
-            placed = self._place(ours, image, content_type, tags, repair)
+            placed = self._place(ours, image, content_type, tags, repairing)
             if placed is None:
                 continue
             stored, wrote = placed
             if stored.already:
                 return stored
-            body = _marker_body(meta, stored, content_type)
+            body = _marker_body(meta, stored, content_type, token)
             try:
                 self.store.put(ours.meta_key, body, content_type="application/json", if_absent=True)
             except AlreadyExists:
-                settled = self._settle(stored, wrote, body, repair)
+                settled = self._settle(stored, wrote, body, repairing)
                 if settled is None:
                     continue
                 return settled
@@ -165,6 +187,17 @@ class Ledger:
                 self._drop_other_formats(row_id, stored.image_key)
             return stored
         raise CommitConflict(f"{ours.meta_key}: other writers kept changing the row; retry")
+
+    def _claim(self, key: str, version: str) -> bool:
+        """Replace the broken marker ``verify`` saw (exactly that version) with a placeholder."""
+        try:
+            if version:
+                self.store.put(key, REPAIRING, content_type="application/json", if_match=version)
+            else:
+                self.store.put(key, REPAIRING, content_type="application/json", if_absent=True)
+        except ConditionFailed:
+            return False
+        return True
 
     def _place(self, ours: Receipt, image: bytes, content_type: str, tags: dict[str, str],
                repair: bool) -> tuple[Receipt, bool] | None:
@@ -203,9 +236,9 @@ class Ledger:
             return None  # removed since: create again
         named = _parse_marker(current.data)
         if named and (named["image"]["key"], named["image"]["sha256"]) == (stored.image_key, stored.sha256):
-            # Our bytes: this row's commit is ours (an earlier attempt of ours whose reply was
-            # lost). An adopted leftover whose marker someone else wrote: theirs.
-            return replace(stored, already=stored.adopted and current.data != body)
+            # The very marker we send: ours (a retried write whose reply was lost). Another
+            # marker naming the same image: another attempt committed it (counted once, there).
+            return replace(stored, already=current.data != body)
         if named and not repair and self._image_problem(named["image"]) is None:
             if wrote and named["image"]["key"] != stored.image_key:
                 self._drop(stored.image_key)  # ours in another format: one image per id
@@ -250,6 +283,8 @@ class Ledger:
 
 
 def _parse_marker(raw: bytes) -> dict[str, Any] | None:
+    """The marker if it is JSON naming an image we could have written (a key under images/, a
+    sha256, a size), else None: such a marker commits nothing."""
     try:
         meta = json.loads(raw)
     except ValueError:
@@ -257,11 +292,26 @@ def _parse_marker(raw: bytes) -> dict[str, Any] | None:
     image = meta.get("image") if isinstance(meta, dict) else None
     if not isinstance(image, dict) or not {"key", "sha256", "bytes"} <= image.keys():
         return None
+    key, sha, size = image["key"], image["sha256"], image["bytes"]
+    if not (isinstance(key, str) and key.startswith(layout.IMAGES) and _safe(key)):
+        return None
+    if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        return None
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        return None
     return meta
 
 
-def _marker_body(meta: dict[str, Any], stored: Receipt, content_type: str) -> bytes:
-    record = dict(meta)
+def _safe(key: str) -> bool:
+    try:
+        check_key(key)
+    except ValueError:
+        return False
+    return True
+
+
+def _marker_body(meta: dict[str, Any], stored: Receipt, content_type: str, token: str) -> bytes:
+    record = dict(meta, commit=token)
     record["image"] = {"key": stored.image_key, "sha256": stored.sha256, "bytes": stored.bytes,
                        "content_type": content_type}
     if stored.adopted:

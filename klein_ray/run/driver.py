@@ -78,7 +78,7 @@ class ResumePlan:
     pending: Counter  # rows left to render, per variant
     check_markers: bool  # False only when OUT had no marker at all: workers skip the check
     log: JobLog
-    repair: frozenset[str] = frozenset()  # committed rows `--verify` found broken
+    repair: dict[str, str] = field(default_factory=dict)  # broken row -> its marker's version then
 
 
 @dataclass
@@ -118,9 +118,9 @@ class Driver:
         started = time.monotonic()
         with Manifest(self.job.manifest, self.cfg.storage) as manifest:
             lease = Lease(self.store, self.run_id, self.cfg.run.lease_ttl_s, on_lost=self._lost_lease)
-            lease.acquire()
             self._may_issue = lease.fresh
-            try:
+            try:  # taken inside: an interrupt at any instant after the create still releases it
+                lease.acquire()
                 summary = self._run_leased(manifest, started)
             except StorageUnavailable as exc:  # the driver's own reads and writes of OUT
                 self._unreachable(f"storage unreachable: {first_line(exc)}")
@@ -171,11 +171,12 @@ class Driver:
         self.ledger.checkpoint.compact(keep=64)  # killed runs never compacted at their end
         done = self.ledger.done()
         fresh = not len(done) and self.ledger.is_fresh()
-        repair = broken_rows(self.ledger, self.job.verify) if self.job.verify and not fresh else frozenset()
-        done = done.without(repair)
+        repair = broken_rows(self.ledger, self.job.verify) if self.job.verify and not fresh else {}
+        done = done.without(frozenset(repair))
         duplicates, pending = prescan(manifest, self.cfg.default_variant, done.mask)
         joblog = JobLog(self.store, self.cfg, self.job.manifest, self.run_id)
-        joblog.start(manifest.total_rows)
+        if self._writes_log():  # not if the lease was lost meanwhile (a long --verify audit)
+            joblog.start(manifest.total_rows)
         return ResumePlan(manifest, done, duplicates, pending, not fresh, joblog, repair)
 
     def execute(self, plan: ResumePlan) -> None:
@@ -217,7 +218,7 @@ class Driver:
                 if isinstance(checked, list):
                     self.tally.errors.append(checked[0])
                     continue
-                yield replace(checked, repair=True) if checked.id in plan.repair else checked
+                yield replace(checked, repair=plan.repair[checked.id]) if checked.id in plan.repair else checked
 
     def units(self, plan: ResumePlan) -> Iterator[WorkUnit]:
         """The plan's rows grouped into work units, planned lazily as they are consumed."""

@@ -94,6 +94,7 @@ class Store(ABC):
     """Objects under one root. Every key is relative to ``uri``."""
 
     uri: str
+    fenced_delete = False  # whether delete(if_match=) is known to be honoured (see ``delete``)
 
     @abstractmethod
     def put(

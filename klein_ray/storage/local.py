@@ -40,6 +40,8 @@ _CHUNK = 1024 * 1024
 
 
 class LocalStore(Store):
+    fenced_delete = True  # compare-and-delete under the key's lock
+
     def __init__(self, root: str | Path):
         self.root = local_path(str(root))
         self.uri = str(self.root)

@@ -249,9 +249,17 @@ def _failure(exc: Exception) -> type[StorageError]:
 
 
 def _transient(exc: Exception) -> bool:
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        NoCredentialsError,
+        ParamValidationError,
+        PartialCredentialsError,
+    )
 
     if isinstance(exc, ClientError):
         return _code(exc) in TRANSIENT_CODES
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError, ParamValidationError)):
+        return False  # retrying cannot fix these: say so now, not after outer_retry_seconds
     # Connection resets, read/connect timeouts, closed connections, truncated bodies.
     return isinstance(exc, (BotoCoreError, ConnectionError, TimeoutError))
