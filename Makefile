@@ -5,11 +5,13 @@
 PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# The Ray nodes' image (infra/Dockerfile); infra/kuberay-rayjob.yaml names the same tag.
+IMAGE      ?= ghcr.io/example/klein-ray:0.1.0
 BIN        := $(VENV)/bin
 APT_PKGS   := radosgw ceph-mon ceph-osd chromium chromium-driver curl
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv demo test test-fast lint-imports system-deps tiny-model example-manifest clean
+.PHONY: venv demo test test-fast lint-imports system-deps tiny-model example-manifest image clean
 
 venv: $(VENV)/.installed
 
@@ -50,6 +52,10 @@ tiny-model: venv
 
 example-manifest: venv
 	$(BIN)/python -c "from pathlib import Path; from klein_ray.commands.demo import write_example; write_example(Path('manifests'))"
+
+# The CUDA image for a cluster's nodes (needs Docker; its Python steps are infra/install.sh's).
+image:
+	docker build -f infra/Dockerfile -t $(IMAGE) .
 
 clean:
 	rm -rf demo-output .pytest_cache

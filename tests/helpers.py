@@ -80,3 +80,29 @@ def snapshot(store) -> dict[str, tuple[int, str]]:
         for obj in store.list(prefix):
             out[obj.key] = (obj.size, hashlib.sha256(store.get(obj.key)).hexdigest())
     return out
+
+
+def stop_ray_under(tmpdir: Path) -> None:
+    """Stop the processes of the cluster recorded under ``tmpdir``, by pid. Not `ray stop`: it
+    kills every Ray process on the machine whatever RAY_TMPDIR says (Ray 2.60 matches process
+    names), other sessions' clusters included."""
+    import psutil
+
+    mine = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if str(tmpdir) in " ".join(proc.info["cmdline"] or ()):
+                mine.append(proc)
+        except (psutil.Error, TypeError):
+            continue
+    for proc in mine:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(mine, timeout=3)  # then as `ray stop --force` would
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass

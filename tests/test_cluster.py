@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
-from helpers import REPO, assert_done, last_json, row, run_cli, write_config, write_manifest
+from helpers import REPO, assert_done, last_json, row, run_cli, stop_ray_under, write_config, write_manifest
 
 from klein_ray.storage import LocalStore
 
@@ -139,7 +139,10 @@ def test_the_driver_joins_the_cluster_ray_start_runs_on_this_node_and_exports_me
     env.pop("RAY_ADDRESS", None)
     metrics_port = free_port()
     started = _ray("start", "--head", f"--port={free_port()}", "--num-cpus=1", "--include-dashboard=false",
-                   f"--metrics-export-port={metrics_port}", "--disable-usage-stats", env=env)
+                   f"--metrics-export-port={metrics_port}", "--disable-usage-stats",
+                   # fixed by default (52365, 10001): another Ray on the machine may hold them
+                   f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
+                   env=env)
     assert started.returncode == 0, started.stderr[-2000:]
     try:
         rows = _rows(4, side=64)
@@ -156,7 +159,8 @@ def test_the_driver_joins_the_cluster_ray_start_runs_on_this_node_and_exports_me
         assert _value(scraped, "ray_klein_ray_model_load_seconds_count", variant="tiny") >= 1
         assert "ray_klein_ray_units_in_flight" in scraped
     finally:
-        _ray("stop", "--force", env=env)
+        # Not `ray stop`: it kills every Ray on the machine (the session's shared one too).
+        stop_ray_under(raytmp)
 
 
 def _scrape(port: int, wanted: str, timeout: float = 30) -> str:
