@@ -88,8 +88,7 @@ def test_second_commit_of_same_bytes_succeeds(ledger, store):
     """A retried commit whose earlier attempt landed: same image, a fresh meta body."""
     first = ledger.commit("row-1", "png", PNG, "image/png", {**META, "attempt": 1})
     second = ledger.commit("row-1", "png", PNG, "image/png", {**META, "attempt": 2})
-    assert not first.already and second.already  # counted once: by the attempt whose marker stands
-    assert (first.image_key, first.sha256, first.bytes) == (second.image_key, second.sha256, second.bytes)
+    assert first == second  # the same bytes: this row's commit (the marker of an earlier attempt)
     # The marker is the first one: a conditional create never overwrites it.
     assert ledger.read_meta("row-1")["attempt"] == 1
     assert ledger.verify("row-1")
@@ -237,7 +236,7 @@ def test_a_late_repair_never_replaces_a_row_made_sound(ledger, store):
     first = ledger.commit("row-1", "png", PNG, "image/png", META, fingerprint="f", repair=version)
     assert ledger.verify("row-1")
     late = ledger.commit("row-1", "png", OTHER, "image/png", META, fingerprint="f", repair=version)
-    assert late.already and late.sha256 == first.sha256
+    assert late.sha256 == first.sha256  # it adopted the repaired image, replaced nothing
     assert store.get("images/row-1.png") == PNG and ledger.verify("row-1")
 
 

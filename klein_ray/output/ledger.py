@@ -105,10 +105,11 @@ class Ledger:
             return None
 
     def marker_state(self, row_id: str) -> str:
-        """'absent', 'unreadable' (commits nothing) or 'readable' (one GET; the image unchecked)."""
+        """'absent', 'unreadable' (commits nothing) or 'readable' (one GET; the image unchecked).
+        An id that cannot be a key (a manifest's invalid id) has no marker: 'absent'."""
         try:
             raw = self.store.get(meta_key(row_id))
-        except NotFound:
+        except (NotFound, ValueError):
             return "absent"
         return "readable" if _parse_marker(raw) is not None else "unreadable"
 
@@ -236,9 +237,10 @@ class Ledger:
             return None  # removed since: create again
         named = _parse_marker(current.data)
         if named and (named["image"]["key"], named["image"]["sha256"]) == (stored.image_key, stored.sha256):
-            # The very marker we send: ours (a retried write whose reply was lost). Another
-            # marker naming the same image: another attempt committed it (counted once, there).
-            return replace(stored, already=current.data != body)
+            # Our bytes: this row's commit is ours (an earlier attempt of this run whose marker
+            # landed, e.g. on a worker lost before it answered). An adopted leftover whose marker
+            # someone else wrote: theirs.
+            return replace(stored, already=stored.adopted and current.data != body)
         if named and not repair and self._image_problem(named["image"]) is None:
             if wrote and named["image"]["key"] != stored.image_key:
                 self._drop(stored.image_key)  # ours in another format: one image per id
