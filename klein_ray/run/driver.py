@@ -32,7 +32,7 @@ from klein_ray.render import modelsource
 from klein_ray.render.confinement import confine
 from klein_ray.run.executor import Executor, Outcome, Pool, WorkerLost
 from klein_ray.run.policy import settle
-from klein_ray.run.telemetry import Progress, RunWatch, Silent
+from klein_ray.run.telemetry import Progress, RunWatch, Silent, counts
 from klein_ray.run.pools import check_sources, start_pools, worker_specs
 from klein_ray.run.stopping import (  # the exit codes are the driver's API too
     EXIT_INTERRUPTED,
@@ -46,7 +46,9 @@ from klein_ray.run.stopping import (  # the exit codes are the driver's API too
     OutageWatch,
     Stop,
     Stops,
+    quietly,
     restore_signals,
+    run_state,
     trap_signals,
     unreachable,
 )
@@ -130,7 +132,7 @@ class Driver:
         log.info("run %s %s: %d committed, %d skipped, %d failed in %.1f s", self.run_id,
                  "stopped" if self.stopped else "finished", summary["committed"], summary["skipped"],
                  summary["failed"], summary["seconds"],
-                 extra={"event": "run_finish", "run_id": self.run_id, **_counts(summary)})
+                 extra={"event": "run_finish", "run_id": self.run_id, **counts(summary)})
         if self.stopped not in (None, INTERRUPT):
             log.error("%s", self.stopped.reason)  # the last line: what to do now
         return summary, self._exit_code()
@@ -258,7 +260,7 @@ class Driver:
         finally:
             bar.close()
             executor.shutdown(list(pools.values()))
-            self._watch.finish(_state(self.stopped))
+            self._watch.finish(run_state(self.stopped))
 
     def _dispatch(self, executor: Executor, queues, pools: dict[str, Pool],
                   failed_variants: dict[str, str], bar: Progress) -> None:
@@ -366,7 +368,7 @@ class Driver:
         if not self._offline:
             lease.release()
             return
-        threading.Thread(target=_quietly, args=(lease.release,), name="klein-ray-lease-release",
+        threading.Thread(target=quietly, args=(lease.release,), name="klein-ray-lease-release",
                          daemon=True).start()
 
     def _summary(self, total: int, started: float) -> dict:
@@ -386,22 +388,7 @@ class Driver:
         return EXIT_ROWS_FAILED if self.tally.errors else EXIT_OK
 
 
-def _counts(summary: dict) -> dict:
-    return {k: summary[k] for k in ("committed", "skipped", "failed", "seconds")}
-
-
-def _state(stop: Stop | None) -> str:
-    return "finished" if stop is None else "interrupted" if stop is INTERRUPT else "stopped"
-
-
 def _describe(outcome: Outcome) -> str:
     if isinstance(outcome, UnitOutcome):
         return f"{len(outcome.errors)} row error(s)"
     return f"{type(outcome).__name__} ({outcome})"
-
-
-def _quietly(fn: Callable[[], object]) -> None:
-    try:
-        fn()
-    except Exception:  # noqa: BLE001 - best effort: the store is unreachable
-        log.debug("releasing the lease failed", exc_info=True)

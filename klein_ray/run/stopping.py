@@ -10,14 +10,18 @@ done, and re-running the same command renders them.
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from klein_ray.run.executor import Outcome, WorkerFailed
 from klein_ray.storage.base import StorageUnavailable
 from klein_ray.types import RowError, UnitOutcome, first_line
+
+log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_TEMPFAIL = 75  # sysexits' EX_TEMPFAIL: nothing is wrong with the job; run it again later
@@ -106,3 +110,16 @@ def trap_signals(handler) -> dict:
 def restore_signals(old: dict) -> None:
     for sig, handler in old.items():
         signal.signal(sig, handler)
+
+
+def run_state(stop: Stop | None) -> str:
+    """How a run ended, in words (progress.json's ``state``)."""
+    return "finished" if stop is None else "interrupted" if stop is INTERRUPT else "stopped"
+
+
+def quietly(fn: Callable[[], object]) -> None:
+    """``fn()`` on the way out with the store unreachable: best effort, never raises."""
+    try:
+        fn()
+    except Exception:  # noqa: BLE001
+        log.debug("%s failed on the way out", getattr(fn, "__name__", fn), exc_info=True)

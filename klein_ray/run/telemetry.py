@@ -122,3 +122,8 @@ class RunWatch:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def counts(summary: dict) -> dict:
+    """A run summary's figures, for the run_finish log event."""
+    return {k: summary[k] for k in ("committed", "skipped", "failed", "seconds")}
