@@ -1,14 +1,14 @@
 #!/usr/bin/env python
 """Throughput benchmark: marginal cost per image and start-up of `klein-ray render` vs two baselines.
 
-    .venv/bin/python benchmarks/throughput.py [--n 24] [--repeats 2] [--prompts 20] [--systems A,B,ours]
-                                              [--model DIR] [--keep DIR]
+    .venv/bin/python benchmarks/throughput.py [--n 24] [--repeats 2] [--prompts 0] [--systems A,B,ours]
+                                              [--ref REV] [--model DIR] [--keep DIR]
 
 Every system renders the same rows with the tiny random FLUX.2 klein pipeline
-(`klein-ray make-tiny-model`; its images are noise): 128x128, 4 steps, given seeds, PNG files to a
-local directory. By default the manifest is catalog-like: 20 distinct prompts cycling, so every
-prompt comes back every 20 rows (the prompt cache is one of ours' features); ``--prompts 0`` makes
-every prompt unique, ``--prompts K`` cycles K.
+(`klein-ray make-tiny-model`; its images are noise): 128x128, 4 steps, given seeds, PNG files
+(zlib level 6 for all) to a local directory. By default every prompt is unique, so the prompt
+cache (one of ours' features) saves nothing and cannot hide a cost elsewhere; ``--prompts 20``
+makes the manifest catalog-like (20 distinct prompts cycling), ``--prompts K`` cycles K.
 
   A    a plain diffusers loop: ``Flux2KleinPipeline.from_pretrained`` once, one ``pipe(prompt=...)``
        call per row with its own ``torch.Generator``, ``image.save(path.png)``;
@@ -17,7 +17,10 @@ every prompt unique, ``--prompts K`` cycles K.
        loads the pipeline in ``__init__`` (torch threads 2) and renders a batch in one call
        (one generator per row) and writes its PNG files; ``materialize()`` runs it;
   ours ``klein-ray render MANIFEST --output OUT --config CFG --no-progress`` with one CPU variant
-       (actors 1, batch_size 4), no ``--address``: it starts its own local Ray, as a user would.
+       (actors 1, batch_size 4), no ``--address``: it starts its own local Ray, as a user would;
+  ref  with ``--ref REV``: the same command run by klein_ray as of git revision REV (``git
+       archive``d into the work dir): before and after a change in one command. The metadata of
+       every ref and ours output is checked to name the code meant to render it.
 
 Each measurement is a separate subprocess (nothing warm) and is timed whole, from the parent:
 interpreter start, imports, Ray start, model load, rendering, writing, shutdown. Each system runs
@@ -25,14 +28,16 @@ with N and 3N rows; then
 
     marginal = (T(3N) - T(N)) / 2N        start-up = T(N) - N * marginal
 
-so start-up costs cancel out of the marginal figure. Before timing, every system runs once on a
-few rows, untimed (``--warmup``), so that the OS file cache holds torch, diffusers and Ray for all
-of them alike (the first process to import them after other work was seen taking 20 s longer).
+so start-up costs cancel out of the marginal figure (as far as they do not vary: see ``steady``).
+Before timing, every system runs once on a few rows, untimed (``--warmup``), so that the OS file
+cache holds torch, diffusers and Ray for all of them alike.
 With ``--repeats R`` every (system, rows) pair runs R times, interleaved, and the fastest run is
 used, since on a shared machine other work only ever adds time (``--estimator median`` to
-change). The figures are printed with the ratios ours/A and ours/B; the target (ours' marginal
->= 20% below B's, start-up no higher than B's) is printed as met or not. Nothing here asserts
-on time.
+change). Printed: the figures, the ratios ours/A, ours/B (with --ref also ours/ref, ref/A,
+ref/B), whether the target (ours' marginal >= 20% below B's, start-up no higher than B's) is
+met, each system's model call per image as timed inside it (A and B around ``pipe()``, ours
+and ref ``timings.render`` in the metadata) and, for ours and ref, ``steady``: the seconds per
+image between their first and last commits. Nothing here asserts on time.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE, STEPS, BATCH = 128, 4, 4
+RUN_TIMEOUT_S = 900  # one system's run; far above any seen here
 PROMPTS = [  # a product catalog: a few templates, products and backgrounds
     "studio photo of a red leather sneaker on a white background, soft shadow, catalog style",
     "product shot of a matte black ceramic mug, soft window light, e-commerce catalog",
@@ -87,12 +93,16 @@ def child_a(manifest: str, out: str, model: str) -> dict:
     pipe.set_progress_bar_config(disable=True)
     Path(out).mkdir(parents=True, exist_ok=True)
     rows = pq.read_table(manifest).to_pylist()
+    model_s = 0.0
     for row in rows:
+        t0 = time.perf_counter()
         image = pipe(prompt=row["prompt"], height=row["height"], width=row["width"],
                      num_inference_steps=row["steps"], guidance_scale=1.0,
                      generator=torch.Generator("cpu").manual_seed(row["seed"])).images[0]
+        model_s += time.perf_counter() - t0
         image.save(Path(out) / f"{row['id']}.png")
-    return {"images": len(rows), "torch_threads": torch.get_num_threads()}
+    return {"images": len(rows), "torch_threads": torch.get_num_threads(),
+            "model_ms_per_image": model_s / len(rows) * 1000}
 
 
 class _Renderer:
@@ -112,18 +122,20 @@ class _Renderer:
         import numpy as np
         import torch
 
+        t0 = time.perf_counter()
         images = self.pipe(
             prompt=[str(p) for p in batch["prompt"]], height=int(batch["height"][0]),
             width=int(batch["width"][0]), num_inference_steps=int(batch["steps"][0]),
             guidance_scale=1.0,
             generator=[torch.Generator("cpu").manual_seed(int(s)) for s in batch["seed"]],
         ).images
+        per_image = (time.perf_counter() - t0) / len(images)
         paths = []
         for row_id, image in zip(batch["id"], images):
             path = self.out / f"{row_id}.png"
             image.save(path)
             paths.append(str(path))
-        return {"id": batch["id"], "path": np.array(paths)}
+        return {"id": batch["id"], "path": np.array(paths), "model_s": np.full(len(paths), per_image)}
 
 
 def child_b(manifest: str, out: str, model: str) -> dict:
@@ -141,8 +153,9 @@ def child_b(manifest: str, out: str, model: str) -> dict:
                         concurrency=1, num_cpus=1, batch_format="numpy")
     done = ds.materialize()
     count = done.count()
+    model_ms = done.sum("model_s") / count * 1000
     ray.shutdown()
-    return {"images": count}
+    return {"images": count, "model_ms_per_image": model_ms}
 
 
 # -- the parent --------------------------------------------------------------------------------
@@ -170,12 +183,14 @@ def write_manifest(path: Path, rows: int, distinct: int = len(PROMPTS)) -> None:
     pq.write_table(table, path)
 
 
-def write_config(path: Path, model: str) -> None:
+def write_config(path: Path, model: str, png_level: bool = True) -> None:
+    # PNG level 6, as the baselines' image.save writes, so that every system encodes alike.
+    # A --ref revision may predate the setting (its config refuses unknown keys): none there.
     path.write_text(
         "default_variant: tiny\n"
         "variants:\n"
         f"  tiny: {{source: {json.dumps(model)}, actors: 1, batch_size: {BATCH}, steps: {STEPS}}}\n"
-        "output: {format: png}\n"
+        + ("output: {format: png, png_compress_level: 6}\n" if png_level else "output: {format: png}\n")
     )
 
 
@@ -184,17 +199,42 @@ def klein_ray_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "klein_ray"]
 
 
-def run_one(system: str, manifest: Path, out: Path, model: str, config: Path) -> dict:
+def extract_ref(rev: str, dest: Path) -> str:
+    """klein_ray as of git revision ``rev``, in ``dest``, its version marked ``+ref`` (so the
+    metadata shows which code rendered). Returns the revision's short hash."""
+    short = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.strip()
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "archive", rev, "klein_ray"], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    init = dest / "klein_ray" / "__init__.py"
+    text = init.read_text()
+    init.write_text(text.replace('__version__ = "', '__version__ = "ref+', 1))
+    return short
+
+
+def run_one(system: str, manifest: Path, out: Path, model: str, config: Path, ref_dir: Path | None = None) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", DIFFUSERS_VERBOSITY="error", TRANSFORMERS_VERBOSITY="error")
+    cwd = ROOT
     if system == "ours":
         cmd = klein_ray_command() + ["render", str(manifest), "--output", str(out),
                                      "--config", str(config), "--no-progress"]
+    elif system == "ref":  # the old code first on the path of the driver and (cwd) of Ray's workers
+        cmd = [sys.executable, "-m", "klein_ray", "render", str(manifest), "--output", str(out),
+               "--config", str(config.with_name("job-ref.yaml")), "--no-progress"]
+        env["PYTHONPATH"] = str(ref_dir)
+        cwd = ref_dir
     else:
         cmd = [sys.executable, __file__, "--child", system, "--manifest", str(manifest),
                "--out", str(out), "--model", model]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False,
+                              timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:
+        sys.stderr.write(str(exc.stdout or "")[-3000:] + str(exc.stderr or "")[-3000:])
+        raise SystemExit(f"{system} ran past {RUN_TIMEOUT_S} s (a shared machine's other work?)") from None
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
@@ -204,39 +244,50 @@ def run_one(system: str, manifest: Path, out: Path, model: str, config: Path) ->
         info = json.loads(last)
     except ValueError:
         info = {}
-    images = len(list((out / "images").glob("*.png")) if system == "ours" else list(out.glob("*.png")))
+    klein = system in ("ours", "ref")
+    images = len(list((out / "images").glob("*.png")) if klein else list(out.glob("*.png")))
+    if klein:
+        version = json.loads(next((out / "meta").glob("*.json")).read_text())["versions"]["klein_ray"]
+        if version.startswith("ref+") != (system == "ref"):
+            raise SystemExit(f"{system}: rendered by klein_ray {version}: the wrong code ran")
     return {"seconds": seconds, "images": images, "info": info}
 
 
 def stage_means(out: Path) -> dict:
-    """Per-image means of the stage timings ours writes into meta/{id}.json."""
-    sums: dict[str, float] = {}
-    count = 0
-    for meta in (out / "meta").glob("*.json"):
-        timings = json.loads(meta.read_text()).get("timings", {})
-        for k, v in timings.items():
-            sums[k] = sums.get(k, 0.0) + v
-        count += 1
-    return {k: v / count for k, v in sums.items()} if count else {}
+    """Per-image means of the stage timings ours writes into meta/{id}.json, and ``steady``: the
+    seconds per image between the first and the last commit (the first unit excluded), which
+    start-up and shutdown cannot blur as they blur T(3N) - T(N)."""
+    metas = [json.loads(meta.read_text()) for meta in (out / "meta").glob("*.json")]
+    rows = [meta.get("timings", {}) for meta in metas]
+    keys = {k for timings in rows for k in timings}
+    means = {k: sum(timings.get(k, 0.0) for timings in rows) / max(1, len(rows)) for k in keys}
+    stamps = sorted(datetime.datetime.fromisoformat(meta["created_at"]).timestamp() for meta in metas)
+    return dict(means, steady=(stamps[-1] - stamps[0]) / max(1, len(stamps) - BATCH)) if stamps else means
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=24, help="rows in the small run; the large one has 3N")
     p.add_argument("--repeats", type=int, default=2, help="runs per (system, rows), interleaved")
     p.add_argument("--estimator", choices=["min", "median"], default="min",
                    help="how repeats are combined (default: the fastest run)")
     p.add_argument("--warmup", type=int, default=4, help="rows of the untimed warm-up run per system (0: none)")
-    p.add_argument("--prompts", type=int, default=len(PROMPTS),
-                   help=f"distinct prompts cycling through the rows (default {len(PROMPTS)}; 0: every prompt unique)")
+    p.add_argument("--prompts", type=int, default=0,
+                   help=f"distinct prompts cycling through the rows (default 0: every prompt unique, "
+                        f"so the prompt cache saves nothing; {len(PROMPTS)}: a catalog)")
+    p.add_argument("--ref", metavar="REV", help="also run klein-ray as of this git revision (e.g. HEAD), "
+                   "as system 'ref': before and after a change in one command")
     p.add_argument("--model", help="tiny model directory (default: build one in the temp dir)")
     p.add_argument("--systems", default="A,B,ours", help="comma-separated subset of A,B,ours")
     p.add_argument("--keep", help="keep manifests and outputs in this directory")
     p.add_argument("--child", choices=["a", "b"], help=argparse.SUPPRESS)
     p.add_argument("--manifest", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p.parse_args()
 
+
+def main() -> int:
+    args = parse_args()
     if args.child:
         info = (child_a if args.child == "a" else child_b)(args.manifest, args.out, args.model)
         print(json.dumps(info))
@@ -246,6 +297,12 @@ def main() -> int:
     tmp = tempfile.TemporaryDirectory(prefix="klein-ray-throughput-") if not args.keep else None
     work = Path(args.keep or tmp.name)
     work.mkdir(parents=True, exist_ok=True)
+    ref_dir, ref_rev = None, ""
+    if args.ref:
+        ref_dir = work / "ref-src"
+        ref_rev = extract_ref(args.ref, ref_dir)
+        systems = [s for s in systems if s != "ref"]
+        systems.insert(systems.index("ours") if "ours" in systems else len(systems), "ref")
     model = args.model
     if not model:
         model = str(work / "tiny-klein")
@@ -254,82 +311,97 @@ def main() -> int:
     model = str(Path(model).resolve())
     config = work / "job.yaml"
     write_config(config, model)
+    write_config(work / "job-ref.yaml", model, png_level=False)
     sizes = {"N": args.n, "3N": 3 * args.n}
-    manifests = {}
+    manifests = {label: work / f"manifest-{label}.parquet" for label in sizes}
     for label, rows in sizes.items():
-        manifests[label] = work / f"manifest-{label}.parquet"
         write_manifest(manifests[label], rows, args.prompts)
 
     print(f"# throughput: tiny random FLUX.2 klein pipeline (images are noise), {SIZE}x{SIZE}, "
           f"{STEPS} steps, png to a local directory; N={args.n}; "
-          f"{f'{args.prompts} distinct prompts cycling' if args.prompts else 'every prompt unique'}; {platform.node()}, {os.cpu_count()} CPUs, {datetime.date.today()}", flush=True)
+          f"{f'{args.prompts} distinct prompts cycling' if args.prompts else 'every prompt unique'}"
+          f"{f'; ref = {args.ref} ({ref_rev})' if args.ref else ''}; "
+          f"{platform.node()}, {os.cpu_count()} CPUs, {datetime.date.today()}", flush=True)
+
+    def run(system: str, manifest: Path, out: Path) -> dict:
+        return run_one(system if system in ("ours", "ref") else system.lower(), manifest, out, model,
+                       config, ref_dir)
+
     if args.warmup:
         warm = work / "manifest-warmup.parquet"
         write_manifest(warm, args.warmup, args.prompts)
         for system in systems:
-            r = run_one(system.lower() if system != "ours" else "ours", warm, work / f"out-{system}-warmup",
-                        model, config)
+            r = run(system, warm, work / f"out-{system}-warmup")
             print(f"  warm-up {system:<4} ({args.warmup} rows, untimed): {r['seconds']:.2f} s", flush=True)
+    times, last = measure(systems, sizes, manifests, work, args.repeats, run)
+    report(systems, times, last, args.n, args.estimator, args.repeats)
+    if tmp:
+        tmp.cleanup()
+    return 0
+
+
+def measure(systems, sizes, manifests, work: Path, repeats: int, run):
+    """Every (system, rows) cell ``repeats`` times, interleaved. Returns the times per cell and
+    each system's fastest 3N run (ours' and ref's outputs hold the per-stage timings)."""
     times: dict[tuple[str, str], list[float]] = {}
-    ours_last: dict[str, dict] = {}
-    for rep in range(args.repeats):
+    last: dict[str, dict] = {}
+    for rep in range(repeats):
         for label in sizes:
             for system in systems:
                 out = work / f"out-{system}-{label}-{rep}"
                 load = os.getloadavg()[0]
-                r = run_one(system.lower() if system != "ours" else "ours", manifests[label], out, model, config)
+                r = run(system, manifests[label], out)
                 if r["images"] != sizes[label]:
                     raise SystemExit(f"{system} wrote {r['images']} images for {sizes[label]} rows")
                 times.setdefault((system, label), []).append(r["seconds"])
                 extra = ""
-                if system == "ours":
-                    ours_last[label] = {"out": out, "summary": r["info"], "seconds": r["seconds"]}
+                if label == "3N" and r["seconds"] < last.get(system, {}).get("seconds", float("inf")):
+                    last[system] = {"out": out, "summary": r["info"], "seconds": r["seconds"]}
+                if system in ("ours", "ref"):
                     extra = f" (driver.run {r['info'].get('seconds', float('nan')):.2f} s)"
-                print(f"  run {rep + 1}/{args.repeats}  {system:<4} {label:<2} ({sizes[label]:>4} rows): "
+                print(f"  run {rep + 1}/{repeats}  {system:<4} {label:<2} ({sizes[label]:>4} rows): "
                       f"{r['seconds']:7.2f} s{extra}   [load avg before: {load:.2f}]", flush=True)
+    return times, last
 
-    n = args.n
+
+NAMES = {"A": "A: diffusers loop", "B": "B: Ray Data map_batches", "ref": "ref: klein-ray render, --ref",
+         "ours": "ours: klein-ray render"}
+
+
+def report(systems, times, last, n: int, estimator: str, repeats: int) -> None:
+    combine = min if estimator == "min" else statistics.median
     res = {}
     for system in systems:
-        combine = min if args.estimator == "min" else statistics.median
-        t1 = combine(times[(system, "N")])
-        t3 = combine(times[(system, "3N")])
+        t1, t3 = combine(times[(system, "N")]), combine(times[(system, "3N")])
         marginal = (t3 - t1) / (2 * n)
         res[system] = {"T_N": t1, "T_3N": t3, "marginal_ms": marginal * 1000, "startup_s": t1 - n * marginal}
-
-    print()
-    print(f"({args.estimator} of {args.repeats} run(s) per cell)")
+    print(f"\n({estimator} of {repeats} run(s) per cell)")
     print(f"| system | T(N={n}) s | T(3N={3 * n}) s | marginal ms/image | start-up s |")
     print("|---|---:|---:|---:|---:|")
-    names = {"A": "A: diffusers loop", "B": "B: Ray Data map_batches", "ours": "ours: klein-ray render"}
     for system in systems:
         r = res[system]
-        print(f"| {names[system]} | {r['T_N']:.2f} | {r['T_3N']:.2f} | {r['marginal_ms']:.1f} | {r['startup_s']:.2f} |")
-    if "ours" in res:
-        print()
-        for base in ("A", "B"):
-            if base in res:
-                print(f"ours/{base}: marginal {res['ours']['marginal_ms'] / res[base]['marginal_ms']:.2f}x, "
-                      f"start-up {res['ours']['startup_s'] / res[base]['startup_s']:.2f}x")
-        if "B" in res:
-            m_ok = res["ours"]["marginal_ms"] <= 0.8 * res["B"]["marginal_ms"]
-            s_ok = res["ours"]["startup_s"] <= res["B"]["startup_s"]
-            print(f"target marginal >= 20% below B: {'met' if m_ok else 'NOT met'} "
-                  f"({1 - res['ours']['marginal_ms'] / res['B']['marginal_ms']:+.0%} below B)")
-            print(f"target start-up <= B: {'met' if s_ok else 'NOT met'} "
-                  f"({res['ours']['startup_s']:.2f} s vs {res['B']['startup_s']:.2f} s)")
-        last = ours_last.get("3N")
-        if last:
-            stages = stage_means(last["out"])
-            outside = last["seconds"] - last["summary"].get("seconds", float("nan"))
-            print(f"ours 3N run: whole command {last['seconds']:.2f} s, driver.run {last['summary'].get('seconds')} s, "
-                  f"outside driver.run (interpreter, imports, config) {outside:.2f} s; per-image means "
-                  "from meta timings (render = its batch's call / batch size, lock wait included): "
-                  + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in sorted(stages.items())))
-    print(json.dumps({"n": n, "results": res, "raw": {f"{k[0]}:{k[1]}": v for k, v in times.items()}}))
-    if tmp:
-        tmp.cleanup()
-    return 0
+        print(f"| {NAMES[system]} | {r['T_N']:.2f} | {r['T_3N']:.2f} | {r['marginal_ms']:.1f} | {r['startup_s']:.2f} |")
+    print()
+    for mine, base in [(m, b) for m in ("ours", "ref") for b in ("A", "B", "ref") if m != b and {m, b} <= set(res)]:
+        print(f"{mine}/{base}: marginal {res[mine]['marginal_ms'] / res[base]['marginal_ms']:.2f}x, "
+              f"start-up {res[mine]['startup_s'] / res[base]['startup_s']:.2f}x")
+    if "ours" in res and "B" in res:
+        ours, b = res["ours"], res["B"]
+        print(f"target marginal >= 20% below B: {'met' if ours['marginal_ms'] <= 0.8 * b['marginal_ms'] else 'NOT met'} "
+              f"({1 - ours['marginal_ms'] / b['marginal_ms']:+.0%} below B); target start-up <= B: "
+              f"{'met' if ours['startup_s'] <= b['startup_s'] else 'NOT met'} "
+              f"({ours['startup_s']:.2f} s vs {b['startup_s']:.2f} s)")
+    model_ms = {s: (r["summary"].get("model_ms_per_image") if s in ("A", "B")
+                    else stage_means(r["out"]).get("render", float("nan")) * 1000) for s, r in last.items()}
+    print("model call per image inside each system, fastest 3N run (A: pipe(), batch 1; B: pipe(), "
+          "batch 4; ref, ours: KleinModel.render, batch 4, in the actor): "
+          + ", ".join(f"{s} {v:.1f} ms" for s, v in model_ms.items() if v is not None))
+    for system, run in ((s, r) for s, r in last.items() if s in ("ours", "ref")):
+        print(f"{system} fastest 3N run: {run['seconds']:.2f} s, driver.run {run['summary'].get('seconds')} s; "
+              "per image (render: its batch's model call / batch size; steady: between commits): "
+              + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in sorted(stage_means(run["out"]).items())))
+    print(json.dumps({"n": n, "results": res, "model_ms_per_image": model_ms,
+                      "raw": {f"{k[0]}:{k[1]}": v for k, v in times.items()}}))
 
 
 if __name__ == "__main__":

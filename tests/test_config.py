@@ -68,7 +68,7 @@ variants:
   klein-9b:  {source: s3://models/flux2-klein-9b/, actors: 1, gpus_per_actor: 1}
   tiny:      {source: ./.cache/tiny-klein, actors: 1, gpus_per_actor: 0}
 storage: {endpoint_url: null, region: null}
-output: {format: webp, webp_lossless: true}
+output: {format: webp, webp_lossless: true, png_compress_level: 9}
 references: {max_count: 3, allow_private_hosts: [10.0.0.0/8]}
 run: {in_flight_per_actor: 3}
 """)
@@ -82,6 +82,7 @@ run: {in_flight_per_actor: 3}
     assert cfg.variants["tiny"].pipeline == "auto"
     assert cfg.storage.endpoint_url is None
     assert cfg.output.format == "webp" and cfg.output.webp_lossless is True
+    assert cfg.output.png_compress_level == 9
     assert cfg.references.max_count == 3
     assert cfg.references.allow_private_hosts == ["10.0.0.0/8"]
     assert cfg.run.in_flight_per_actor == 3
@@ -129,6 +130,8 @@ INVALID = {
     "unknown pipeline": ("variants:\n  tiny: {source: ./m, pipeline: turbo}\n",
                          ["variants.tiny.pipeline"]),
     "unknown format": ("output: {format: gif}\n", ["output.format"]),
+    "png level above 9": ("output: {png_compress_level: 10}\n", ["output.png_compress_level"]),
+    "negative png level": ("output: {png_compress_level: -1}\n", ["output.png_compress_level"]),
     "wrong type": ("run: {in_flight_per_actor: lots}\n", ["run.in_flight_per_actor"]),
     "negative timeout": ("storage: {read_timeout: -5}\n", ["storage.read_timeout"]),
     "too many attempts": ("storage: {max_attempts: 100}\n", ["storage.max_attempts"]),

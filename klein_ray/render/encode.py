@@ -14,8 +14,7 @@ def encode_image(image, fmt: str, cfg: OutputConfig) -> bytes:
     """Encode ``image`` (RGB); deterministic for the same pixels and settings."""
     buf = io.BytesIO()
     if fmt == "png":
-        # compress_level 6 is ~3x faster than 9 for a few percent more bytes.
-        image.save(buf, format="PNG", compress_level=6)
+        image.save(buf, format="PNG", compress_level=cfg.png_compress_level)
     elif fmt == "jpeg":
         image.save(buf, format="JPEG", quality=cfg.jpeg_quality, subsampling=0 if cfg.jpeg_quality >= 90 else 2)
     elif fmt == "webp":

@@ -2,10 +2,13 @@
 
 Plain Python: ``ray_executor`` wraps it as a Ray actor, ``inprocess`` drives it on threads. For
 each unit: fetch references, render, then per row encode and commit through the ledger. Several
-units run through one worker at once (threads): only the model call holds a lock, so fetching
-and decoding the next unit and encoding and uploading the last one overlap the render. Every
-row ends as a ``RowResult`` or a ``RowError`` naming its stage; one bad row never sinks the
-unit's other rows once rendering succeeded.
+units run through one worker at once (threads). Only the model is serialised, on the worker's
+one model thread, which also loaded it (``worker_threads``: torch's CPU threads stay fast only
+while one thread makes the torch calls); each unit's images are encoded on a pool sized to the
+worker's CPUs. So fetching and decoding the next unit's references, and encoding and
+uploading the last unit's images, overlap the render. Every row ends as a ``RowResult`` or a
+``RowError`` naming its stage; one bad row never sinks the unit's other rows once rendering
+succeeded.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ import json
 import os
 import platform
 import socket
-import threading
 import time
+from concurrent.futures import Future
 from dataclasses import replace
 from datetime import datetime, timezone
 
@@ -27,6 +30,7 @@ from klein_ray.render import modelsource
 from klein_ray.render.encode import encode_image, make_thumbnail
 from klein_ray.render.references import ReferenceError, ReferenceFetcher, redact
 from klein_ray.run.executor import WorkerSpec
+from klein_ray.run.worker_threads import ModelThread, encoder_pool
 from klein_ray.storage import StorageError, open_store
 from klein_ray.types import CONTENT_TYPES, RowError, RowResult, RowSpec, UnitOutcome, WorkUnit
 
@@ -45,15 +49,19 @@ class RenderWorker:
         transformer = vcfg.transformer and modelsource.resolve_file(
             vcfg.transformer, spec.config.run.cache_dir, spec.config.storage)
         settings = GPUSettings(compile=vcfg.compile, channels_last=vcfg.channels_last, cpu_offload=vcfg.cpu_offload)
-        self.model = KleinModel.from_pretrained(
-            local, pipeline=vcfg.pipeline, dtype=vcfg.dtype, threads=spec.threads,
-            prompt_cache=vcfg.prompt_cache, settings=settings, transformer_file=transformer)
+        # Loaded on the thread that will make every render call, so that the process has one
+        # thread with torch's CPU threads behind it (set_num_threads is per thread, too).
+        self._model_thread = ModelThread(f"klein-ray-model-{spec.variant}")
+        self.model = self._model_thread.run(
+            KleinModel.from_pretrained, local, pipeline=vcfg.pipeline, dtype=vcfg.dtype,
+            threads=spec.threads, prompt_cache=vcfg.prompt_cache, settings=settings,
+            transformer_file=transformer)
         self.load_seconds = time.perf_counter() - started
         self.test_model = modelsource.is_test_model(spec.source)  # its images are noise: say so
         self.ledger = Ledger(open_store(spec.output_uri, spec.config.storage))
         self.fetcher = ReferenceFetcher(spec.config.references, spec.config.storage)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
-        self._model_lock = threading.Lock()
+        self._encoders = encoder_pool(spec.threads, f"klein-ray-encode-{spec.variant}")
 
     def describe(self) -> dict:
         info = self.model.info
@@ -86,8 +94,9 @@ class RenderWorker:
             return outcome
         timings["fetch"] = time.perf_counter() - t0
 
-        # 2. Render the unit in one call.
-        t0 = time.perf_counter()
+        # 2. Render the unit in one call, on the model thread. The other units in this worker
+        #    (in_flight_per_actor calls at once) fetch, encode or upload meanwhile, and their
+        #    renders queue behind this one.
         request = RenderRequest(
             prompts=[r.prompt for r in unit.rows], seeds=[r.seed for r in unit.rows],
             width=unit.width, height=unit.height, steps=unit.steps, guidance=unit.guidance,
@@ -95,26 +104,34 @@ class RenderWorker:
             max_sequence_length=self.spec.config.variants[unit.variant].max_sequence_length,
         )
         try:
-            # Only the model is serialised: the other units in this actor fetch references or
-            # encode and upload beside it (the actor runs in_flight_per_actor calls at once).
-            with self._model_lock:
-                t0 = time.perf_counter()  # after the lock: render time, not time queued for it
-                rendered = self.model.render(request)
+            rendered, seconds = self._model_thread.run(self._render, request)
         except ModelInputError as exc:
             outcome.errors = [RowError.from_exception(r, "render", exc, unit.attempt) for r in unit.rows]
             return outcome
-        timings["render"] = (time.perf_counter() - t0) / unit.size  # per image
+        timings["render"] = seconds / unit.size  # per image, time queued for the thread excluded
 
-        # 3. Encode and commit each row.
+        # 3. Encode every row on the pool at once (the model thread is free for the next unit
+        #    already), then commit each as its bytes are ready.
+        encoded = [self._encoders.submit(self._encode, image, row.format)
+                   for row, image in zip(unit.rows, rendered.images)]
         warnings = self._prompt_warnings(unit, rendered.prompt_tokens)
-        for row, image, warning in zip(unit.rows, rendered.images, warnings):
-            result = self._commit_row(unit, row, image, refs, dict(timings), warning)
-            if isinstance(result, RowError):
-                outcome.errors.append(result)
-            else:
-                result.thumbnail = make_thumbnail(image)
-                outcome.results.append(result)
+        for row, image, job, warning in zip(unit.rows, rendered.images, encoded, warnings):
+            result = self._commit_row(unit, row, image, job, refs, dict(timings), warning)
+            (outcome.errors if isinstance(result, RowError) else outcome.results).append(result)
         return outcome
+
+    def _render(self, request):
+        """On the model thread: the model call and its duration."""
+        t0 = time.perf_counter()
+        rendered = self.model.render(request)
+        return rendered, time.perf_counter() - t0
+
+    def _encode(self, image, fmt: str) -> tuple[bytes, float, bytes]:
+        """On the encoder pool: the row's file, the seconds it took, the report's thumbnail."""
+        t0 = time.perf_counter()
+        data = encode_image(image, fmt, self.spec.config.output)
+        seconds = time.perf_counter() - t0
+        return data, seconds, make_thumbnail(image)
 
     def _drop_committed(self, unit: WorkUnit) -> tuple[WorkUnit, list[RowResult]]:
         todo, done = [], []
@@ -139,13 +156,12 @@ class RenderWorker:
         return [[f"prompt is {n} tokens with the chat template; the text encoder reads the first "
                  f"{limit}, the rest was ignored"] if n > limit else [] for n in counts]
 
-    def _commit_row(self, unit, row: RowSpec, image, refs, timings, warnings) -> RowResult | RowError:
-        t0 = time.perf_counter()
+    def _commit_row(self, unit, row: RowSpec, image, encoded: Future, refs, timings,
+                    warnings) -> RowResult | RowError:
         try:
-            data = encode_image(image, row.format, self.spec.config.output)
+            data, timings["encode"], thumbnail = encoded.result()
         except Exception as exc:  # noqa: BLE001 - recorded as this row's error
             return RowError.from_exception(row, "encode", exc, unit.attempt)
-        timings["encode"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         meta = self._meta(unit, row, image, refs, timings)
         meta["warnings"] = warnings
@@ -160,7 +176,7 @@ class RenderWorker:
             id=row.id, variant=row.variant, image_key=receipt.image_key, meta_key=receipt.meta_key,
             sha256=receipt.sha256, bytes=receipt.bytes, width=image.width, height=image.height,
             seed=row.seed, prompt=row.prompt, timings=timings, worker=self.name,
-            already=receipt.already,
+            thumbnail=thumbnail, already=receipt.already,
         )
 
     def _fingerprint(self, meta: dict) -> str:
