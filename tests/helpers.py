@@ -106,3 +106,36 @@ def stop_ray_under(tmpdir: Path) -> None:
             proc.kill()
         except psutil.Error:
             pass
+
+
+def passthrough_store():
+    """A ``Store`` that forwards every call to ``inner``: tests subclass it and override the
+    call where they force an interleaving (another writer acting between two of ours)."""
+    from klein_ray.storage import Store
+
+    class PassThrough(Store):
+        def __init__(self, inner: Store):
+            self.inner, self.uri, self.fenced_delete = inner, inner.uri, inner.fenced_delete
+
+        def put(self, key, data, **kw):
+            return self.inner.put(key, data, **kw)
+
+        def get(self, key, max_bytes=None):
+            return self.inner.get(key, max_bytes)
+
+        def get_versioned(self, key, max_bytes=None):
+            return self.inner.get_versioned(key, max_bytes)
+
+        def head(self, key):
+            return self.inner.head(key)
+
+        def list(self, prefix=""):
+            return self.inner.list(prefix)
+
+        def delete(self, key, if_match=None):
+            return self.inner.delete(key, if_match)
+
+        def download(self, key, dest):
+            return self.inner.download(key, dest)
+
+    return PassThrough

@@ -15,6 +15,7 @@ import uuid
 from dataclasses import replace
 
 import pytest
+from helpers import passthrough_store
 
 from klein_ray.output.lease import Lease, LeaseHeld, LeaseRecord, _identity
 from klein_ray.output.layout import LEASE
@@ -29,33 +30,15 @@ def store(request, tmp_path):
     return open_store(f"s3://{server.new_bucket()}/out")
 
 
-class Hooked(Store):
-    """A real store with a hook run in place of some writes (to force an interleaving)."""
+class Hooked(passthrough_store()):
+    """A real store with a hook run in place of every write (to force an interleaving)."""
 
     def __init__(self, inner: Store, hook):
-        self.inner, self.uri, self.hook = inner, inner.uri, hook
-        self.fenced_delete = inner.fenced_delete
+        super().__init__(inner)
+        self.hook = hook
 
     def put(self, key, data, **kw):
         return self.hook(self.inner, key, data, kw)
-
-    def get(self, key, max_bytes=None):
-        return self.inner.get(key, max_bytes)
-
-    def get_versioned(self, key, max_bytes=None):
-        return self.inner.get_versioned(key, max_bytes)
-
-    def head(self, key):
-        return self.inner.head(key)
-
-    def list(self, prefix=""):
-        return self.inner.list(prefix)
-
-    def delete(self, key, if_match=None):
-        return self.inner.delete(key, if_match)
-
-    def download(self, key, dest):
-        return self.inner.download(key, dest)
 
 
 def _paused(store: Store, run_id: str, ttl: float, lost: list) -> Lease:

@@ -8,6 +8,7 @@ import json
 import uuid
 
 import pytest
+from helpers import passthrough_store
 
 from klein_ray.output.ledger import CommitConflict, Ledger, Receipt
 from klein_ray.storage import LocalStore, NotFound, Store, VersionChanged, open_store
@@ -107,35 +108,18 @@ def test_a_committed_image_never_changes(ledger, store):
     assert [o.key for o in store.list("images/")] == ["images/row-1.png"]
 
 
-class Interleaved(Store):
+class Interleaved(passthrough_store()):
     """A real store with another writer acting between our image write and our marker write."""
 
     def __init__(self, inner: Store, on_marker):
-        self.inner, self.uri, self.on_marker = inner, inner.uri, on_marker
+        super().__init__(inner)
+        self.on_marker = on_marker
 
     def put(self, key, data, **kw):
         if key.startswith("meta/") and kw.get("if_absent") and self.on_marker:
             hook, self.on_marker = self.on_marker, None
             hook(self.inner)
         return self.inner.put(key, data, **kw)
-
-    def get(self, key, max_bytes=None):
-        return self.inner.get(key, max_bytes)
-
-    def get_versioned(self, key, max_bytes=None):
-        return self.inner.get_versioned(key, max_bytes)
-
-    def head(self, key):
-        return self.inner.head(key)
-
-    def list(self, prefix=""):
-        return self.inner.list(prefix)
-
-    def delete(self, key, if_match=None):
-        return self.inner.delete(key, if_match)
-
-    def download(self, key, dest):
-        return self.inner.download(key, dest)
 
 
 def _other_writer(data: bytes, marker: bool):
