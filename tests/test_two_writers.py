@@ -27,6 +27,15 @@ def _rows(n: int, prefix: str) -> list[dict]:
             for i in range(n)]
 
 
+def _local_job(tmp_path: Path, tiny_models, rows: list[dict], **config) -> tuple[tuple[str, ...], Path]:
+    """The CLI arguments of a render of ``rows`` into ``tmp_path/out`` without Ray, and OUT."""
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    job = write_config(tmp_path / "job.yaml", tiny_models, **config)
+    out = tmp_path / "out"
+    return ("render", str(manifest), "--output", str(out), "--config", str(job), "--no-progress",
+            "--executor", "local"), out
+
+
 def _lease(out: Path) -> dict | None:
     try:
         return json.loads((out / "_job" / "lease.json").read_text())
@@ -61,13 +70,9 @@ def _other_container() -> list[str]:
 
 def test_a_frozen_driver_woken_while_another_runs_stops_and_nothing_breaks(tmp_path, tiny_models):
     rows = _rows(80, "f")
-    manifest = write_manifest(tmp_path / "m.parquet", rows)
-    config = write_config(tmp_path / "job.yaml", tiny_models, run={"lease_ttl_s": TTL},
-                          variants={"tiny": {"source": str(tiny_models["tiny"]), "pipeline": "distilled",
-                                             "actors": 1, "batch_size": 1}})
-    out = tmp_path / "out"
-    args = ("render", str(manifest), "--output", str(out), "--config", str(config), "--no-progress",
-            "--executor", "local")
+    args, out = _local_job(tmp_path, tiny_models, rows, run={"lease_ttl_s": TTL},
+                           variants={"tiny": {"source": str(tiny_models["tiny"]), "pipeline": "distilled",
+                                              "actors": 1, "batch_size": 1}})
     first = _start(args)
     _wait(lambda: len(list((out / "meta").glob("*.json"))) >= 5, first)
     first_run = _lease(out)["run_id"]
@@ -99,11 +104,7 @@ def test_a_frozen_driver_woken_while_another_runs_stops_and_nothing_breaks(tmp_p
 
 def test_render_verify_repairs_what_verify_finds(tmp_path, tiny_models):
     rows = _rows(6, "v")
-    manifest = write_manifest(tmp_path / "m.parquet", rows)
-    config = write_config(tmp_path / "job.yaml", tiny_models)
-    out = tmp_path / "out"
-    args = ("render", str(manifest), "--output", str(out), "--config", str(config), "--no-progress",
-            "--executor", "local")
+    args, out = _local_job(tmp_path, tiny_models, rows)
     assert run_cli(*args).returncode == 0
     (out / "images" / "v000.png").unlink()  # lost
     (out / "images" / "v001.png").write_bytes(b"rot")  # damaged behind our back
@@ -128,11 +129,7 @@ def test_a_marker_without_its_image_is_not_taken_for_done(tmp_path, tiny_models)
     """Rows committed after the last checkpoint part are found by the worker's marker check;
     it trusted the marker alone, so a row whose image was lost stayed 'done' for ever."""
     rows = _rows(4, "m")
-    manifest = write_manifest(tmp_path / "m.parquet", rows)
-    config = write_config(tmp_path / "job.yaml", tiny_models)
-    out = tmp_path / "out"
-    args = ("render", str(manifest), "--output", str(out), "--config", str(config), "--no-progress",
-            "--executor", "local")
+    args, out = _local_job(tmp_path, tiny_models, rows)
     assert run_cli(*args).returncode == 0
     shutil.rmtree(out / "_job" / "results")  # as if the driver died before flushing its checkpoint
     (out / "images" / "m002.png").unlink()

@@ -37,10 +37,6 @@ class AuditReport:
     broken: list[Damage] = field(default_factory=list)
 
     @property
-    def broken_ids(self) -> frozenset[str]:
-        return frozenset(d.id for d in self.broken)
-
-    @property
     def repairs(self) -> dict[str, str]:
         """Broken row id -> the marker version judged broken (for ``Ledger.commit(repair=)``)."""
         return {d.id: d.marker_version for d in self.broken}
