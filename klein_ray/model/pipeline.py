@@ -11,12 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from klein_ray.model import accel
+from klein_ray.model.accel import GPUSettings, WarmupShape
 from klein_ray.model.limits import shape_problem, side_problem
 from klein_ray.model.text import PromptEncoder
 from klein_ray.types import RenderOOM
 
 DISTILLED_STEPS = 4
 BASE_STEPS = 50
+WARMUP_STEPS = 2  # the KV pipeline's first step (extract the references' K/V) differs from the rest
 
 
 class ModelInputError(ValueError):
@@ -35,13 +38,6 @@ class RenderRequest:
     guidance: float
     references: list[Any] = field(default_factory=list)  # PIL images, RGB
     max_sequence_length: int = 512
-
-
-@dataclass(frozen=True)
-class GPUSettings:
-    compile: bool = False  # torch.compile the transformer's repeated blocks (CUDA)
-    channels_last: bool = False  # VAE in channels-last memory format (CUDA)
-    cpu_offload: bool = False  # diffusers' model CPU offload, for small cards (CUDA)
 
 
 @dataclass
@@ -68,7 +64,7 @@ class KleinModel:
     """
 
     def __init__(self, pipe, *, source: str, device: str | None = None, prompt_cache: int = 1024,
-                 settings: "GPUSettings | None" = None):
+                 settings: GPUSettings | None = None, file_scales: dict[str, float] | None = None):
         import diffusers
         import torch
         import transformers
@@ -78,8 +74,10 @@ class KleinModel:
         self.device = device or str(pipe.transformer.device.type)
         self.dtype = pipe.transformer.dtype
 
-        # 2. Placement and accelerator settings, then the trimmed, cached text encoder.
-        self.settings = self._apply_settings(settings or GPUSettings())
+        # 2. Placement and accelerator settings (klein_ray.model.accel), then the trimmed,
+        #    cached text encoder. ``file_scales``: layers a float8 checkpoint gave (kept as is).
+        self.settings = accel.resolve(settings or GPUSettings(), self.device, bool(file_scales))
+        self.accel_report = accel.apply(self.pipe, self.device, self.settings, file_scales)
         self.pipe.set_progress_bar_config(disable=True)
         self.encoder = PromptEncoder(self.pipe.text_encoder, self.pipe.tokenizer, cache_size=prompt_cache)
 
@@ -99,7 +97,7 @@ class KleinModel:
     @classmethod
     def from_pretrained(cls, source: str, pipeline: str = "auto", dtype: str = "auto",
                         device: str | None = None, threads: int | None = None,
-                        prompt_cache: int = 1024, settings: "GPUSettings | None" = None,
+                        prompt_cache: int = 1024, settings: GPUSettings | None = None,
                         transformer_file: str | None = None) -> "KleinModel":
         """Load ``source`` (a local diffusers directory or a Hub repo id) with diffusers'
         ``from_pretrained``; ``pipeline`` 'base'/'distilled' override the checkpoint's flag,
@@ -125,38 +123,53 @@ class KleinModel:
         #    progress bars: a batch job loads many times and its logs are read by machines.
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
+        file_scales = None
         if transformer_file:  # the base checkpoint's own transformer weights are never read
-            from klein_ray.model.quantized import load_transformer
+            from klein_ray.model.quantized import fp8_scales, load_transformer
 
             kwargs["transformer"] = load_transformer(source, transformer_file, kwargs["dtype"])
+            file_scales = fp8_scales(transformer_file, kwargs["transformer"])
         pipe = pipe_cls.from_pretrained(source, **kwargs)
-        return cls(pipe, source=source, device=device, prompt_cache=prompt_cache, settings=settings)
+        return cls(pipe, source=source, device=device, prompt_cache=prompt_cache, settings=settings,
+                   file_scales=file_scales)
 
     @classmethod
     def from_pipe(cls, pipe, source: str = "(in memory)", device: str | None = None,
-                  prompt_cache: int = 1024, settings: "GPUSettings | None" = None) -> "KleinModel":
+                  prompt_cache: int = 1024, settings: GPUSettings | None = None) -> "KleinModel":
         """Wrap a pipeline already in memory (like diffusers' ``from_pipe``). Settings change
         ``pipe`` in place (compile, channels-last): measure diffusers' own call before wrapping."""
         return cls(pipe, source=source, device=device, prompt_cache=prompt_cache, settings=settings)
 
-    def _apply_settings(self, wanted: "GPUSettings") -> dict[str, bool]:
-        """Place the pipeline and apply the accelerator settings; report what is in effect.
-        Settings that need CUDA are off on other devices rather than failing."""
-        import torch
+    def warm_up(self, shapes: list[WarmupShape]) -> dict:
+        """Render one throw-away call per shape (two steps, grey references) so that compiling
+        happens here, at load, not inside a unit; nothing when the model is not compiled.
+        Returns the calls made, the seconds, the graphs traced and how many of them were
+        compiled anew (not found in the compile caches)."""
+        import time
 
-        cuda = self.device.startswith("cuda")
-        applied = {"cpu_offload": wanted.cpu_offload and cuda, "channels_last": wanted.channels_last and cuda,
-                   "compile": wanted.compile and cuda}
-        if applied["cpu_offload"]:
-            self.pipe.enable_model_cpu_offload(device=self.device)  # for cards too small for the model
-        else:
-            self.pipe.to(self.device)
-        if applied["channels_last"]:
-            self.pipe.vae.to(memory_format=torch.channels_last)
-        if applied["compile"]:
-            # Regional compilation: each repeated transformer block once, not the whole graph.
-            self.pipe.transformer.compile_repeated_blocks(fullgraph=True)
-        return applied
+        from PIL import Image
+
+        if not self.settings["compile"] or not shapes:
+            return {"calls": 0, "seconds": 0.0, "graphs": 0, "compiled": 0}
+        before, misses, started = accel.compiled_graphs(), accel.fresh_compiles(), time.perf_counter()
+        for shape in shapes:
+            grey = Image.new("RGB", (shape.width, shape.height), (128, 128, 128))
+            self.render(RenderRequest(prompts=["warm-up"] * shape.batch, seeds=list(range(shape.batch)),
+                                      width=shape.width, height=shape.height, steps=WARMUP_STEPS, guidance=1.0,
+                                      references=[grey] * shape.references))
+        return {"calls": len(shapes), "seconds": round(time.perf_counter() - started, 3),
+                "graphs": accel.compiled_graphs() - before, "compiled": accel.fresh_compiles() - misses}
+
+    def compile_artifacts(self) -> tuple[str, bytes | None]:
+        """(key, bytes) of what this process compiled, for a later process to load."""
+        return accel.artifact_key(self.pipe, self.device, self.settings), accel.save_artifacts()
+
+    def artifact_key(self) -> str:
+        return accel.artifact_key(self.pipe, self.device, self.settings)
+
+    def load_compile_artifacts(self, data: bytes) -> bool:
+        """Seed the compile caches before the first call (see ``accel.load_artifacts``)."""
+        return self.settings["compile"] and accel.load_artifacts(data)
 
     def default_steps(self) -> int:
         return DISTILLED_STEPS if self.info.distilled else BASE_STEPS

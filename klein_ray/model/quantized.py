@@ -31,8 +31,10 @@ The layout, as ComfyUI reads it (``comfy/ops.py`` ``_load_quantized_module``, ``
   is dequantized and is dropped.
 
 Dequantization runs on the CPU in float32 and rounds once to the target dtype (ComfyUI's fallback
-multiplies in bf16, so its weights may differ from ours in the last bit). Keeping fp8/nvfp4
-weights quantized on GPUs with native support is not done here (see README).
+multiplies in bf16, so its weights may differ from ours in the last bit). Where the model runs in
+fp8 (``klein_ray.model.fp8``), ``fp8_scales`` hands each float8_e4m3fn layer's per-tensor scale to
+the quantizer, which recovers the file's own float8 codes exactly. NVFP4 weights are always
+dequantized (no FP4 GEMM is used, Blackwell included).
 """
 
 from __future__ import annotations
@@ -94,6 +96,35 @@ def load_transformer(config_source: str, path: str, dtype):
     if left:
         raise CheckpointError(f"{path}: no weights for {left[:5]}")
     return model.eval()
+
+
+def fp8_scales(path: str, model) -> dict[str, float]:
+    """Diffusers module name -> per-tensor weight scale, for the layers ``path`` stores as
+    float8_e4m3fn with one scale per tensor (BFL's fp8 files: every block linear). A fused BFL
+    QKV layer gives its scale to each of diffusers' Q, K and V projections."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt", device="cpu") as handle:
+        names = _names(path, list(handle.keys()))
+        formats = layer_formats(path, handle.metadata() or {}, names, handle.get_tensor)
+        scales = {}
+        for layer, fmt in formats.items():
+            key = names.get(f"{layer}.weight_scale")
+            if fmt == "float8_e4m3fn" and key is not None:
+                scale = handle.get_tensor(key)
+                if scale.numel() == 1:
+                    scales[layer] = float(scale.float().reshape(()))
+    out = {}
+    for name, module in model.named_modules():
+        if not name or getattr(module, "weight", None) is None:
+            continue
+        try:
+            layer = bflkeys.bfl_key(f"{name}.weight")[0].removesuffix(".weight")
+        except KeyError:  # a module with no BFL counterpart holds no file weight
+            continue
+        if layer in scales:
+            out[name] = scales[layer]
+    return out
 
 
 def read_checkpoint(path: str, expected: dict[str, tuple[int, ...]], dtype) -> dict[str, Any]:
