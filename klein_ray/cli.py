@@ -111,13 +111,13 @@ LOG_FORMATS = ("text", "json")
 # The fields run events carry beside their message (``extra=`` at the call); nothing else of a
 # record is copied into a JSON line, so no argument can carry a secret there by accident.
 EVENT_FIELDS = ("event", "run_id", "variant", "unit", "attempt", "rows", "workers", "exit_code",
-                "committed", "skipped", "failed", "seconds")
+                "committed", "skipped", "failed", "seconds", "settings", "warmup", "load_seconds")
 
 
 class JsonLines(logging.Formatter):
     """One JSON object per line, for log shippers: time, level, logger, message, and the run
-    event's fields (``event``: run_start, variant_ready, variant_failed, unit_retried,
-    worker_lost, run_stopping, run_finish)."""
+    event's fields (``event``: run_start, worker_loaded, variant_ready, variant_failed,
+    unit_retried, worker_lost, run_stopping, run_finish)."""
 
     def format(self, record: logging.LogRecord) -> str:
         line = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",

@@ -9,7 +9,8 @@ manifest is and however scattered its rows.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from itertools import islice
 from typing import Iterable, Iterator
 
 from klein_ray.types import RowSpec, WorkUnit
@@ -59,3 +60,16 @@ class Planner:
         unit = WorkUnit(self._next_id, variant, width, height, steps, guidance, references, tuple(rows))
         self._next_id += 1
         return unit
+
+
+def look_ahead(rows: Iterator[RowSpec], limit: int = 2048) -> tuple[list[RowSpec], dict[str, tuple]]:
+    """The first ``limit`` rows (to be planned before the rest) and, per variant, the planned
+    (width, height, references) seen among them, most common first: the sizes a compiling
+    worker warms up for. Rows sized by their reference image (no width/height) are left out:
+    their size is known only once the image is read."""
+    ahead = list(islice(rows, limit))
+    counts: dict[str, Counter] = {}
+    for row in ahead:
+        if row.width and row.height:
+            counts.setdefault(row.variant, Counter())[(row.width, row.height, len(row.references))] += 1
+    return ahead, {v: tuple(size for size, _ in c.most_common()) for v, c in counts.items()}

@@ -15,13 +15,14 @@ import logging
 import threading
 import time
 from collections import Counter, defaultdict, deque
+from itertools import chain
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from klein_ray.config import JobConfig
 from klein_ray.intake.manifest import Manifest, id_hash, prescan
-from klein_ray.intake.planner import Planner
+from klein_ray.intake.planner import Planner, look_ahead
 from klein_ray.intake.rows import RowValidator, duplicate_id_error
 from klein_ray.output.checkpoint import DoneSet
 from klein_ray.output.joblog import JobLog, new_run_id
@@ -222,21 +223,23 @@ class Driver:
                     continue
                 yield replace(checked, repair=plan.repair[checked.id]) if checked.id in plan.repair else checked
 
-    def units(self, plan: ResumePlan) -> Iterator[WorkUnit]:
-        """The plan's rows grouped into work units, planned lazily as they are consumed."""
+    def units(self, plan: ResumePlan, rows: Iterable[RowSpec] | None = None) -> Iterator[WorkUnit]:
+        """The plan's rows (or ``rows``) grouped into work units, planned lazily as consumed."""
         planner = Planner({v: c.batch_size for v, c in self.cfg.variants.items()})
-        return planner.plan(self.rows(plan))
+        return planner.plan(self.rows(plan) if rows is None else rows)
 
     # -- rendering -------------------------------------------------------------------------
 
     def _render(self, plan: ResumePlan) -> None:
         executor = self._make_executor()
         trap_signals(self._on_signal)  # again: ray.init installs its own SIGTERM handler
+        rows = self.rows(plan)
+        ahead, sizes = look_ahead(rows)  # what compiling workers warm up for, while they load
         specs = worker_specs(self.cfg, executor, sorted(plan.pending), self.store.uri, self.sources,
-                             plan.check_markers)
+                             plan.check_markers, sizes)
         pools, failed_variants = start_pools(executor, specs, self.cfg.run,
                                              lambda: self.stopped is not None)
-        units = self.units(plan)
+        units = self.units(plan, chain(ahead, rows))
         queues: dict[str, deque[WorkUnit]] = defaultdict(deque)
         bar = self._progress(sum(plan.pending.values()))
         watch = OutageWatch(self.cfg.run.unreachable_after_s)

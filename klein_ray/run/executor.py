@@ -44,6 +44,9 @@ class WorkerSpec:
     source: str  # normalised: absolute local path, s3:// prefix or Hub repo id
     threads: int | None
     check_markers: bool = True  # False only for an output that had no marker when the job began
+    # The job's most common planned (width, height, references) for this variant, most common
+    # first: what a compiling worker warms up at load (see klein_ray.model.accel.warmup_plan).
+    warmup_sizes: tuple[tuple[int, int, int], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,10 @@ Specs = dict[str, tuple[WorkerSpec, int, float, float]]
 
 
 def worker_specs(cfg: JobConfig, executor: Executor, variants: list[str], output_uri: str,
-                 sources: dict[str, str], check_markers: bool) -> Specs:
+                 sources: dict[str, str], check_markers: bool, sizes: dict[str, tuple] | None = None) -> Specs:
     """What the workers of each of ``variants`` (those the config knows) need and reserve.
     CPU actors without cpus_per_actor reserve none and split the node's cores between them
-    (torch threads)."""
+    (torch threads). ``sizes``: each variant's planned sizes, for the compile warm-up."""
     needed = sorted(v for v in variants if v in cfg.variants)
     shared = [v for v in needed if cfg.variants[v].gpus_per_actor == 0
               and cfg.variants[v].cpus_per_actor is None]
@@ -35,7 +35,8 @@ def worker_specs(cfg: JobConfig, executor: Executor, variants: list[str], output
         vcfg = cfg.variants[variant]
         cpus = vcfg.cpus_per_actor if vcfg.cpus_per_actor is not None else (1 if vcfg.gpus_per_actor else 0)
         threads = int(cpus) if cpus else shared_threads
-        spec = WorkerSpec(variant, cfg, output_uri, sources[variant], threads, check_markers)
+        spec = WorkerSpec(variant, cfg, output_uri, sources[variant], threads, check_markers,
+                          tuple((sizes or {}).get(variant, ())))
         specs[variant] = (spec, vcfg.actors, cpus, vcfg.gpus_per_actor)
     return specs
 

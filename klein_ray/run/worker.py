@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import socket
@@ -27,6 +28,7 @@ from klein_ray import __version__
 from klein_ray.output.layout import meta_key
 from klein_ray.output.ledger import Ledger
 from klein_ray.render import modelsource
+from klein_ray.render.compilecache import CompileCache
 from klein_ray.render.encode import encode_image, make_thumbnail
 from klein_ray.render.references import ReferenceError, ReferenceFetcher, redact
 from klein_ray.run.executor import WorkerSpec
@@ -34,13 +36,16 @@ from klein_ray.run.worker_threads import ModelThread, encoder_pool
 from klein_ray.storage import StorageError, open_store
 from klein_ray.types import CONTENT_TYPES, RowError, RowResult, RowSpec, UnitOutcome, WorkUnit
 
+log = logging.getLogger(__name__)
+
 
 class RenderWorker:
     def __init__(self, spec: WorkerSpec):
         _quiet_model_libraries()
         # Imported here, not at the top: the driver's process imports this module (to define
         # the Ray actor) and should not pay for torch and diffusers.
-        from klein_ray.model.pipeline import GPUSettings, KleinModel
+        from klein_ray.model.accel import GPUSettings
+        from klein_ray.model.pipeline import KleinModel
 
         self.spec = spec
         vcfg = spec.config.variants[spec.variant]
@@ -48,7 +53,8 @@ class RenderWorker:
         local = modelsource.resolve(spec.source, spec.config.run.cache_dir, spec.config.storage)
         transformer = vcfg.transformer and modelsource.resolve_file(
             vcfg.transformer, spec.config.run.cache_dir, spec.config.storage)
-        settings = GPUSettings(compile=vcfg.compile, channels_last=vcfg.channels_last, cpu_offload=vcfg.cpu_offload)
+        settings = GPUSettings(compile=_auto(vcfg.compile), channels_last=_auto(vcfg.channels_last),
+                               cpu_offload=vcfg.cpu_offload, precision=vcfg.precision)
         # Loaded on the thread that will make every render call, so that the process has one
         # thread with torch's CPU threads behind it (set_num_threads is per thread, too).
         self._model_thread = ModelThread(f"klein-ray-model-{spec.variant}")
@@ -56,18 +62,42 @@ class RenderWorker:
             KleinModel.from_pretrained, local, pipeline=vcfg.pipeline, dtype=vcfg.dtype,
             threads=spec.threads, prompt_cache=vcfg.prompt_cache, settings=settings,
             transformer_file=transformer)
+        self.warmup = self._model_thread.run(self._warm_up)
         self.load_seconds = time.perf_counter() - started
         self.test_model = modelsource.is_test_model(spec.source)  # its images are noise: say so
         self.ledger = Ledger(open_store(spec.output_uri, spec.config.storage))
         self.fetcher = ReferenceFetcher(spec.config.references, spec.config.storage)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self._encoders = encoder_pool(spec.threads, f"klein-ray-encode-{spec.variant}")
+        log.info("variant %s: model loaded in %.1f s on %s (%s)%s", spec.variant, self.load_seconds,
+                 self.model.info.device, _settings_text(self.model.settings), _warmup_text(self.warmup),
+                 extra={"event": "worker_loaded", "variant": spec.variant, "settings": self.model.settings,
+                        "warmup": self.warmup, "load_seconds": round(self.load_seconds, 3)})
 
     def describe(self) -> dict:
         info = self.model.info
         return {"worker": self.name, "variant": self.spec.variant, "distilled": info.distilled,
                 "pipeline": info.pipeline_class, "device": info.device, "dtype": info.dtype,
-                "load_seconds": round(self.load_seconds, 3), "settings": self.model.settings}
+                "load_seconds": round(self.load_seconds, 3), "settings": self.model.settings,
+                "accel": self.model.accel_report, "warmup": self.warmup}
+
+    def _warm_up(self) -> dict:
+        """On the model thread, at load: seed the compile caches from run.compile_cache, compile
+        for the planned sizes, and keep what was compiled anew for the next actor or job."""
+        from klein_ray.model.accel import warmup_plan
+
+        if not self.model.settings["compile"]:
+            return {}
+        cache, key = CompileCache(self.spec.config), self.model.artifact_key()
+        data = cache.read(key)
+        loaded = data is not None and self.model.load_compile_artifacts(data)
+        vcfg = self.spec.config.variants[self.spec.variant]
+        plan = warmup_plan(list(self.spec.warmup_sizes), vcfg.batch_size) if vcfg.warmup else []
+        report = dict(self.model.warm_up(plan), artifacts_loaded=bool(loaded), artifacts_saved=False)
+        if report["compiled"]:  # something new was compiled: keep it (an entry already there stays)
+            _, fresh = self.model.compile_artifacts()
+            report["artifacts_saved"] = bool(fresh) and cache.write(key, fresh)
+        return report
 
     def render_unit(self, unit: WorkUnit) -> UnitOutcome:
         from klein_ray.model.pipeline import ModelInputError, RenderRequest
@@ -186,10 +216,17 @@ class RenderWorker:
         model = meta["model"]
         inputs = {k: meta[k] for k in ("id", "prompt", "variant", "width", "height", "steps",
                                        "guidance", "seed", "format")}
+        vcfg = self.spec.config.variants[meta["variant"]]
         inputs.update(source=model["source"], pipeline=model["pipeline"], dtype=model["dtype"],
                       references=[r["sha256"] for r in meta["references"]],
                       encode=self.spec.config.output.model_dump(),
-                      max_sequence_length=self.spec.config.variants[meta["variant"]].max_sequence_length)
+                      max_sequence_length=vcfg.max_sequence_length)
+        # Other weights, or fp8 arithmetic, are other inputs (added only when set, so the
+        # fingerprints of rows rendered before these settings existed stay as they were).
+        if vcfg.transformer:
+            inputs["transformer"] = redact(vcfg.transformer)
+        if model["settings"].get("precision") == "fp8":
+            inputs["precision"] = "fp8"
         canonical = json.dumps(inputs, sort_keys=True, default=str).encode()
         return hashlib.sha256(canonical).hexdigest()[:32]
 
@@ -223,6 +260,24 @@ class RenderWorker:
             "passthrough": row.passthrough,
             "generated_by_test_model": self.test_model,
         }
+
+
+def _settings_text(settings: dict) -> str:
+    on = [k for k in ("compile", "channels_last", "cpu_offload") if settings.get(k)]
+    return ", ".join(on + (["fp8"] if settings.get("precision") == "fp8" else [])) or "eager"
+
+
+def _warmup_text(report: dict) -> str:
+    if not report:
+        return ""
+    cached = " from the compile cache" if report.get("artifacts_loaded") else ""
+    return (f"; warm-up: {report['calls']} call(s) in {report['seconds']:.1f} s, {report['compiled']} "
+            f"graph(s) compiled{cached}{', saved to the compile cache' if report.get('artifacts_saved') else ''}")
+
+
+def _auto(value: bool | str) -> bool | None:
+    """A config's ``True | False | "auto"`` as the model layer's ``True | False | None``."""
+    return None if value == "auto" else bool(value)
 
 
 def _quiet_model_libraries() -> None:
