@@ -133,6 +133,8 @@ def test_auto_settings_by_device():
     off = accel.resolve(GPUSettings(compile=False, channels_last=False), "cuda", file_fp8=False)
     assert not off["compile"] and not off["channels_last"]
     assert accel.resolve(GPUSettings(compile=True, precision="fp8"), "cpu", False)["compile"] is True
+    offload = accel.resolve(GPUSettings(cpu_offload=True), "cuda", file_fp8=False)
+    assert offload["cpu_offload"] and not offload["compile"] and not offload["channels_last"]
 
 
 def test_fp8_is_refused_on_a_gpu_without_fp8_tensor_cores(monkeypatch):
@@ -148,3 +150,25 @@ def test_fp8_is_refused_on_a_gpu_without_fp8_tensor_cores(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: (9, 0))
     assert fp8_problem("cuda:0") is None
     assert accel.resolve(GPUSettings(), "cuda:0", file_fp8=True)["precision"] == "fp8"
+
+
+def test_a_job_with_an_fp8_variant_says_so_in_each_rows_metadata(tmp_path, tiny_models):
+    from helpers import assert_done, row, write_manifest
+    from klein_ray.config import JobConfig, VariantConfig
+    from klein_ray.run.driver import EXIT_OK, Driver, RenderJob
+    from klein_ray.run.inprocess import InProcessExecutor
+    from klein_ray.storage import LocalStore
+
+    variants = {v: VariantConfig(source=str(tiny_models["tiny"]), pipeline="distilled", precision=p)
+                for v, p in (("full", "bf16"), ("fp8", "fp8"))}
+    config = JobConfig(default_variant="full", variants=variants)
+    manifest = write_manifest(tmp_path / "m.parquet", [
+        row(id=f"{v}-{i}", prompt=f"a vase {i}", variant=v, width=64, height=64, seed=i)
+        for v in variants for i in range(2)])
+    summary, code = Driver(RenderJob(str(manifest), str(tmp_path / "out"), config), InProcessExecutor).run()
+    assert code == EXIT_OK and summary["committed"] == 4
+    store = LocalStore(tmp_path / "out")
+    full, fp8 = assert_done(store, "full-0"), assert_done(store, "fp8-0")
+    assert full["model"]["settings"]["precision"] == "dtype" and fp8["model"]["settings"]["precision"] == "fp8"
+    # Same prompt and seed, other arithmetic: close pixels, not the same file.
+    assert full["image"]["sha256"] != fp8["image"]["sha256"]

@@ -185,3 +185,21 @@ def test_memory_bound_evicts_oldest_group_first():
 
 def test_plan_with_no_rows():
     assert list(Planner(BATCH).plan([])) == []
+
+
+def test_look_ahead_returns_the_rows_it_read_and_each_variants_sizes_most_common_first():
+    from klein_ray.intake.planner import look_ahead
+
+    rows = ([spec(i, width=512, height=512) for i in range(5)] + [spec(10 + i, width=1024, height=768) for i in range(7)]
+            + [spec(20, width=None, height=None, references=("s3://b/ref.png",))]  # sized by its reference
+            + [spec(30 + i, variant="b", width=256, height=256, references=("s3://b/r.png",)) for i in range(2)]
+            + [spec(40 + i) for i in range(50)])
+    stream = iter(rows)
+    ahead, sizes = look_ahead(stream, limit=15)
+    assert ahead == rows[:15]
+    assert sizes == {"a": ((1024, 768, 0), (512, 512, 0)), "b": ((256, 256, 1),)}
+    # Nothing is lost: the planner sees the rows read ahead, then the rest of the stream.
+    from itertools import chain
+
+    units = list(Planner(BATCH).plan(chain(ahead, stream)))
+    check_units(units, rows, BATCH)

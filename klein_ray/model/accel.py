@@ -6,7 +6,8 @@ artifacts (bytes in, bytes out: whoever keeps them does the I/O).
 
 Defaults ("auto", ``None``): on CUDA, compile the transformer's repeated blocks and put the VAE
 in channels-last memory format (measured on an H100: 0.474 -> 0.380 s/image, 4B, 1024², batch
-4); elsewhere neither (no measured gain on CPU, and minutes of compiling for a test model).
+4); elsewhere, or with CPU offload, neither (no measured gain on CPU, and minutes of compiling
+for a test model).
 ``True`` asks for a setting on any device (the CPU runs inductor's C++ backend: how the tests
 exercise the compiled path), ``False`` turns it off.
 
@@ -67,9 +68,12 @@ def resolve(wanted: GPUSettings, device: str, file_fp8: bool) -> dict[str, Any]:
         precision = "fp8" if file_fp8 and cuda and fp8_problem(device) is None else "dtype"
     else:
         precision = "dtype"
+    # Offloading is for cards too small for the model, where loading dominates: auto leaves the
+    # offload hooks uncompiled.
+    fast = cuda and not wanted.cpu_offload
     return {
-        "compile": cuda if wanted.compile is None else bool(wanted.compile),
-        "channels_last": cuda if wanted.channels_last is None else bool(wanted.channels_last),
+        "compile": fast if wanted.compile is None else bool(wanted.compile),
+        "channels_last": fast if wanted.channels_last is None else bool(wanted.channels_last),
         "cpu_offload": bool(wanted.cpu_offload) and cuda,  # offloading to the CPU from the CPU: nothing
         "precision": precision,
     }
