@@ -131,6 +131,15 @@ class StorageConfig(_Strict):
         "after botocore gave up (outages outlast botocore's retry budget).",
     )
 
+    def within(self, seconds: float) -> "StorageConfig":
+        """A copy whose every request gives up within about ``seconds``: one retry, short
+        timeouts, no outer retry. For callers that must learn of an outage in time rather than
+        ride it out (the output lease's renewals)."""
+        step = max(0.5, seconds / 4)  # 2 attempts x (connect + read) ~ seconds
+        return self.model_copy(update={"max_attempts": 2, "outer_retry_seconds": 0.0,
+                                       "connect_timeout": min(self.connect_timeout, step),
+                                       "read_timeout": min(self.read_timeout, step)})
+
     def resolved_endpoint(self) -> str | None:
         # The job config is the more deliberate choice; the environment fills in when it is silent.
         return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")

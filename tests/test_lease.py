@@ -252,3 +252,45 @@ def test_a_renewal_that_raises_anything_loses_the_lease_in_time(tmp_path):
 
     lease._write = broken
     assert lost.wait(5) and "could not renew" in lease.lost
+
+
+def test_a_renewal_stuck_in_the_network_does_not_stall_the_lease(moto_s3, s3_env):
+    """The job's storage client rides out outages (long timeouts, minutes of retries); a renewal
+    sent through it that the network swallows kept the lease thread waiting for all of that, so
+    a driver that had in fact lost its lease learnt it minutes late. Renewals now go through a
+    client that gives up within about TTL/4: the stuck request is abandoned and the next one
+    renews, while the stuck one is still held."""
+    from faultproxy import FaultProxy
+
+    from klein_ray.config import StorageConfig
+
+    s3_env(moto_s3)
+    bucket = moto_s3.new_bucket()
+    with FaultProxy(moto_s3.endpoint, rate=0) as proxy:
+        patient = StorageConfig(endpoint_url=proxy.url, read_timeout=60.0, max_attempts=5)
+        uri = f"s3://{bucket}/out"
+        ttl = 4.0
+        lease = Lease(open_store(uri, patient), "me", ttl=ttl,
+                      renew_store=open_store(uri, patient.within(ttl / 4)))
+        lease.acquire()
+        held = proxy.hold("PUT", "/out/_job/lease.json")
+        assert held.arrived.wait(10)
+        seq = lease.record.seq
+        deadline = time.monotonic() + 10
+        while lease.record.seq < seq + 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling the outcome, not timing a race
+        assert lease.record.seq >= seq + 2, "the lease thread is still waiting on the stuck request"
+        assert not held.landed.is_set() and lease.lost is None and lease.fresh()
+        held.release()
+        assert held.landed.wait(10) and held.status == 412  # it lands late and changes nothing
+        assert _current(open_store(uri)).nonce == lease.record.nonce
+        lease.release()
+
+
+def test_within_gives_a_quick_to_fail_copy():
+    from klein_ray.config import StorageConfig
+
+    quick = StorageConfig(read_timeout=60, connect_timeout=5, max_attempts=5).within(15)
+    assert quick.max_attempts == 2 and quick.outer_retry_seconds == 0
+    assert quick.read_timeout == 3.75 and quick.connect_timeout == 3.75
+    assert StorageConfig(read_timeout=1, connect_timeout=1).within(60).read_timeout == 1

@@ -12,7 +12,10 @@ two drivers can never both believe they hold it:
 - **renew**: every TTL/4, replacing only the version we wrote last. A renewal that finds another
   holder, or none that it can recreate, loses the lease; so does renewing failing for longer than
   ``TTL - TTL/4`` (others may take over at TTL). Losing calls ``on_lost`` once, which stops the
-  driver (no new work, exit 75) within one renewal interval.
+  driver (no new work, exit 75) within one renewal interval. Renewals go through
+  ``renew_store``, a client whose requests give up within about TTL/4 (the driver's; see
+  ``StorageConfig.within``): with the job's own retry budget (minutes, for outages) one stuck
+  renewal would keep the driver from learning in time that it lost the lease.
 - **release**: replace our version with a released record (fenced), which any driver takes at
   once; it is deleted only where the store provably honours ``If-Match`` on delete (local
   outputs). On S3 it stays: Ceph RGW ignores the condition, and a delete landing late could
@@ -72,8 +75,9 @@ class LeaseRecord:
 
 class Lease:
     def __init__(self, store: Store, run_id: str, ttl: float = TTL_S,
-                 on_lost: Callable[[str], None] | None = None):
+                 on_lost: Callable[[str], None] | None = None, renew_store: Store | None = None):
         self.store = store
+        self.renewals = renew_store or store  # the same objects, through a quick-to-fail client
         self.ttl = ttl
         self.renew_every = ttl / 4
         self.on_lost = on_lost or (lambda reason: None)
@@ -176,7 +180,7 @@ class Lease:
             self.record = replace(self.record, seq=self.record.seq + 1)
             sent = _clock()  # the lease is fresh from when the write left, not when it was answered
             try:
-                self.etag = self._write(if_match=self.etag)
+                self.etag = self._write(if_match=self.etag, store=self.renewals)
             except VersionChanged:
                 if not self._recover():
                     return
@@ -185,13 +189,13 @@ class Lease:
     def _recover(self) -> bool:
         """Our version is gone: a lost reply of our own write, a stray delete, or a taker."""
         try:
-            current = self.store.get_versioned(LEASE)
+            current = self.renewals.get_versioned(LEASE)
         except NotFound:
             try:  # a late delete removed it (see the module docstring): nobody took it over
-                self.etag = self._write(if_absent=True)
+                self.etag = self._write(if_absent=True, store=self.renewals)
                 return True
             except AlreadyExists:
-                current = self.store.get_versioned(LEASE)
+                current = self.renewals.get_versioned(LEASE)
         holder = _parse(current.data)
         if self._is_ours(holder):  # only we write our nonce: an earlier write of ours landed
             self.etag = current.etag
@@ -259,10 +263,10 @@ class Lease:
     def __exit__(self, *exc: object) -> None:
         self.release()
 
-    def _write(self, if_absent: bool = False, if_match: str | None = None) -> str:
+    def _write(self, if_absent: bool = False, if_match: str | None = None, store: Store | None = None) -> str:
         record = replace(self.record, written_at=time.time())
-        return self.store.put(LEASE, json.dumps(asdict(record)).encode(), content_type="application/json",
-                              if_absent=if_absent, if_match=if_match)
+        return (store or self.store).put(LEASE, json.dumps(asdict(record)).encode(),
+                                         content_type="application/json", if_absent=if_absent, if_match=if_match)
 
 
 def _parse(data: bytes) -> LeaseRecord | None:

@@ -120,7 +120,9 @@ class Driver:
         """Render the job; returns (summary, exit code). Raises LeaseHeld if OUT is in use."""
         started = time.monotonic()
         with Manifest(self.job.manifest, self.cfg.storage) as manifest:
-            lease = Lease(self.store, self.run_id, self.cfg.run.lease_ttl_s, on_lost=self._lost_lease)
+            ttl = self.cfg.run.lease_ttl_s
+            quick = open_store(self.store.uri, self.cfg.storage.within(ttl / 4))  # renewals fail fast
+            lease = Lease(self.store, self.run_id, ttl, on_lost=self._lost_lease, renew_store=quick)
             self._may_issue = lease.fresh
             try:  # taken inside: an interrupt at any instant after the create still releases it
                 lease.acquire()
