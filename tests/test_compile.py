@@ -98,3 +98,13 @@ def test_compile_artifacts_spare_the_next_job_its_compiles(tmp_path, tiny_models
     assert list(cache.glob("*.bin")) == entries
     meta = json.loads(LocalStore(tmp_path / "second").get("meta/r0.json"))
     assert meta["model"]["settings"]["compile"] is True
+
+
+def test_fp8_layers_compile_and_render_what_they_render_eagerly(tiny_models, inductor_cache):
+    settings = GPUSettings(compile=True, precision="fp8")
+    compiled = KleinModel.from_pretrained(str(tiny_models["tiny"]), threads=2, settings=settings)
+    eager = KleinModel.from_pretrained(str(tiny_models["tiny"]), threads=2, settings=GPUSettings(precision="fp8"))
+    report = compiled.warm_up(warmup_plan([(64, 64, 0)], batch=2))
+    assert report["compiled"] > 0 and compiled.accel_report["fp8"]["layers"] > 0
+    for ours, theirs in zip(compiled.render(request(64, 64, 2)).images, eager.render(request(64, 64, 2)).images):
+        assert np.abs(np.asarray(ours, dtype=int) - np.asarray(theirs, dtype=int)).max() <= 2
