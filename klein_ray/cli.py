@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--config", "-c")
     v.add_argument("--check-references", action="store_true",
                    help="also fetch and decode every reference (size caps and address rules apply)")
+    v.add_argument("--output", "-o", help="the output the job will write to: its bucket is then "
+                   "allowed for s3:// references, as `render` allows it (nothing is written there)")
 
     s = sub.add_parser("status", help="committed / failed / remaining counts of an output",
                        description="Counts from storage alone (no Ray). The last line is JSON.")
@@ -194,7 +196,8 @@ def cmd_validate(args) -> int:
     from klein_ray.commands.validate import validate_manifest
 
     config = load_config(args.config)
-    problems = validate_manifest(args.manifest, config, check_references=args.check_references)
+    problems = validate_manifest(args.manifest, config, check_references=args.check_references,
+                                 output=args.output)
     for p in problems:
         print(f"{p.manifest_file}: row {p.manifest_row} id={p.id} column={p.column or '-'}: {p.message}")
     print(json.dumps({"problems": len(problems), "rows_with_problems": len({(p.manifest_file, p.manifest_row) for p in problems})}))

@@ -188,6 +188,22 @@ def test_s3_references_are_confined_to_the_manifests_and_outputs_buckets(moto_s3
     assert "references.s3_buckets" in _refused(fetcher, uri["manifest"])
 
 
+def test_validate_given_the_output_allows_its_bucket_as_render_does(tmp_path, moto_s3, s3_env):
+    from helpers import run_cli
+
+    server = s3_env(moto_s3)
+    names = {k: server.new_bucket() for k in ("output", "other")}
+    manifest = write_manifest(tmp_path / "m.parquet", [
+        row(id=k, prompt="x", references=[f"s3://{name}/refs/r.png"]) for k, name in names.items()])
+    args = ("validate", str(manifest))
+    without = run_cli(*args, env=server.env())
+    assert without.returncode == 2 and "id=output" in without.stdout and "id=other" in without.stdout
+    given = run_cli(*args, "--output", f"s3://{names['output']}/renders", env=server.env())
+    assert given.returncode == 2, given.stderr[-2000:]
+    assert "id=output" not in given.stdout and "id=other" in given.stdout
+    assert list(server.client().list_objects_v2(Bucket=names["output"]).get("Contents", [])) == []  # nothing written
+
+
 # -- formats -------------------------------------------------------------------------------
 
 EPS = b"""%!PS-Adobe-3.0 EPSF-3.0
