@@ -61,6 +61,8 @@ def test_bad_rows_are_error_records_and_good_rows_render(tmp_path, tiny_models, 
     assert proc.returncode == 1, proc.stderr[-3000:]
     summary = last_json(proc.stdout)
     assert summary["committed"] == 2 and summary["failed"] == len(rows) - 2
+    # Each actor's load reaches the driver's log, with how its model runs (eager on a CPU).
+    assert "loaded its model in" in proc.stderr and "on cpu (eager)" in proc.stderr, proc.stderr[-3000:]
     store = LocalStore(out)
     assert_done(store, "good-1") and assert_done(store, "good-2")
     errors = pq.ParquetFile(out / "_job" / "errors.parquet").read().to_pylist()

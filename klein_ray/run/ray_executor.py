@@ -29,7 +29,7 @@ from klein_ray.run.executor import (
     wait_seconds,
 )
 from klein_ray.run.ray_metrics import RayMetrics
-from klein_ray.run.worker import RenderWorker
+from klein_ray.run.worker import RenderWorker, log_loaded
 from klein_ray.types import WorkUnit, first_line
 
 ACTOR_RESTARTS = 3  # a killed worker process comes back (its model reloads)
@@ -143,6 +143,7 @@ class RayExecutor(Executor):
 
     def _loaded(self, info: dict) -> None:
         self.metrics().model_load_seconds(info["variant"], info["load_seconds"])
+        log_loaded(info)
 
     def metrics(self) -> RayMetrics:
         if self._metrics is None:

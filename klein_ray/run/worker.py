@@ -69,10 +69,7 @@ class RenderWorker:
         self.fetcher = ReferenceFetcher(spec.config.references, spec.config.storage)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self._encoders = encoder_pool(spec.threads, f"klein-ray-encode-{spec.variant}")
-        log.info("variant %s: model loaded in %.1f s on %s (%s)%s", spec.variant, self.load_seconds,
-                 self.model.info.device, _settings_text(self.model.settings), _warmup_text(self.warmup),
-                 extra={"event": "worker_loaded", "variant": spec.variant, "settings": self.model.settings,
-                        "warmup": self.warmup, "load_seconds": round(self.load_seconds, 3)})
+        log_loaded(self.describe())  # (on Ray, the executor logs it where the driver's log goes)
 
     def describe(self) -> dict:
         info = self.model.info
@@ -260,6 +257,16 @@ class RenderWorker:
             "passthrough": row.passthrough,
             "generated_by_test_model": self.test_model,
         }
+
+
+def log_loaded(info: dict) -> None:
+    """One line (a ``worker_loaded`` event) for a worker's ``describe()``: where and how its
+    model runs, and what its compile warm-up did."""
+    log.info("variant %s: %s loaded its model in %.1f s on %s (%s)%s", info["variant"], info["worker"],
+             info["load_seconds"], info["device"], _settings_text(info["settings"]),
+             _warmup_text(info.get("warmup") or {}),
+             extra={"event": "worker_loaded", "variant": info["variant"], "settings": info["settings"],
+                    "warmup": info.get("warmup"), "load_seconds": info["load_seconds"]})
 
 
 def _settings_text(settings: dict) -> str:
