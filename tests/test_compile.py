@@ -108,3 +108,22 @@ def test_fp8_layers_compile_and_render_what_they_render_eagerly(tiny_models, ind
     assert report["compiled"] > 0 and compiled.accel_report["fp8"]["layers"] > 0
     for ours, theirs in zip(compiled.render(request(64, 64, 2)).images, eager.render(request(64, 64, 2)).images):
         assert np.abs(np.asarray(ours, dtype=int) - np.asarray(theirs, dtype=int)).max() <= 2
+
+
+def test_past_the_recompile_limit_a_block_runs_eagerly_and_units_still_render(tiny_models, inductor_cache,
+                                                                              monkeypatch):
+    import torch
+
+    torch._dynamo.reset()  # the count is per block function, across every model in the process
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)  # restored after
+    monkeypatch.setattr(accel, "RECOMPILE_LIMIT", 1)
+    compiled = KleinModel.from_pretrained(str(tiny_models["tiny"]), threads=2, settings=GPUSettings(compile=True))
+    eager = KleinModel.from_pretrained(str(tiny_models["tiny"]), threads=2)
+    shapes = [(64, 64, 2), (96, 64, 2), (64, 64, 1), (128, 96, 3)]  # no warm-up: each would recompile
+    graphs = []
+    for width, height, batch in shapes:
+        ours = compiled.render(request(width, height, batch)).images
+        for a, b in zip(ours, eager.render(request(width, height, batch)).images):
+            assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 2
+        graphs.append(accel.compiled_graphs())
+    assert graphs[0] > 0 and graphs[1:] == [graphs[0]] * 3  # compiled once, then eager: no error
