@@ -7,6 +7,8 @@ reference tokens and keeps their K/V, steps 1-3 run the image tokens alone). BFL
 separate checkpoint whose weights were trained for this attention pattern; its speed is this
 architecture's speed, its images are not these. Before timing, one KV render is watched to
 check it really extracted and reused the cache, so a figure can never come from the plain path.
+Both run with the ``settings`` given: gpu.py passes eager ones (no compile, as this row has
+always been measured; compiling both pipelines of a 9B would add minutes of warm-up).
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ PROMPT = "put the jacket from image 1 on the model in image 2, in the room of im
 STEPS = 4
 
 
-def bench_kv(pipe, device: str, size: int, n_refs: int, reps: int, timed) -> dict:
+def bench_kv(pipe, device: str, size: int, n_refs: int, reps: int, timed, settings=None) -> dict:
     """Seconds per image of one ``size``² edit with ``n_refs`` references of ``size``², batch 1,
     prompt cached (both sides encode it once, in the warm-up). ``timed(fn, device, reps)`` is
-    gpu.py's median timer. ``pipe`` comes back with the KV attention processors in place."""
+    gpu.py's median timer; ``settings``: the ``GPUSettings`` of both models (None: the model
+    layer's defaults). ``pipe`` comes back with the KV attention processors in place."""
     import numpy as np
     from diffusers import Flux2KleinKVPipeline
     from PIL import Image
@@ -33,11 +36,11 @@ def bench_kv(pipe, device: str, size: int, n_refs: int, reps: int, timed) -> dic
                              guidance=1.0, references=refs)
 
     # 1. Without KV first: building the KV pipeline swaps the shared transformer's processors.
-    plain = KleinModel.from_pipe(pipe)
+    plain = KleinModel.from_pipe(pipe, settings=settings)
     without = timed(lambda i: plain.render(request(i)), device, reps)
 
     # 2. With KV, once its caching is seen to happen.
-    kv = KleinModel.from_pipe(Flux2KleinKVPipeline(**pipe.components))
+    kv = KleinModel.from_pipe(Flux2KleinKVPipeline(**pipe.components), settings=settings)
     modes = kv_modes(kv, request(0))
     if modes != ["extract"] + ["cached"] * (STEPS - 1):
         raise SystemExit(f"the KV pipeline did not cache the references' K/V: transformer modes {modes}")
@@ -60,3 +63,10 @@ def kv_modes(model, request) -> list:
     finally:
         handle.remove()
     return modes
+
+
+def table(kv: dict) -> None:
+    print("\n| variant | size | references | without KV s/img | with KV s/img | KV/without |")
+    print("|---|---:|---:|---:|---:|---:|")
+    a, b = kv["without_kv_s_per_image"], kv["with_kv_s_per_image"]
+    print(f"| 9b | {kv['size']} | {kv['references']} | {a:.3f} | {b:.3f} | {b / a:.2f} |")

@@ -163,3 +163,23 @@ def test_a_model_thread_raises_its_calls_errors_in_the_caller_and_ends_with_its_
     gc.collect()
     thread.join(GUARD_S)
     assert not thread.is_alive()  # its OpenMP team goes with it
+
+
+def test_a_worker_around_a_model_in_memory_commits_like_one_that_loaded_it(tmp_path, tiny_models):
+    """``RenderWorker.from_model``: what the GPU benchmark wraps its full-size models in."""
+    import json
+
+    models = []
+
+    def factory(spec):
+        model = KleinModel.from_pretrained(str(tiny_models["tiny"]), pipeline="distilled", threads=spec.threads)
+        models.append(model)
+        return RenderWorker.from_model(spec, model, test_model=True, warmup={"calls": 0})
+
+    store = _run(tmp_path, tiny_models, rows=6, in_flight=2, factory=factory)
+    loaded = _run(tmp_path / "loaded", tiny_models, rows=6, in_flight=2)
+    assert len(models) == 1
+    for i in range(6):
+        meta = json.loads(store.get(f"meta/r{i}.json"))
+        assert meta["generated_by_test_model"] is True
+        assert meta["image"]["sha256"] == json.loads(loaded.get(f"meta/r{i}.json"))["image"]["sha256"]

@@ -47,7 +47,6 @@ class RenderWorker:
         from klein_ray.model.accel import GPUSettings
         from klein_ray.model.pipeline import KleinModel
 
-        self.spec = spec
         vcfg = spec.config.variants[spec.variant]
         started = time.perf_counter()
         local = modelsource.resolve(spec.source, spec.config.run.cache_dir, spec.config.storage)
@@ -57,19 +56,33 @@ class RenderWorker:
                                cpu_offload=vcfg.cpu_offload, precision=vcfg.precision)
         # Loaded on the thread that will make every render call, so that the process has one
         # thread with torch's CPU threads behind it (set_num_threads is per thread, too).
-        self._model_thread = ModelThread(f"klein-ray-model-{spec.variant}")
-        self.model = self._model_thread.run(
-            KleinModel.from_pretrained, local, pipeline=vcfg.pipeline, dtype=vcfg.dtype,
-            threads=spec.threads, prompt_cache=vcfg.prompt_cache, settings=settings,
-            transformer_file=transformer)
-        self.warmup = self._model_thread.run(self._warm_up)
+        thread = ModelThread(f"klein-ray-model-{spec.variant}")
+        model = thread.run(KleinModel.from_pretrained, local, pipeline=vcfg.pipeline, dtype=vcfg.dtype,
+                           threads=spec.threads, prompt_cache=vcfg.prompt_cache, settings=settings,
+                           transformer_file=transformer)
+        self._attach(spec, thread, model)
+        self.warmup = thread.run(self._warm_up)
         self.load_seconds = time.perf_counter() - started
         self.test_model = modelsource.is_test_model(spec.source)  # its images are noise: say so
+        log_loaded(self.describe())  # (on Ray, the executor logs it where the driver's log goes)
+
+    @classmethod
+    def from_model(cls, spec: WorkerSpec, model, *, test_model: bool, warmup: dict | None = None) -> RenderWorker:
+        """A worker around a ``KleinModel`` already in memory (the GPU benchmark's full-size
+        models, never written to disk), warmed up by the caller if at all. ``test_model``: its
+        weights are random (every row's metadata then says its image is noise)."""
+        worker = cls.__new__(cls)
+        worker._attach(spec, ModelThread(f"klein-ray-model-{spec.variant}"), model)
+        worker.warmup, worker.load_seconds, worker.test_model = warmup or {}, 0.0, test_model
+        return worker
+
+    def _attach(self, spec: WorkerSpec, thread: ModelThread, model) -> None:
+        """Everything but the model's load: where rows go, how references come, the pools."""
+        self.spec, self._model_thread, self.model = spec, thread, model
         self.ledger = Ledger(open_store(spec.output_uri, spec.config.storage))
         self.fetcher = ReferenceFetcher(spec.config.references, spec.config.storage)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self._encoders = encoder_pool(spec.threads, f"klein-ray-encode-{spec.variant}")
-        log_loaded(self.describe())  # (on Ray, the executor logs it where the driver's log goes)
 
     def describe(self) -> dict:
         info = self.model.info
