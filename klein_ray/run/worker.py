@@ -235,7 +235,7 @@ class RenderWorker:
         # fingerprints of rows rendered before these settings existed stay as they were).
         if vcfg.transformer:
             inputs["transformer"] = redact(vcfg.transformer)
-        if model["settings"].get("precision") == "fp8":
+        if model.get("settings", {}).get("precision") == "fp8":
             inputs["precision"] = "fp8"
         canonical = json.dumps(inputs, sort_keys=True, default=str).encode()
         return hashlib.sha256(canonical).hexdigest()[:32]
