@@ -160,11 +160,12 @@ class KleinModel:
         return {"calls": len(shapes), "seconds": round(time.perf_counter() - started, 3),
                 "graphs": accel.compiled_graphs() - before, "compiled": accel.fresh_compiles() - misses}
 
-    def compile_artifacts(self) -> tuple[str, bytes | None]:
-        """(key, bytes) of what this process compiled, for a later process to load."""
-        return accel.artifact_key(self.pipe, self.device, self.settings), accel.save_artifacts()
+    def compile_artifacts(self) -> bytes | None:
+        """What this process compiled, for a later process to load (None: nothing)."""
+        return accel.save_artifacts()
 
     def artifact_key(self) -> str:
+        """The name this model's artifacts are kept under (see ``accel.artifact_key``)."""
         return accel.artifact_key(self.pipe, self.device, self.settings)
 
     def load_compile_artifacts(self, data: bytes) -> bool:

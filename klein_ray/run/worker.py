@@ -105,7 +105,7 @@ class RenderWorker:
         plan = warmup_plan(list(self.spec.warmup_sizes), vcfg.batch_size) if vcfg.warmup else []
         report = dict(self.model.warm_up(plan), artifacts_loaded=bool(loaded), artifacts_saved=False)
         if report["compiled"]:  # something new was compiled: keep it (an entry already there stays)
-            _, fresh = self.model.compile_artifacts()
+            fresh = self.model.compile_artifacts()
             report["artifacts_saved"] = bool(fresh) and cache.write(key, fresh)
         return report
 
