@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 # The Ray nodes' image (infra/Dockerfile); infra/kuberay-rayjob.yaml names the same tag.
 IMAGE      ?= ghcr.io/example/klein-ray:0.1.0
 BIN        := $(VENV)/bin
-APT_PKGS   := radosgw ceph-mon ceph-osd chromium chromium-driver curl
+APT_PKGS   := radosgw ceph-mon ceph-osd chromium chromium-driver curl g++
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: venv demo test test-fast lint-imports system-deps tiny-model example-manifest image clean
@@ -23,9 +23,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -c "import klein_ray, torch, diffusers, ray, boto3, selenium, moto, importlinter"
 	touch $@
 
-# The real S3 server (Ceph RADOS Gateway) and the browser the tests use, from Debian packages.
+# The real S3 server (Ceph RADOS Gateway), the browser and the C++ compiler (torch.compile on CPU)
+# the tests use, from Debian packages.
 system-deps:
-	@missing=""; for t in radosgw ceph-mon ceph-osd chromium chromedriver curl; do \
+	@missing=""; for t in radosgw ceph-mon ceph-osd chromium chromedriver curl g++; do \
 	  command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages for:$$missing"; \
