@@ -23,7 +23,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def inductor_cache(tmp_path, monkeypatch):
-    """A fresh inductor cache: compiles done by earlier runs on this machine must not count."""
+    """Fresh compile caches: compiles done by earlier runs on this machine, or by earlier tests in
+    this process (dynamo keeps its graphs on the block functions), must not count."""
+    import torch
+
+    torch._dynamo.reset()
     path = tmp_path / "inductor"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(path))
     return path
@@ -114,7 +118,7 @@ def test_past_the_recompile_limit_a_block_runs_eagerly_and_units_still_render(ti
                                                                               monkeypatch):
     import torch
 
-    torch._dynamo.reset()  # the count is per block function, across every model in the process
+    # (the fixture reset dynamo: the count is per block function, across every model in the process)
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)  # restored after
     monkeypatch.setattr(accel, "RECOMPILE_LIMIT", 1)
     compiled = KleinModel.from_pretrained(str(tiny_models["tiny"]), threads=2, settings=GPUSettings(compile=True))
@@ -127,3 +131,25 @@ def test_past_the_recompile_limit_a_block_runs_eagerly_and_units_still_render(ti
             assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 2
         graphs.append(accel.compiled_graphs())
     assert graphs[0] > 0 and graphs[1:] == [graphs[0]] * 3  # compiled once, then eager: no error
+
+
+def test_a_kv_models_warm_up_covers_its_reference_paths(tiny_models, inductor_cache):
+    """The KV pipeline's first step (extract the references' K/V) and later ones (reuse them)
+    are different graphs, and references of any size vary the sequence: two-step warm-up calls
+    at two sizes reach them all before a unit does."""
+    from PIL import Image
+
+    compiled = KleinModel.from_pretrained(str(tiny_models["tiny-kv"]), threads=2, settings=GPUSettings(compile=True))
+    eager = KleinModel.from_pretrained(str(tiny_models["tiny-kv"]), threads=2)
+    assert compiled.info.pipeline_class == "Flux2KleinKVPipeline"
+    plan = warmup_plan([(64, 64, 1)], batch=2)
+    assert [(s.width, s.height, s.batch, s.references) for s in plan] == [(64, 64, 2, 1), (64, 128, 2, 1), (64, 64, 1, 1)]
+    assert compiled.warm_up(plan)["graphs"] > 0
+    graphs = accel.compiled_graphs()
+    for width, height, batch, ref_size in [(64, 64, 2, (96, 64)), (96, 64, 2, (64, 64)), (64, 96, 1, (80, 112))]:
+        ref = Image.new("RGB", ref_size, (10, 200, 30))
+        req = RenderRequest(prompts=[f"a lamp {i}" for i in range(batch)], seeds=list(range(batch)), width=width,
+                            height=height, steps=4, guidance=1.0, references=[ref])
+        for a, b in zip(compiled.render(req).images, eager.render(req).images):
+            assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 2
+    assert accel.compiled_graphs() == graphs

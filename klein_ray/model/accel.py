@@ -15,9 +15,10 @@ Compiling is bounded: dynamo compiles a block once per new input signature until
 has changed once, then once more with that dimension symbolic ("automatic dynamic shapes"), and
 never more than ``RECOMPILE_LIMIT`` times per block: past it the block runs eagerly, correct and
 slower. (Not with ``fullgraph=True``, which turns the limit into an error inside a unit; without
-it a block with no graph break compiles to the same single graph.) ``warmup_plan`` picks the few shapes that reach the dynamic graphs before the first unit
-(sizes, then a partial batch, then batch 1, which dynamo always specialises), so a job with many
-sizes compiles about four times per block, at load, and not inside its units.
+it a block with no graph break compiles to the same single graph.) ``warmup_plan`` picks the few
+shapes that reach the dynamic graphs before the first unit (sizes, then a partial batch, then
+batch 1, which dynamo always specialises), so a job with many sizes compiles about four times
+per block, at load, and not inside its units.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def apply(pipe, device: str, applied: dict[str, Any], file_scales: dict[str, flo
     # 2. FP8 linear layers (quantized where the weights now are: on the GPU that takes seconds).
     if applied["precision"] == "fp8":
         fp8 = quantize_transformer(pipe.transformer, file_scales)
-        report["fp8"] = {"layers": fp8.layers, "parameters": fp8.parameters,
+        report["fp8"] = {"layers": fp8.layers, "parameters": fp8.parameters, "skipped": list(fp8.skipped),
                          "kept_from_file": fp8.kept_from_file, "rowwise": fp8.rowwise}
 
     # 3. Memory format, then regional compilation: each repeated block type once, its graph

@@ -8,6 +8,7 @@ already-decoded reference images, and returns PIL images. Inputs are validated l
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,10 +126,10 @@ class KleinModel:
         transformers.utils.logging.disable_progress_bar()
         file_scales = None
         if transformer_file:  # the base checkpoint's own transformer weights are never read
-            from klein_ray.model.quantized import fp8_scales, load_transformer
+            from klein_ray.model.quantized import load_transformer
 
-            kwargs["transformer"] = load_transformer(source, transformer_file, kwargs["dtype"])
-            file_scales = fp8_scales(transformer_file, kwargs["transformer"])
+            loaded = load_transformer(source, transformer_file, kwargs["dtype"])
+            kwargs["transformer"], file_scales = loaded.model, loaded.fp8_scales
         pipe = pipe_cls.from_pretrained(source, **kwargs)
         return cls(pipe, source=source, device=device, prompt_cache=prompt_cache, settings=settings,
                    file_scales=file_scales)
@@ -145,8 +146,6 @@ class KleinModel:
         happens here, at load, not inside a unit; nothing when the model is not compiled.
         Returns the calls made, the seconds, the graphs traced and how many of them were
         compiled anew (not found in the compile caches)."""
-        import time
-
         from PIL import Image
 
         if not self.settings["compile"] or not shapes:

@@ -32,8 +32,9 @@ The layout, as ComfyUI reads it (``comfy/ops.py`` ``_load_quantized_module``, ``
 
 Dequantization runs on the CPU in float32 and rounds once to the target dtype (ComfyUI's fallback
 multiplies in bf16, so its weights may differ from ours in the last bit). Where the model runs in
-fp8 (``klein_ray.model.fp8``), ``fp8_scales`` hands each float8_e4m3fn layer's per-tensor scale to
-the quantizer, which recovers the file's own float8 codes exactly. NVFP4 weights are always
+fp8 (``klein_ray.model.fp8``), each float8_e4m3fn layer's per-tensor scale, read with its weight,
+goes to the quantizer (``LoadedTransformer.fp8_scales``), which recovers the file's own float8
+codes exactly. NVFP4 weights are always
 dequantized (no FP4 GEMM is used, Blackwell included).
 """
 
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from klein_ray.model import bflkeys
@@ -66,7 +68,25 @@ class CheckpointError(ValueError):
     """A single-file transformer checkpoint that cannot be loaded; the message names the layer."""
 
 
-def load_transformer(config_source: str, path: str, dtype):
+@dataclass
+class FileWeights:
+    """What a file holds: dense tensors under BFL's names, and the per-tensor scale of each
+    layer stored as float8_e4m3fn with one scale (BFL's fp8 files: every block linear)."""
+
+    tensors: dict[str, Any]
+    fp8_scales: dict[str, float]  # BFL layer name -> scale
+
+
+@dataclass
+class LoadedTransformer:
+    """The transformer, and ``fp8_scales`` under diffusers' module names: what lets an fp8
+    model keep the file's own float8 codes (``klein_ray.model.fp8``)."""
+
+    model: Any
+    fp8_scales: dict[str, float]
+
+
+def load_transformer(config_source: str, path: str, dtype) -> LoadedTransformer:
     """A ``Flux2Transformer2DModel`` with ``config_source``'s transformer config (a diffusers
     directory or Hub repo id) and every weight from the BFL-layout file at local ``path``."""
     import torch
@@ -81,9 +101,9 @@ def load_transformer(config_source: str, path: str, dtype):
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
     # 2. Dense tensors under BFL's names, checked against those shapes, then diffusers' names.
-    state = read_checkpoint(path, bflkeys.bfl_shapes(shapes), dtype)
+    weights = read_checkpoint(path, bflkeys.bfl_shapes(shapes), dtype)
     try:
-        state = convert_flux2_transformer_checkpoint_to_diffusers(state)
+        state = convert_flux2_transformer_checkpoint_to_diffusers(weights.tensors)
     except (KeyError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: diffusers' FLUX.2 key conversion failed: {exc!r}") from None
 
@@ -95,25 +115,12 @@ def load_transformer(config_source: str, path: str, dtype):
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left:
         raise CheckpointError(f"{path}: no weights for {left[:5]}")
-    return model.eval()
+    return LoadedTransformer(model.eval(), _module_scales(model, weights.fp8_scales))
 
 
-def fp8_scales(path: str, model) -> dict[str, float]:
-    """Diffusers module name -> per-tensor weight scale, for the layers ``path`` stores as
-    float8_e4m3fn with one scale per tensor (BFL's fp8 files: every block linear). A fused BFL
-    QKV layer gives its scale to each of diffusers' Q, K and V projections."""
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt", device="cpu") as handle:
-        names = _names(path, list(handle.keys()))
-        formats = layer_formats(path, handle.metadata() or {}, names, handle.get_tensor)
-        scales = {}
-        for layer, fmt in formats.items():
-            key = names.get(f"{layer}.weight_scale")
-            if fmt == "float8_e4m3fn" and key is not None:
-                scale = handle.get_tensor(key)
-                if scale.numel() == 1:
-                    scales[layer] = float(scale.float().reshape(()))
+def _module_scales(model, scales: dict[str, float]) -> dict[str, float]:
+    """BFL layer scales under diffusers' module names; a fused BFL QKV layer gives its scale to
+    each of diffusers' Q, K and V projections."""
     out = {}
     for name, module in model.named_modules():
         if not name or getattr(module, "weight", None) is None:
@@ -127,7 +134,7 @@ def fp8_scales(path: str, model) -> dict[str, float]:
     return out
 
 
-def read_checkpoint(path: str, expected: dict[str, tuple[int, ...]], dtype) -> dict[str, Any]:
+def read_checkpoint(path: str, expected: dict[str, tuple[int, ...]], dtype) -> FileWeights:
     """Every tensor of the file under BFL's names, dequantized to ``dtype``; ``expected`` (BFL
     name -> shape) is what the model needs, and the file must hold exactly that."""
     from safetensors import SafetensorError, safe_open
@@ -139,10 +146,11 @@ def read_checkpoint(path: str, expected: dict[str, tuple[int, ...]], dtype) -> d
         raise CheckpointError(f"{path}: not a readable safetensors file: {exc}") from None
 
 
-def _read(path: str, handle, expected: dict[str, tuple[int, ...]], dtype) -> dict[str, Any]:
+def _read(path: str, handle, expected: dict[str, tuple[int, ...]], dtype) -> FileWeights:
     names = _names(path, list(handle.keys()))
     formats = layer_formats(path, handle.metadata() or {}, names, handle.get_tensor)
     out: dict[str, Any] = {}
+    scales: dict[str, float] = {}
     used = {f"{layer}{MARKER}" for layer in formats}
 
     # 1. Quantized layers: the weight and its companions together, dequantized.
@@ -160,6 +168,9 @@ def _read(path: str, handle, expected: dict[str, tuple[int, ...]], dtype) -> dic
             out[weight] = dequantize(fmt, get, expected[weight]).to(dtype)
         except CheckpointError as exc:
             raise CheckpointError(f"{path}: layer {layer!r} ({fmt}): {exc}") from None
+        scale = get("weight_scale")  # (dequantize has checked it is there)
+        if fmt == "float8_e4m3fn" and scale.numel() == 1:
+            scales[layer] = float(scale.float().reshape(()))
 
     # 2. Everything else must be a plain floating-point tensor.
     for name, key in names.items():
@@ -175,7 +186,7 @@ def _read(path: str, handle, expected: dict[str, tuple[int, ...]], dtype) -> dic
                                   "comfy_quant format says how to read it")
         out[name] = tensor.to(dtype)
     _check_shapes(path, out, expected)
-    return out
+    return FileWeights(out, scales)
 
 
 def _names(path: str, keys: list[str]) -> dict[str, str]:

@@ -16,7 +16,7 @@ import logging
 import os
 
 from klein_ray.config import JobConfig
-from klein_ray.storage import AlreadyExists, StorageError, open_store
+from klein_ray.storage import AlreadyExists, NotFound, StorageError, open_store
 
 log = logging.getLogger(__name__)
 MAX_BYTES = 4 << 30  # compile artifacts of a 9B are tens of MB; anything this large is not ours
@@ -40,10 +40,9 @@ class CompileCache:
     def read(self, key: str) -> bytes | None:
         """The entry for ``key``, or None (absent, or unreadable: logged)."""
         try:
-            store = self._open()
-            if store.head(f"{key}.bin") is None:
-                return None
-            return store.get(f"{key}.bin", max_bytes=MAX_BYTES)
+            return self._open().get(f"{key}.bin", max_bytes=MAX_BYTES)
+        except NotFound:
+            return None
         except (StorageError, OSError, ValueError) as exc:
             log.warning("compile cache: cannot read %s (%s); compiling instead", key, type(exc).__name__)
             return None
