@@ -6,6 +6,8 @@ is stale. The driver is the CLI in a subprocess, as a user runs it."""
 
 from __future__ import annotations
 
+import http.server
+import io
 import json
 import os
 import shutil
@@ -13,12 +15,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import free_port
 from helpers import REPO, assert_done, last_json, row, run_cli, stop_ray_under, write_config, write_manifest
+from PIL import Image
 
 from klein_ray.storage import LocalStore
 
@@ -39,11 +43,12 @@ def _rows(n: int, side: int = 96) -> list[dict]:
     return [row(id=f"n{i:03d}", prompt=f"a lamp, angle {i}", width=side, height=side, seed=i) for i in range(n)]
 
 
-def _job(tmp_path: Path, tiny_models, rows: list[dict], actors: int) -> tuple[tuple[str, ...], Path]:
+def _job(tmp_path: Path, tiny_models, rows: list[dict], actors: int, batch: int = 2,
+         **extra) -> tuple[tuple[str, ...], Path]:
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     config = write_config(tmp_path / "job.yaml", tiny_models, variants={"tiny": {
         "source": str(tiny_models["tiny"]), "pipeline": "distilled", "actors": actors,
-        "cpus_per_actor": 1, "batch_size": 2}})
+        "cpus_per_actor": 1, "batch_size": batch}}, **extra)
     out = tmp_path / "out"
     return ("render", str(manifest), "--output", str(out), "--config", str(config), "--no-progress"), out
 
@@ -58,23 +63,24 @@ def _markers(out: Path) -> int:
     return len(list((out / "meta").glob("*.json"))) if (out / "meta").is_dir() else 0
 
 
-def _wait(predicate, proc: subprocess.Popen, timeout: float = 180) -> None:
-    """Poll another process's progress on the files."""
+def _wait(predicate, proc: subprocess.Popen, timeout: float = 180, what: str = "timed out") -> None:
+    """Poll another process's progress (on the files, or a test server's state)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc.poll() is not None:
             raise AssertionError(f"the run ended first (exit {proc.returncode}):\n{proc.stderr.read()[-3000:]}")
-        assert time.monotonic() < deadline, "timed out"
+        assert time.monotonic() < deadline, what
         time.sleep(0.1)
 
 
+def _node(meta: dict) -> str:
+    """The Ray node (first 12 hex digits) that rendered a row, from its metadata."""
+    return meta["worker"].split("@node:")[1]
+
+
 def _nodes_of(out: Path) -> dict[str, str]:
-    """Row id -> the Ray node (first 12 hex digits) that rendered it, from the metadata."""
-    nodes = {}
-    for path in (out / "meta").glob("*.json"):
-        worker = json.loads(path.read_text())["worker"]
-        nodes[path.stem] = worker.split("@node:")[1]
-    return nodes
+    """Row id -> the node that rendered it."""
+    return {path.stem: _node(json.loads(path.read_text())) for path in (out / "meta").glob("*.json")}
 
 
 def _finish(proc: subprocess.Popen, out: Path, rows: list[dict]) -> dict:
@@ -88,33 +94,110 @@ def _finish(proc: subprocess.Popen, out: Path, rows: list[dict]) -> dict:
     return last_json(stdout)
 
 
+class _Gate:
+    """References served over http that stop answering once ``free`` have gone out, until more
+    rows wait on them at once than one actor can hold (``held``: its units in flight, a unit
+    being one row here, since rows are grouped into units by their references and each row has
+    a reference of its own). Then every actor holds work (``full``), and the gate opens unless
+    the test opens it itself (``auto_open=False``): the interleaving is forced, not timed."""
+
+    def __init__(self, image: bytes, free: int, held: int, auto_open: bool = True):
+        self.image, self.free, self.held, self.auto_open = image, free, held, auto_open
+        self.lock, self.open, self.full = threading.Lock(), threading.Event(), threading.Event()
+        self.served, self.waiting = 0, set()
+        gate = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                gate.wait_turn(self.path)
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(gate.image)))
+                self.end_headers()
+                self.wfile.write(gate.image)
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):
+                pass  # a killed node's requests answered into closed sockets
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_turn(self, path: str) -> None:
+        with self.lock:
+            self.served += 1
+            if self.served <= self.free or self.open.is_set():
+                return
+            self.waiting.add(path)
+            if len(self.waiting) > self.held:
+                self.full.set()
+                if self.auto_open:
+                    self.open.set()
+        self.open.wait(timeout=300)
+
+    def close(self) -> None:
+        self.open.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (90, 120, 200)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _gated_job(tmp_path: Path, tiny_models, gate: _Gate, n: int, in_flight: int):
+    """Two actors, ``n`` rows of 128², each with its own reference behind ``gate``."""
+    rows = [dict(r, references=[f"{gate.url}/ref/{r['id']}.png"]) for r in _rows(n, side=128)]
+    args, out = _job(tmp_path, tiny_models, rows, actors=2, run={"in_flight_per_actor": in_flight},
+                     references={"allow_private_hosts": ["127.0.0.1"], "timeout": 300})
+    return rows, args, out
+
+
 def test_actors_spread_over_nodes_and_a_killed_node_costs_nothing(cluster, tmp_path, tiny_models):
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
-    rows = _rows(80)
-    args, out = _job(tmp_path, tiny_models, rows, actors=2)
-    proc = _start((*args, "--address", cluster.address))
-    _wait(lambda: len(set(_nodes_of(out).values())) == 2 and _markers(out) >= 10, proc)
-    victim = nodes[0]
-    cluster.remove_node(victim, allow_graceful=False)  # its raylet and everything under it
-    killed_at = _markers(out)
-    assert proc.poll() is None and killed_at < len(rows), "the run ended before the kill"
-    summary = _finish(proc, out, rows)
+    in_flight = 3
+    gate = _Gate(_png(), free=6, held=in_flight, auto_open=False)
+    try:
+        rows, args, out = _gated_job(tmp_path, tiny_models, gate, 40, in_flight)
+        proc = _start((*args, "--address", cluster.address))
+        _wait(gate.full.is_set, proc, what="the two actors never held work at once")
+        survivor = nodes[1].node_id[:12]
+        cluster.remove_node(nodes[0], allow_graceful=False)  # its raylet and everything under it
+        gate.open.set()  # the victim's units were in flight when it died: they must be redone
+        summary = _finish(proc, out, rows)
+    finally:
+        gate.close()
     assert summary["committed"] + summary["skipped"] == len(rows) and summary["failed"] == 0
-    survivor = nodes[1].node_id[:12]
-    assert survivor in set(_nodes_of(out).values())
-    assert victim.node_id[:12] in set(_nodes_of(out).values())  # it worked before it died
+    metas = [json.loads(path.read_text()) for path in (out / "meta").glob("*.json")]
+    redone = [m["id"] for m in metas if m["attempt"] > 1]
+    assert redone, "no unit was in flight on the killed node"
+    assert {_node(m) for m in metas if m["id"] in redone} == {survivor}
 
 
 def test_a_node_that_joins_mid_run_gets_work(cluster, tmp_path, tiny_models):
     cluster.add_node(num_cpus=1)  # room for one of the two actors: the other waits for a node
     cluster.wait_for_nodes()
-    rows = _rows(120, side=128)
-    args, out = _job(tmp_path, tiny_models, rows, actors=2)
-    proc = _start((*args, "--address", cluster.address))
-    _wait(lambda: _markers(out) >= 4, proc)  # rendering began with the one actor that fit
-    joined = cluster.add_node(num_cpus=1)
-    _finish(proc, out, rows)
+    in_flight = 3
+    gate = _Gate(_png(), free=8, held=in_flight)
+    try:
+        rows, args, out = _gated_job(tmp_path, tiny_models, gate, 40, in_flight)
+        proc = _start((*args, "--address", cluster.address))
+        _wait(lambda: _markers(out) >= 4, proc)  # rendering began with the one actor that fit
+        joined = cluster.add_node(num_cpus=1)
+        # Opens once the second actor holds units (the first cannot hold that many rows).
+        _wait(gate.open.is_set, proc, what="the actor on the new node never took work")
+        _finish(proc, out, rows)
+    finally:
+        gate.close()
     assert joined.node_id[:12] in set(_nodes_of(out).values()), "the new node never got work"
 
 
