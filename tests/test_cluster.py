@@ -153,10 +153,10 @@ def _png() -> bytes:
     return buf.getvalue()
 
 
-def _gated_job(tmp_path: Path, tiny_models, gate: _Gate, n: int, in_flight: int):
-    """Two actors, ``n`` rows of 128², each with its own reference behind ``gate``."""
+def _gated_job(tmp_path: Path, tiny_models, gate: _Gate, n: int, in_flight: int, actors: int = 2):
+    """``n`` rows of 128², each with its own reference behind ``gate``."""
     rows = [dict(r, references=[f"{gate.url}/ref/{r['id']}.png"]) for r in _rows(n, side=128)]
-    args, out = _job(tmp_path, tiny_models, rows, actors=2, run={"in_flight_per_actor": in_flight},
+    args, out = _job(tmp_path, tiny_models, rows, actors=actors, run={"in_flight_per_actor": in_flight},
                      references={"allow_private_hosts": ["127.0.0.1"], "timeout": 300})
     return rows, args, out
 
@@ -280,14 +280,20 @@ def test_a_stale_record_of_a_gone_cluster_gets_a_clear_message(tmp_path, tiny_mo
 
 
 def test_sigterm_on_a_cluster_stops_the_run_and_resumes(cluster, tmp_path, tiny_models):
-    """A scheduler's stop on a multi-node cluster: 130, and the re-run finishes the job once."""
+    """A scheduler's stop on a multi-node cluster, arriving while units are in flight: 130, and
+    the re-run finishes the job once."""
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
-    rows = _rows(40, side=64)
-    args, out = _job(tmp_path, tiny_models, rows, actors=1)
-    proc = _start((*args, "--address", cluster.address))
-    _wait(lambda: _markers(out) >= 3, proc)
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=120)
-    assert proc.returncode == 130
-    _finish(_start((*args, "--address", cluster.address)), out, rows)
+    gate = _Gate(_png(), free=4, held=10**6, auto_open=False)  # opened by the test alone
+    try:
+        rows, args, out = _gated_job(tmp_path, tiny_models, gate, 40, in_flight=3, actors=1)
+        proc = _start((*args, "--address", cluster.address))
+        _wait(lambda: _markers(out) >= 3 and bool(gate.waiting), proc)
+        proc.send_signal(signal.SIGTERM)
+        gate.open.set()  # the units in flight may land while the driver drains
+        proc.communicate(timeout=120)
+        assert proc.returncode == 130
+        assert _markers(out) < len(rows)
+        _finish(_start((*args, "--address", cluster.address)), out, rows)
+    finally:
+        gate.close()
