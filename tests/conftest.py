@@ -5,6 +5,7 @@
 - ``moto_s3``: moto's threaded server, for fast storage unit tests.
 - ``ray_address``: one local Ray started in this process; CLI subprocesses join it with
   ``--address``, so no test pays Ray's start-up twice.
+- ``hostile``, ``allowed``, ``servers`` (from ``hostile_fixtures``): the hostile-input renders.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))  # tests' own helpers (browser, faultproxy)
+# Session fixtures shared by several modules (a fixture imported into two modules would run twice).
+pytest_plugins = ["hostile_fixtures"]
 
 S3_KEY, S3_SECRET = "testkey", "testsecret"
 
