@@ -37,160 +37,21 @@ from __future__ import annotations
 
 import random
 import socket
-import struct
 import threading
 import time
-import uuid
 from typing import Optional, Sequence
 from urllib.parse import urlsplit
+
+from httpframing import (
+    HOP_BY_HOP, BadMessage, Request, error_response, has_token, read_body, read_reply, read_request_head, reset,
+)
 
 __all__ = ["ALL_FAULTS", "FaultProxy"]
 
 ALL_FAULTS: tuple[str, ...] = ("slowdown", "internal", "reset_before", "reset_after", "stall")
 
-_MAX_LINE = 64 * 1024
-_MAX_HEADERS = 200
 _CLIENT_IDLE_TIMEOUT = 120.0
 _UPSTREAM_TIMEOUT = 60.0
-_COPY_CHUNK = 256 * 1024
-_HOP_BY_HOP = (b"connection:", b"keep-alive:", b"proxy-connection:")
-
-_REASONS = {500: "Internal Server Error", 502: "Bad Gateway", 503: "Slow Down"}
-_ERROR_MESSAGES = {
-    "SlowDown": "Please reduce your request rate.",
-    "InternalError": "We encountered an internal error. Please try again.",
-    "BadGateway": "The fault proxy could not reach the upstream server.",
-}
-
-
-class _BadMessage(Exception):
-    """Malformed HTTP framing: the connection is dropped."""
-
-
-def _readline(rfile) -> bytes:
-    line = rfile.readline(_MAX_LINE + 1)
-    if len(line) > _MAX_LINE:
-        raise _BadMessage("line too long")
-    return line
-
-
-def _read_exact(rfile, n: int) -> bytes:
-    parts = []
-    while n > 0:
-        chunk = rfile.read(min(n, _COPY_CHUNK))
-        if not chunk:
-            raise _BadMessage("connection closed in the middle of a body")
-        parts.append(chunk)
-        n -= len(chunk)
-    return b"".join(parts)
-
-
-def _read_headers(rfile) -> tuple[list[bytes], dict[str, str]]:
-    """Header lines exactly as received (with line endings) and a lower-cased view."""
-    raw: list[bytes] = []
-    parsed: dict[str, str] = {}
-    while True:
-        line = _readline(rfile)
-        if not line:
-            raise _BadMessage("connection closed inside the header block")
-        if line in (b"\r\n", b"\n"):
-            return raw, parsed
-        if len(raw) >= _MAX_HEADERS:
-            raise _BadMessage("too many headers")
-        raw.append(line)
-        name, sep, value = line.decode("latin-1").partition(":")
-        if not sep:
-            raise _BadMessage("malformed header line")
-        key = name.strip().lower()
-        value = value.strip()
-        parsed[key] = f"{parsed[key]}, {value}" if key in parsed else value
-
-
-def _read_chunked_raw(rfile) -> bytes:
-    """A chunked body, returned with its framing intact (sizes, extensions, trailers)."""
-    parts: list[bytes] = []
-    while True:
-        size_line = _readline(rfile)
-        if not size_line:
-            raise _BadMessage("connection closed inside a chunked body")
-        parts.append(size_line)
-        try:
-            size = int(size_line.split(b";", 1)[0].strip(), 16)
-        except ValueError:
-            raise _BadMessage("bad chunk size") from None
-        if size == 0:
-            while True:  # trailer section, ends with an empty line
-                line = _readline(rfile)
-                if not line:
-                    raise _BadMessage("connection closed inside chunked trailers")
-                parts.append(line)
-                if line in (b"\r\n", b"\n"):
-                    return b"".join(parts)
-        parts.append(_read_exact(rfile, size))
-        crlf = _readline(rfile)
-        if crlf not in (b"\r\n", b"\n"):
-            raise _BadMessage("missing CRLF after chunk data")
-        parts.append(crlf)
-
-
-def _is_chunked(headers: dict[str, str]) -> bool:
-    te = headers.get("transfer-encoding", "")
-    return any(t.strip().lower() == "chunked" for t in te.split(","))
-
-
-def _content_length(headers: dict[str, str]) -> Optional[int]:
-    if "content-length" not in headers:
-        return None
-    values = {v.strip() for v in headers["content-length"].split(",")}
-    if len(values) != 1:
-        raise _BadMessage("conflicting Content-Length values")
-    try:
-        n = int(values.pop())
-    except ValueError:
-        raise _BadMessage("bad Content-Length") from None
-    if n < 0:
-        raise _BadMessage("negative Content-Length")
-    return n
-
-
-def _has_token(headers: dict[str, str], name: str, token: str) -> bool:
-    return any(t.strip().lower() == token for t in headers.get(name, "").split(","))
-
-
-def _reset(sock: socket.socket) -> None:
-    """Abort the connection: SO_LINGER(on, 0) makes close() send a TCP RST."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    try:
-        sock.close()
-    except OSError:
-        pass
-
-
-class _Request:
-    __slots__ = ("line", "method", "target", "version", "raw_headers", "headers", "body")
-
-    def __init__(self, line, method, target, version, raw_headers, headers):
-        self.line: bytes = line  # the request line, as received
-        self.method: str = method
-        self.target: str = target
-        self.version: str = version
-        self.raw_headers: list[bytes] = raw_headers
-        self.headers: dict[str, str] = headers
-        self.body: bytes = b""
-
-    def wants_close(self) -> bool:
-        if _has_token(self.headers, "connection", "close"):
-            return True
-        if self.version == "HTTP/1.0":
-            return not _has_token(self.headers, "connection", "keep-alive")
-        return False
-
-    def upstream_bytes(self) -> bytes:
-        kept = [h for h in self.raw_headers if not h.lower().startswith(b"expect:")]
-        return b"".join([self.line, *kept, b"\r\n", self.body])
 
 
 class Hold:
@@ -204,7 +65,7 @@ class Hold:
         self.status: Optional[int] = None  # the upstream's answer to the late request
         self._go = threading.Event()
 
-    def matches(self, req: "_Request") -> bool:
+    def matches(self, req: "Request") -> bool:
         return (req.method == self.method and self.path_contains in req.target
                 and (self.header is None or self.header in req.headers))
 
@@ -285,7 +146,7 @@ class FaultProxy:
             self._holds.append(hold)
         return hold
 
-    def _take_hold(self, req: "_Request") -> Optional[Hold]:
+    def _take_hold(self, req: "Request") -> Optional[Hold]:
         with self._lock:
             for hold in self._holds:
                 if hold.matches(req):
@@ -293,7 +154,7 @@ class FaultProxy:
                     return hold
         return None
 
-    def _land_late(self, req: "_Request", hold: Hold) -> None:
+    def _land_late(self, req: "Request", hold: Hold) -> None:
         hold.arrived.set()
         while not hold._go.wait(0.1):
             if self._stop.is_set():
@@ -387,7 +248,7 @@ class FaultProxy:
             self._stats[fault] += 1
             return fault
 
-    def _record(self, req: _Request, outcome: str) -> None:
+    def _record(self, req: Request, outcome: str) -> None:
         with self._lock:
             if outcome in ("forwarded", "reset_after"):
                 self._stats["forwarded"] += 1
@@ -395,61 +256,29 @@ class FaultProxy:
                 self._stats["upstream_errors"] += 1
             self.history.append((req.method, req.target, outcome))
 
+
     def _serve(self, conn: socket.socket) -> None:
+        """One client connection: its requests in turn until it closes, a fault ends it, or the
+        proxy stops; then closed, or reset where a fault (or a late landing) calls for it."""
         rfile = conn.makefile("rb")
-        reset = False
+        ending = "close"
         try:
             while not self._stop.is_set():
-                req = self._read_request_head(rfile)
+                req = read_request_head(rfile)
                 if req is None:
                     return
-                fault = self._choose_fault(req.method)
-                if fault == "reset_before":
-                    self._record(req, fault)
-                    reset = True
+                ending = self._answer(conn, rfile, req)
+                if ending != "next":
                     return
-                if _has_token(req.headers, "expect", "100-continue"):
-                    conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-                self._read_body(rfile, req)
-                held = self._take_hold(req)
-                if held is not None:
-                    self._land_late(req, held)
-                    reset = True  # the writer gave up long ago: no one reads the reply
-                    return
-                if fault == "stall":
-                    self._record(req, fault)
-                    self._stop.wait(self.stall_seconds)
-                    return  # plain close (FIN) after the stall
-                if fault in ("slowdown", "internal"):
-                    self._record(req, fault)
-                    status, code = (503, "SlowDown") if fault == "slowdown" else (500, "InternalError")
-                    conn.sendall(self._error_response(req, status, code, close=req.wants_close()))
-                    if req.wants_close():
-                        return
-                    continue
-                try:
-                    response = self._forward(req)
-                except (OSError, _BadMessage):
-                    self._record(req, "upstream_error")
-                    conn.sendall(self._error_response(req, 502, "BadGateway", close=True))
-                    return
-                if fault == "reset_after":
-                    self._record(req, fault)
-                    reset = True
-                    return
-                self._record(req, "forwarded")
-                conn.sendall(response)
-                if req.wants_close():
-                    return
-        except (OSError, _BadMessage):
+        except (OSError, BadMessage):
             return  # client went away or sent garbage: drop the connection
         finally:
             try:
                 rfile.close()  # release the makefile reference so close() really closes
             except OSError:
                 pass
-            if reset:
-                _reset(conn)
+            if ending == "reset":
+                reset(conn)
             else:
                 try:
                     conn.close()
@@ -459,83 +288,53 @@ class FaultProxy:
                 self._conns.discard(conn)
                 self._threads.discard(threading.current_thread())
 
-    def _read_request_head(self, rfile) -> Optional[_Request]:
-        line = _readline(rfile)
-        while line in (b"\r\n", b"\n"):  # tolerate stray CRLFs between requests
-            line = _readline(rfile)
-        if not line:
-            return None  # clean close between requests
-        parts = line.decode("latin-1").rstrip("\r\n").split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-            raise _BadMessage("malformed request line")
-        raw_headers, headers = _read_headers(rfile)
-        return _Request(line, parts[0].upper(), parts[1], parts[2], raw_headers, headers)
+    def _answer(self, conn: socket.socket, rfile, req: Request) -> str:
+        """Serve one request, with its fault if one is drawn. Returns how the connection goes
+        on: "next" (keep-alive), "close" or "reset"."""
+        fault = self._choose_fault(req.method)
+        if fault == "reset_before":
+            self._record(req, fault)
+            return "reset"
+        if has_token(req.headers, "expect", "100-continue"):
+            conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        read_body(rfile, req)
+        held = self._take_hold(req)
+        if held is not None:
+            self._land_late(req, held)
+            return "reset"  # the writer gave up long ago: no one reads the reply
+        if fault == "stall":
+            self._record(req, fault)
+            self._stop.wait(self.stall_seconds)
+            return "close"  # plain close (FIN) after the stall
+        if fault in ("slowdown", "internal"):
+            self._record(req, fault)
+            status, code = (503, "SlowDown") if fault == "slowdown" else (500, "InternalError")
+            conn.sendall(error_response(req, status, code, close=req.wants_close()))
+            return "close" if req.wants_close() else "next"
+        try:
+            response = self._forward(req)
+        except (OSError, BadMessage):
+            self._record(req, "upstream_error")
+            conn.sendall(error_response(req, 502, "BadGateway", close=True))
+            return "close"
+        if fault == "reset_after":
+            self._record(req, fault)
+            return "reset"
+        self._record(req, "forwarded")
+        conn.sendall(response)
+        return "close" if req.wants_close() else "next"
 
-    @staticmethod
-    def _read_body(rfile, req: _Request) -> None:
-        if _is_chunked(req.headers):
-            req.body = _read_chunked_raw(rfile)
-        else:
-            n = _content_length(req.headers)
-            req.body = _read_exact(rfile, n) if n else b""
-
-    def _forward(self, req: _Request) -> bytes:
+    def _forward(self, req: Request) -> bytes:
         """Relay one request on a fresh upstream connection and return the raw reply."""
         payload = req.upstream_bytes()
         with socket.create_connection(self.upstream, timeout=_UPSTREAM_TIMEOUT) as up:
             up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             up.sendall(payload)
             with up.makefile("rb") as ufile:
-                while True:
-                    status_line = _readline(ufile)
-                    if not status_line:
-                        raise _BadMessage("upstream closed without a reply")
-                    fields = status_line.split(b" ", 2)
-                    if len(fields) < 2 or not fields[0].startswith(b"HTTP/"):
-                        raise _BadMessage("malformed upstream status line")
-                    try:
-                        status = int(fields[1])
-                    except ValueError:
-                        raise _BadMessage("malformed upstream status code") from None
-                    raw_headers, headers = _read_headers(ufile)
-                    if 100 <= status < 200:
-                        continue  # interim reply (e.g. 100 Continue): we already sent ours
-                    break
-                if req.method == "HEAD" or status in (204, 304):
-                    body = b""
-                elif _is_chunked(headers):
-                    body = _read_chunked_raw(ufile)
-                else:
-                    n = _content_length(headers)
-                    if n is None:  # delimited by close: pass it on with an explicit length
-                        body = ufile.read()
-                        raw_headers.append(f"Content-Length: {len(body)}\r\n".encode())
-                    else:
-                        body = _read_exact(ufile, n)
+                status_line, raw_headers, body = read_reply(ufile, req.method)
         # Connection/Keep-Alive are hop-by-hop: the upstream leg is one request long anyway
         # (moto's werkzeug always says "Connection: close"), the client leg stays open.
-        raw_headers = [h for h in raw_headers if not h.lower().startswith(_HOP_BY_HOP)]
+        raw_headers = [h for h in raw_headers if not h.lower().startswith(HOP_BY_HOP)]
         raw_headers.append(b"Connection: close\r\n" if req.wants_close() else
                            b"Connection: keep-alive\r\n")
         return b"".join([status_line, *raw_headers, b"\r\n", body])
-
-    @staticmethod
-    def _error_response(req: _Request, status: int, code: str, close: bool) -> bytes:
-        request_id = uuid.uuid4().hex[:16].upper()
-        body = (
-            '<?xml version="1.0" encoding="UTF-8"?>\n'
-            f"<Error><Code>{code}</Code><Message>{_ERROR_MESSAGES[code]}</Message>"
-            f"<Resource>{req.target.split('?', 1)[0]}</Resource>"
-            f"<RequestId>{request_id}</RequestId></Error>"
-        ).encode()
-        body_out = b"" if req.method == "HEAD" else body
-        head = (
-            f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
-            "Content-Type: application/xml\r\n"
-            f"Content-Length: {len(body)}\r\n"
-            f"x-amz-request-id: {request_id}\r\n"
-            "Server: faultproxy\r\n"
-            f"Connection: {'close' if close else 'keep-alive'}\r\n"
-            "\r\n"
-        ).encode()
-        return head + body_out
