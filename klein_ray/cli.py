@@ -34,7 +34,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="stderr log lines as text (default) or JSON lines for log shippers "
                    "(also KLEIN_RAY_LOG_FORMAT)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _render_parser(sub)
+    _audit_parsers(sub)
+    _setup_parsers(sub)
+    return p
 
+
+def _render_parser(sub) -> None:
     r = sub.add_parser("render", help="render every row of a manifest (re-run to resume)",
                        description="Render every row of MANIFEST into OUT. Re-running the same "
                        "command resumes: committed rows are skipped. Exit codes: 0 all rows "
@@ -55,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="ray (default): workers are Ray actors; local: workers run on threads of "
                    "this process, without Ray (a laptop, a debugger)")
 
+
+def _audit_parsers(sub) -> None:
+    """The commands that read a manifest or an output and change nothing."""
     v = sub.add_parser("validate", help="check a manifest without rendering",
                        description="Print every problem of MANIFEST (row id, column, reason); "
                        "exit 0 if clean, 2 if not.")
@@ -79,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--deep", action="store_true", help="download and hash every image")
     f.add_argument("--config", "-c", help="job config (for storage settings)")
 
+
+def _setup_parsers(sub) -> None:
     d = sub.add_parser("demo", help="render the sample manifest with the tiny model on a local Ray",
                        description="Build the tiny offline models if missing and render "
                        "manifests/example.parquet; writes images, metadata and _job/report.html.")
@@ -93,7 +104,6 @@ def _parser() -> argparse.ArgumentParser:
     kind.add_argument("--kv", action="store_true",
                       help="a KV checkpoint: model_index.json names Flux2KleinKVPipeline, like BFL's 9B-KV")
     m.add_argument("--seed", type=int, default=0)
-    return p
 
 
 def _terminate_like_interrupt() -> None:
