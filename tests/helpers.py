@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+ROWS_BASE = Path("/srv/manifests")  # the manifest directory row validation tests resolve against
 
 MANIFEST_SCHEMA = pa.schema([
     ("id", pa.string()), ("prompt", pa.string()), ("variant", pa.string()),
@@ -139,3 +140,18 @@ def passthrough_store():
             return self.inner.download(key, dest)
 
     return PassThrough
+
+
+def rows_config(**refs):
+    """The job config the row validation tests validate against: two variants, references
+    settings from ``refs``."""
+    from klein_ray.config import JobConfig, ReferenceConfig, VariantConfig
+
+    return JobConfig(
+        default_variant="tiny",
+        variants={
+            "tiny": VariantConfig(source="./m", batch_size=4),
+            "tiny-base": VariantConfig(source="./b", steps=8, guidance=6.5),
+        },
+        references=ReferenceConfig(**refs) if refs else ReferenceConfig(),
+    )
