@@ -183,7 +183,7 @@ def mib(b: float) -> str:
     return f"{b / 2**20:,.0f} MiB"
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=10_000_000)
     p.add_argument("--baseline-rows", type=int, default=1_000_000)
@@ -193,38 +193,36 @@ def main() -> int:
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--write", help=argparse.SUPPRESS)
     p.add_argument("--output", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p.parse_args()
 
-    if args.child:
-        print(json.dumps(child(args.child, args.output, args.sample_ms)))
-        return 0
-    if args.write:
-        write_manifest(Path(args.write), args.rows, args.chunk)
-        return 0
 
-    tmp = None if args.keep else tempfile.TemporaryDirectory(prefix="klein-ray-planmem-")
-    work = Path(args.keep or tmp.name)
-    work.mkdir(parents=True, exist_ok=True)
-    print(f"# plan_memory: {platform.node()}, {os.cpu_count()} CPUs, {datetime.date.today()}, "
-          f"load avg {os.getloadavg()[0]:.2f}", flush=True)
-    results = {}
-    for rows in (args.baseline_rows, args.rows):
-        manifest = work / f"manifest-{rows}.parquet"
-        if not manifest.exists():
-            t0 = time.perf_counter()
-            subprocess.run([sys.executable, __file__, "--write", str(manifest), "--rows", str(rows),
-                            "--chunk", str(args.chunk)], check=True)
-            secs = time.perf_counter() - t0
-            print(f"  wrote {rows:,} rows ({manifest.stat().st_size / 2**20:,.0f} MiB parquet, "
-                  f"row groups of {args.chunk:,}) in {secs:.1f} s", flush=True)
-        out = work / f"out-{rows}"
-        out.mkdir(exist_ok=True)
-        r = run_child(manifest, out, args.sample_ms)
-        results[rows] = r
-        print(f"  planned {r['planned_rows']:,} rows into {r['units']:,} units "
-              f"({r['full_units']:,} full) in {r['total_s']:.1f} s; peak RSS {mib(r['peak_rss_sampled'])} "
-              f"(VmHWM {mib(r['vm_hwm'])}); load avg now {os.getloadavg()[0]:.2f}", flush=True)
+def ensure_manifest(manifest: Path, rows: int, chunk: int) -> None:
+    """Writes the manifest unless it is there (``--keep`` reuses it), in a separate process so
+    that this parent stays small: a child's ru_maxrss starts from the parent's RSS at fork."""
+    if manifest.exists():
+        return
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, __file__, "--write", str(manifest), "--rows", str(rows),
+                    "--chunk", str(chunk)], check=True)
+    secs = time.perf_counter() - t0
+    print(f"  wrote {rows:,} rows ({manifest.stat().st_size / 2**20:,.0f} MiB parquet, "
+          f"row groups of {chunk:,}) in {secs:.1f} s", flush=True)
 
+
+def plan_manifest(work: Path, rows: int, args: argparse.Namespace) -> dict:
+    """One manifest of ``rows`` rows, written if needed, planned in a fresh child process."""
+    manifest = work / f"manifest-{rows}.parquet"
+    ensure_manifest(manifest, rows, args.chunk)
+    out = work / f"out-{rows}"
+    out.mkdir(exist_ok=True)
+    r = run_child(manifest, out, args.sample_ms)
+    print(f"  planned {r['planned_rows']:,} rows into {r['units']:,} units "
+          f"({r['full_units']:,} full) in {r['total_s']:.1f} s; peak RSS {mib(r['peak_rss_sampled'])} "
+          f"(VmHWM {mib(r['vm_hwm'])}); load avg now {os.getloadavg()[0]:.2f}", flush=True)
+    return r
+
+
+def report(args: argparse.Namespace, results: dict) -> None:
     base, big = results[args.baseline_rows], results[args.rows]
     print()
     print("| rows | RSS after imports | RSS after prescan | peak RSS (psutil) | peak RSS (VmHWM) | ru_maxrss | prescan s | plan s | rows/s (whole path) | units |")
@@ -244,6 +242,26 @@ def main() -> int:
     print(f"goal peak < 1 GB at {args.rows:,} rows: "
           f"{'met' if max(big['peak_rss_sampled'], big['vm_hwm']) < GOAL_BYTES else 'NOT met'}")
     print(json.dumps({str(k): v for k, v in results.items()}))
+
+
+def main() -> int:
+    args = parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.output, args.sample_ms)))
+        return 0
+    if args.write:
+        write_manifest(Path(args.write), args.rows, args.chunk)
+        return 0
+
+    tmp = None if args.keep else tempfile.TemporaryDirectory(prefix="klein-ray-planmem-")
+    work = Path(args.keep or tmp.name)
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"# plan_memory: {platform.node()}, {os.cpu_count()} CPUs, {datetime.date.today()}, "
+          f"load avg {os.getloadavg()[0]:.2f}", flush=True)
+    results = {}
+    for rows in (args.baseline_rows, args.rows):
+        results[rows] = plan_manifest(work, rows, args)
+    report(args, results)
     if tmp:
         tmp.cleanup()
     return 0
