@@ -6,8 +6,6 @@ is stale. The driver is the CLI in a subprocess, as a user runs it."""
 
 from __future__ import annotations
 
-import http.server
-import io
 import json
 import os
 import shutil
@@ -15,14 +13,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import free_port
 from helpers import REPO, assert_done, last_json, row, run_cli, stop_ray_under, write_config, write_manifest
-from PIL import Image
+from refgate import RefGate, png_bytes
 
 from klein_ray.storage import LocalStore
 
@@ -94,66 +91,7 @@ def _finish(proc: subprocess.Popen, out: Path, rows: list[dict]) -> dict:
     return last_json(stdout)
 
 
-class _Gate:
-    """References served over http that stop answering once ``free`` have gone out, until more
-    rows wait on them at once than one actor can hold (``held``: its units in flight, a unit
-    being one row here, since rows are grouped into units by their references and each row has
-    a reference of its own). Then every actor holds work (``full``), and the gate opens unless
-    the test opens it itself (``auto_open=False``): the interleaving is forced, not timed."""
-
-    def __init__(self, image: bytes, free: int, held: int, auto_open: bool = True):
-        self.image, self.free, self.held, self.auto_open = image, free, held, auto_open
-        self.lock, self.open, self.full = threading.Lock(), threading.Event(), threading.Event()
-        self.served, self.waiting = 0, set()
-        gate = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                gate.wait_turn(self.path)
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", str(len(gate.image)))
-                self.end_headers()
-                self.wfile.write(gate.image)
-
-        class Server(http.server.ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, request, client_address):
-                pass  # a killed node's requests answered into closed sockets
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def wait_turn(self, path: str) -> None:
-        with self.lock:
-            self.served += 1
-            if self.served <= self.free or self.open.is_set():
-                return
-            self.waiting.add(path)
-            if len(self.waiting) > self.held:
-                self.full.set()
-                if self.auto_open:
-                    self.open.set()
-        self.open.wait(timeout=300)
-
-    def close(self) -> None:
-        self.open.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def _png() -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (64, 64), (90, 120, 200)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _gated_job(tmp_path: Path, tiny_models, gate: _Gate, n: int, in_flight: int, actors: int = 2):
+def _gated_job(tmp_path: Path, tiny_models, gate: RefGate, n: int, in_flight: int, actors: int = 2):
     """``n`` rows of 128², each with its own reference behind ``gate``."""
     rows = [dict(r, references=[f"{gate.url}/ref/{r['id']}.png"]) for r in _rows(n, side=128)]
     args, out = _job(tmp_path, tiny_models, rows, actors=actors, run={"in_flight_per_actor": in_flight},
@@ -165,7 +103,7 @@ def test_actors_spread_over_nodes_and_a_killed_node_costs_nothing(cluster, tmp_p
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     in_flight = 3
-    gate = _Gate(_png(), free=6, held=in_flight, auto_open=False)
+    gate = RefGate(png_bytes(), free=6, held=in_flight, auto_open=False)
     try:
         rows, args, out = _gated_job(tmp_path, tiny_models, gate, 40, in_flight)
         proc = _start((*args, "--address", cluster.address))
@@ -187,7 +125,7 @@ def test_a_node_that_joins_mid_run_gets_work(cluster, tmp_path, tiny_models):
     cluster.add_node(num_cpus=1)  # room for one of the two actors: the other waits for a node
     cluster.wait_for_nodes()
     in_flight = 3
-    gate = _Gate(_png(), free=8, held=in_flight)
+    gate = RefGate(png_bytes(), free=8, held=in_flight)
     try:
         rows, args, out = _gated_job(tmp_path, tiny_models, gate, 40, in_flight)
         proc = _start((*args, "--address", cluster.address))
@@ -284,7 +222,7 @@ def test_sigterm_on_a_cluster_stops_the_run_and_resumes(cluster, tmp_path, tiny_
     the re-run finishes the job once."""
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
-    gate = _Gate(_png(), free=4, held=10**6, auto_open=False)  # opened by the test alone
+    gate = RefGate(png_bytes(), free=4, held=10**6, auto_open=False)  # opened by the test alone
     try:
         rows, args, out = _gated_job(tmp_path, tiny_models, gate, 40, in_flight=3, actors=1)
         proc = _start((*args, "--address", cluster.address))

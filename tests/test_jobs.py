@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 from conftest import free_port
 from helpers import last_json, row, snapshot, stop_ray_under, write_config, write_manifest
+from refgate import RefGate, png_bytes
 
 from klein_ray.cli import _parser
 from klein_ray.storage import LocalStore
@@ -93,9 +94,9 @@ def _submission_id(stderr: str) -> str:
     return re.search(r"(klein-[0-9a-f]{16}-a\d+) (SUCCEEDED|FAILED|STOPPED)", stderr).group(1)
 
 
-def _job(tmp_path: Path, tiny_models, rows: list[dict]) -> tuple[str, ...]:
+def _job(tmp_path: Path, tiny_models, rows: list[dict], **extra) -> tuple[str, ...]:
     manifest = write_manifest(tmp_path / "m" / "manifest.parquet", rows)
-    config = write_config(tmp_path / "job.yaml", tiny_models)
+    config = write_config(tmp_path / "job.yaml", tiny_models, **extra)
     return str(manifest), "--output", str(tmp_path / "out"), "--config", str(config)
 
 
@@ -158,8 +159,11 @@ def _wait_for(predicate, what: str, timeout: float = 120) -> None:
 
 @pytest.mark.slow
 def test_a_lost_submitter_is_attached_to_and_sigterm_stops_the_job(head, tmp_path, tiny_models):
-    rows = _rows(32, side=256, steps=30)  # ~0.4 s a row: long enough to stop in the middle
-    args = _job(tmp_path, tiny_models, rows)
+    # The rows' references are held back after the first two, until the stop has been sent:
+    # the job is provably mid-run when it is stopped, however slowly the attach goes.
+    gate = RefGate(png_bytes(), free=2, held=10**6, auto_open=False)
+    rows = [dict(r, references=[f"{gate.url}/ref/{r['id']}.png"]) for r in _rows(32)]
+    args = _job(tmp_path, tiny_models, rows, references={"allow_private_hosts": ["127.0.0.1"], "timeout": 300})
     out, logs = tmp_path / "out", tmp_path / "logs"
     logs.mkdir()
     cmd = [sys.executable, str(SUBMIT), *args, "--address", head.address]
@@ -168,27 +172,30 @@ def test_a_lost_submitter_is_attached_to_and_sigterm_stops_the_job(head, tmp_pat
         with open(logs / f"{name}.out", "w") as stdout, open(logs / f"{name}.err", "w") as stderr:
             return subprocess.Popen(cmd, env=head.env, stdout=stdout, stderr=stderr)
 
-    lost = start("lost")
-    _wait_for(lambda: (out / "meta").is_dir() and any((out / "meta").iterdir()), "a first commit")
-    lost.kill()  # the scheduler's worker died: its Ray job goes on
-    lost.wait()
-    attached = start("attached")
-    _wait_for(lambda: "attaching" in (logs / "attached.err").read_text(), "the attach")
-    attached.send_signal(signal.SIGTERM)  # the scheduler stops the task
-    assert attached.wait(timeout=120) == 130, (logs / "attached.err").read_text()[-3000:]
-    key = submit.render_key(args[0], args[2])
-    job = head.client().get_job_info(f"{key}-a1")
-    assert job.status.value == "STOPPED"
-    summary = last_json((logs / "attached.out").read_text())  # the whole log, caught up
-    assert summary["interrupted"] and summary["committed"] < len(rows)
+    try:
+        lost = start("lost")
+        _wait_for(lambda: (out / "meta").is_dir() and any((out / "meta").iterdir()), "a first commit")
+        lost.kill()  # the scheduler's worker died: its Ray job goes on
+        lost.wait()
+        attached = start("attached")
+        _wait_for(lambda: "attaching" in (logs / "attached.err").read_text(), "the attach")
+        attached.send_signal(signal.SIGTERM)  # the scheduler stops the task
+        gate.open.set()  # what was in flight may land while the driver drains
+        assert attached.wait(timeout=120) == 130, (logs / "attached.err").read_text()[-3000:]
+        key = submit.render_key(args[0], args[2])
+        job = head.client().get_job_info(f"{key}-a1")
+        assert job.status.value == "STOPPED"
+        summary = last_json((logs / "attached.out").read_text())  # the whole log, caught up
+        assert summary["interrupted"] and summary["committed"] < len(rows)
 
-    resumed = _submit(head, *args)
+        resumed = _submit(head, *args)
+    finally:
+        gate.close()
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert _submission_id(resumed.stderr) == f"{key}-a2"
     final = last_json(resumed.stdout)
     assert final["skipped"] >= summary["committed"] and final["skipped"] + final["committed"] == len(rows)
     assert len(list((out / "meta").glob("*.json"))) == len(rows)
-
 
 # --- without a cluster -------------------------------------------------------------------------
 
