@@ -25,6 +25,7 @@ import pytest
 
 from faultproxy import FaultProxy
 from helpers import REPO, last_json, row, run_cli, write_config, write_manifest
+from refgate import RefGate, png_bytes
 from klein_ray.storage import open_store
 
 pytestmark = pytest.mark.slow
@@ -35,6 +36,15 @@ def _rows(n: int, prefix: str = "r") -> list[dict]:
     return [row(id=f"{prefix}{i:04d}", prompt=f"product {i % 7} on a plain background",
                 width=64 if i % 3 else 80, height=64, seed=i if i % 2 else None,
                 format=("png", "jpeg", "webp")[i % 3]) for i in range(n)]
+
+
+GATED_REFS = {"allow_private_hosts": ["127.0.0.1"], "timeout": 300}  # the gate may hold a fetch long
+
+
+def _gated(rows: list[dict], gate: RefGate, per: int = 4) -> list[dict]:
+    """``rows`` with a reference behind ``gate``, one per ``per`` consecutive rows (so units
+    still batch rows): a test can hold the run with units provably in flight."""
+    return [dict(r, references=[f"{gate.url}/ref/{i // per}.png"]) for i, r in enumerate(rows)]
 
 
 def _start(args, env=None) -> subprocess.Popen:
@@ -105,28 +115,30 @@ def test_driver_killed_repeatedly_then_resumed(tmp_path, tiny_models, ray_addres
 
 def test_worker_killed_mid_batch_same_run_finishes(tmp_path, tiny_models, ray_address, rgw, s3_env):
     s3_env(rgw)
-    rows = _rows(80, prefix="w")
+    gate = RefGate(png_bytes(), free=2, held=10**6, auto_open=False)
+    rows = _gated(_rows(80, prefix="w"), gate)
     manifest = write_manifest(tmp_path / "m.parquet", rows)
-    config = write_config(tmp_path / "job.yaml", tiny_models)
+    config = write_config(tmp_path / "job.yaml", tiny_models, references=GATED_REFS)
     out = f"s3://{rgw.new_bucket()}/worker-kill"
     store = open_store(out)
-    proc = _start(("render", str(manifest), "--output", out, "--config", str(config),
-                   "--address", ray_address, "--no-progress"), env=rgw.env())
-    killed = None
-    deadline = time.monotonic() + 120
-    while killed is None and time.monotonic() < deadline and proc.poll() is None:
-        busy = [p for p in psutil.process_iter(["cmdline"])
-                if (p.info["cmdline"] or [""])[0].startswith("ray::RenderWorker.render_unit")]
-        if busy and _count_markers(store) >= 8:
-            busy[0].kill()
-            killed = busy[0].pid
-        time.sleep(0.05)
-    stdout, stderr = proc.communicate(timeout=300)
-    assert killed is not None, "no busy worker was found to kill"
+    try:
+        proc = _start(("render", str(manifest), "--output", out, "--config", str(config),
+                       "--address", ray_address, "--no-progress"), env=rgw.env())
+        # Some rows committed, and a unit waits on its reference: the (one) worker is mid-unit.
+        assert _wait_for(proc, lambda: _count_markers(store) >= 1 and bool(gate.waiting), timeout=120)
+        first = next(iter(store.list("meta/"))).key
+        worker = json.loads(store.get(first))["worker"]  # host:pid@node:... of the process
+        psutil.Process(int(worker.split("@")[0].rsplit(":", 1)[1])).kill()
+        gate.open.set()
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        gate.close()
     errors = store.get("_job/errors.parquet") if proc.returncode else b""
     assert proc.returncode == 0, (stdout[-2000:], stderr[-2000:], _errors(errors))
     assert last_json(stdout)["committed"] == len(rows)
     _assert_exactly_once(store, rows)
+    assert any(json.loads(store.get(f"meta/{r['id']}.json"))["attempt"] > 1 for r in rows), \
+        "no unit was in flight on the killed worker"
 
 
 def test_a_hung_actor_is_killed_and_replaced(tmp_path, tiny_models, ray_address):
@@ -188,16 +200,28 @@ def test_faults_on_a_quarter_of_storage_requests(tmp_path, tiny_models, ray_addr
 
 
 def test_sigterm_exits_130_and_rerun_resumes(tmp_path, tiny_models, ray_address):
-    rows = _rows(120, prefix="t")
+    gate = RefGate(png_bytes(), free=4, held=10**6, auto_open=False)
+    rows = _gated(_rows(120, prefix="t"), gate)
     manifest = write_manifest(tmp_path / "m.parquet", rows)
-    config = write_config(tmp_path / "job.yaml", tiny_models)
+    config = write_config(tmp_path / "job.yaml", tiny_models, references=GATED_REFS)
     out = tmp_path / "out"
     args = ("render", str(manifest), "--output", str(out), "--config", str(config),
             "--address", ray_address, "--no-progress")
-    proc = _start(args)
-    _wait_for(proc, lambda: len(list((out / "meta").glob("*.json"))) >= 10, timeout=120)
-    proc.send_signal(signal.SIGTERM)
-    sent = time.monotonic()
+    try:
+        proc = _start(args)
+        # Stopped mid-run, units provably in flight (waiting on their references).
+        assert _wait_for(proc, lambda: any((out / "meta").glob("*.json")) and bool(gate.waiting), timeout=120)
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        gate.open.set()  # they may land while the driver drains
+        _stopped_then_resumed(proc, sent, args, out, rows)
+    finally:
+        gate.close()
+
+
+def _stopped_then_resumed(proc: subprocess.Popen, sent: float, args: tuple, out, rows: list[dict]) -> None:
+    """A SIGTERM sent at ``sent``: exit 130 within seconds, the lease let go, and a re-run
+    finishes the job with every row once."""
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr[-3000:]
     assert time.monotonic() - sent < 15
@@ -213,18 +237,23 @@ def test_sigterm_exits_130_and_rerun_resumes(tmp_path, tiny_models, ray_address)
 
 
 def test_second_driver_on_same_output_refuses(tmp_path, tiny_models, ray_address):
-    rows = _rows(60, prefix="l")
+    gate = RefGate(png_bytes(), free=0, held=10**6, auto_open=False)  # the first run holds
+    rows = _gated(_rows(60, prefix="l"), gate)
     manifest = write_manifest(tmp_path / "m.parquet", rows)
-    config = write_config(tmp_path / "job.yaml", tiny_models)
+    config = write_config(tmp_path / "job.yaml", tiny_models, references=GATED_REFS)
     out = tmp_path / "out"
     args = ("render", str(manifest), "--output", str(out), "--config", str(config),
             "--address", ray_address, "--no-progress")
-    first = _start(args)
-    assert _wait_for(first, (out / "_job" / "lease.json").exists, timeout=60)
-    second = run_cli(*args)
+    try:
+        first = _start(args)
+        assert _wait_for(first, lambda: (out / "_job" / "lease.json").exists() and bool(gate.waiting), timeout=120)
+        second = run_cli(*args)
+        gate.open.set()
+        stdout, stderr = first.communicate(timeout=300)
+    finally:
+        gate.close()
     assert second.returncode == 2
     assert "another klein-ray job" in second.stderr and "Traceback" not in second.stderr
-    stdout, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr[-3000:]
     assert last_json(stdout)["committed"] == len(rows)
 
