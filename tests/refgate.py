@@ -1,7 +1,7 @@
 """A gate for forcing interleavings in end-to-end tests, without sleeps: rows whose references are
 served by a test HTTP server that holds them back until the test (or a condition on what is
 waiting) lets them through. A run can then be stopped, or a node killed or added, while units
-provably wait in flight. Needs `references.allow_private_hosts: ["127.0.0.1"]` in the job."""
+provably wait in flight. The job's config needs ``references=REFERENCES``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ import threading
 
 from PIL import Image
 
+# The job's `references` settings for gated rows: the gate is on loopback, and holds fetches long.
+REFERENCES = {"allow_private_hosts": ["127.0.0.1"], "timeout": 300}
+
 
 class RefGate:
     """References served over http that stop answering once ``free`` have gone out, until more
@@ -19,8 +22,8 @@ class RefGate:
     by their references). Then every actor holds work (``full``), and the gate opens unless
     the test opens it itself (``auto_open=False``): the interleaving is forced, not timed."""
 
-    def __init__(self, image: bytes, free: int, held: int, auto_open: bool = True):
-        self.image, self.free, self.held, self.auto_open = image, free, held, auto_open
+    def __init__(self, free: int, held: int, auto_open: bool = True):
+        self.image, self.free, self.held, self.auto_open = _png_bytes(), free, held, auto_open
         self.lock, self.open, self.full = threading.Lock(), threading.Event(), threading.Event()
         self.served, self.waiting = 0, set()
         gate = self
@@ -47,6 +50,11 @@ class RefGate:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def gated(self, rows: list[dict], per: int = 1) -> list[dict]:
+        """``rows``, each with a reference behind this gate, one per ``per`` consecutive rows
+        (``per`` > 1: units still batch rows)."""
+        return [dict(r, references=[f"{self.url}/ref/{i // per}.png"]) for i, r in enumerate(rows)]
+
     def wait_turn(self, path: str) -> None:
         with self.lock:
             self.served += 1
@@ -65,7 +73,7 @@ class RefGate:
         self.server.server_close()
 
 
-def png_bytes() -> bytes:
+def _png_bytes() -> bytes:
     """A small valid reference image."""
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), (90, 120, 200)).save(buf, format="PNG")

@@ -25,7 +25,7 @@ import pytest
 
 from faultproxy import FaultProxy
 from helpers import REPO, last_json, row, run_cli, write_config, write_manifest
-from refgate import RefGate, png_bytes
+from refgate import REFERENCES, RefGate
 from klein_ray.storage import open_store
 
 pytestmark = pytest.mark.slow
@@ -36,15 +36,6 @@ def _rows(n: int, prefix: str = "r") -> list[dict]:
     return [row(id=f"{prefix}{i:04d}", prompt=f"product {i % 7} on a plain background",
                 width=64 if i % 3 else 80, height=64, seed=i if i % 2 else None,
                 format=("png", "jpeg", "webp")[i % 3]) for i in range(n)]
-
-
-GATED_REFS = {"allow_private_hosts": ["127.0.0.1"], "timeout": 300}  # the gate may hold a fetch long
-
-
-def _gated(rows: list[dict], gate: RefGate, per: int = 4) -> list[dict]:
-    """``rows`` with a reference behind ``gate``, one per ``per`` consecutive rows (so units
-    still batch rows): a test can hold the run with units provably in flight."""
-    return [dict(r, references=[f"{gate.url}/ref/{i // per}.png"]) for i, r in enumerate(rows)]
 
 
 def _start(args, env=None) -> subprocess.Popen:
@@ -115,10 +106,10 @@ def test_driver_killed_repeatedly_then_resumed(tmp_path, tiny_models, ray_addres
 
 def test_worker_killed_mid_batch_same_run_finishes(tmp_path, tiny_models, ray_address, rgw, s3_env):
     s3_env(rgw)
-    gate = RefGate(png_bytes(), free=2, held=10**6, auto_open=False)
-    rows = _gated(_rows(80, prefix="w"), gate)
+    gate = RefGate(free=2, held=10**6, auto_open=False)
+    rows = gate.gated(_rows(80, prefix="w"), per=4)
     manifest = write_manifest(tmp_path / "m.parquet", rows)
-    config = write_config(tmp_path / "job.yaml", tiny_models, references=GATED_REFS)
+    config = write_config(tmp_path / "job.yaml", tiny_models, references=REFERENCES)
     out = f"s3://{rgw.new_bucket()}/worker-kill"
     store = open_store(out)
     try:
@@ -200,10 +191,10 @@ def test_faults_on_a_quarter_of_storage_requests(tmp_path, tiny_models, ray_addr
 
 
 def test_sigterm_exits_130_and_rerun_resumes(tmp_path, tiny_models, ray_address):
-    gate = RefGate(png_bytes(), free=4, held=10**6, auto_open=False)
-    rows = _gated(_rows(120, prefix="t"), gate)
+    gate = RefGate(free=4, held=10**6, auto_open=False)
+    rows = gate.gated(_rows(120, prefix="t"), per=4)
     manifest = write_manifest(tmp_path / "m.parquet", rows)
-    config = write_config(tmp_path / "job.yaml", tiny_models, references=GATED_REFS)
+    config = write_config(tmp_path / "job.yaml", tiny_models, references=REFERENCES)
     out = tmp_path / "out"
     args = ("render", str(manifest), "--output", str(out), "--config", str(config),
             "--address", ray_address, "--no-progress")
@@ -237,10 +228,10 @@ def _stopped_then_resumed(proc: subprocess.Popen, sent: float, args: tuple, out,
 
 
 def test_second_driver_on_same_output_refuses(tmp_path, tiny_models, ray_address):
-    gate = RefGate(png_bytes(), free=0, held=10**6, auto_open=False)  # the first run holds
-    rows = _gated(_rows(60, prefix="l"), gate)
+    gate = RefGate(free=0, held=10**6, auto_open=False)  # the first run holds
+    rows = gate.gated(_rows(60, prefix="l"), per=4)
     manifest = write_manifest(tmp_path / "m.parquet", rows)
-    config = write_config(tmp_path / "job.yaml", tiny_models, references=GATED_REFS)
+    config = write_config(tmp_path / "job.yaml", tiny_models, references=REFERENCES)
     out = tmp_path / "out"
     args = ("render", str(manifest), "--output", str(out), "--config", str(config),
             "--address", ray_address, "--no-progress")

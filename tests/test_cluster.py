@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import free_port
 from helpers import REPO, assert_done, last_json, row, run_cli, stop_ray_under, write_config, write_manifest
-from refgate import RefGate, png_bytes
+from refgate import REFERENCES, RefGate
 
 from klein_ray.storage import LocalStore
 
@@ -40,12 +40,11 @@ def _rows(n: int, side: int = 96) -> list[dict]:
     return [row(id=f"n{i:03d}", prompt=f"a lamp, angle {i}", width=side, height=side, seed=i) for i in range(n)]
 
 
-def _job(tmp_path: Path, tiny_models, rows: list[dict], actors: int, batch: int = 2,
-         **extra) -> tuple[tuple[str, ...], Path]:
+def _job(tmp_path: Path, tiny_models, rows: list[dict], actors: int, **extra) -> tuple[tuple[str, ...], Path]:
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     config = write_config(tmp_path / "job.yaml", tiny_models, variants={"tiny": {
         "source": str(tiny_models["tiny"]), "pipeline": "distilled", "actors": actors,
-        "cpus_per_actor": 1, "batch_size": batch}}, **extra)
+        "cpus_per_actor": 1, "batch_size": 2}}, **extra)
     out = tmp_path / "out"
     return ("render", str(manifest), "--output", str(out), "--config", str(config), "--no-progress"), out
 
@@ -93,9 +92,9 @@ def _finish(proc: subprocess.Popen, out: Path, rows: list[dict]) -> dict:
 
 def _gated_job(tmp_path: Path, tiny_models, gate: RefGate, n: int, in_flight: int, actors: int = 2):
     """``n`` rows of 128², each with its own reference behind ``gate``."""
-    rows = [dict(r, references=[f"{gate.url}/ref/{r['id']}.png"]) for r in _rows(n, side=128)]
+    rows = gate.gated(_rows(n, side=128))
     args, out = _job(tmp_path, tiny_models, rows, actors=actors, run={"in_flight_per_actor": in_flight},
-                     references={"allow_private_hosts": ["127.0.0.1"], "timeout": 300})
+                     references=REFERENCES)
     return rows, args, out
 
 
@@ -103,7 +102,7 @@ def test_actors_spread_over_nodes_and_a_killed_node_costs_nothing(cluster, tmp_p
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     in_flight = 3
-    gate = RefGate(png_bytes(), free=6, held=in_flight, auto_open=False)
+    gate = RefGate(free=6, held=in_flight, auto_open=False)
     try:
         rows, args, out = _gated_job(tmp_path, tiny_models, gate, 40, in_flight)
         proc = _start((*args, "--address", cluster.address))
@@ -125,7 +124,7 @@ def test_a_node_that_joins_mid_run_gets_work(cluster, tmp_path, tiny_models):
     cluster.add_node(num_cpus=1)  # room for one of the two actors: the other waits for a node
     cluster.wait_for_nodes()
     in_flight = 3
-    gate = RefGate(png_bytes(), free=8, held=in_flight)
+    gate = RefGate(free=8, held=in_flight)
     try:
         rows, args, out = _gated_job(tmp_path, tiny_models, gate, 40, in_flight)
         proc = _start((*args, "--address", cluster.address))
@@ -222,7 +221,7 @@ def test_sigterm_on_a_cluster_stops_the_run_and_resumes(cluster, tmp_path, tiny_
     the re-run finishes the job once."""
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
-    gate = RefGate(png_bytes(), free=4, held=10**6, auto_open=False)  # opened by the test alone
+    gate = RefGate(free=4, held=10**6, auto_open=False)  # opened by the test alone
     try:
         rows, args, out = _gated_job(tmp_path, tiny_models, gate, 40, in_flight=3, actors=1)
         proc = _start((*args, "--address", cluster.address))

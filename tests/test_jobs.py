@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from conftest import free_port
 from helpers import last_json, row, snapshot, stop_ray_under, write_config, write_manifest
-from refgate import RefGate, png_bytes
+from refgate import REFERENCES, RefGate
 
 from klein_ray.cli import _parser
 from klein_ray.storage import LocalStore
@@ -161,9 +161,9 @@ def _wait_for(predicate, what: str, timeout: float = 120) -> None:
 def test_a_lost_submitter_is_attached_to_and_sigterm_stops_the_job(head, tmp_path, tiny_models):
     # The rows' references are held back after the first two, until the stop has been sent:
     # the job is provably mid-run when it is stopped, however slowly the attach goes.
-    gate = RefGate(png_bytes(), free=2, held=10**6, auto_open=False)
-    rows = [dict(r, references=[f"{gate.url}/ref/{r['id']}.png"]) for r in _rows(32)]
-    args = _job(tmp_path, tiny_models, rows, references={"allow_private_hosts": ["127.0.0.1"], "timeout": 300})
+    gate = RefGate(free=2, held=10**6, auto_open=False)
+    rows = gate.gated(_rows(32))
+    args = _job(tmp_path, tiny_models, rows, references=REFERENCES)
     out, logs = tmp_path / "out", tmp_path / "logs"
     logs.mkdir()
     cmd = [sys.executable, str(SUBMIT), *args, "--address", head.address]
