@@ -12,7 +12,7 @@ statistics of photographs instead:
   scene   a natural scene: 1/f ("pink", amplitude ~ 1/f) luminance and chroma fields, the
           spectrum of natural images, over a sky-to-ground gradient, grain (sigma 2.5 levels).
 
-Each image is encoded the way the worker encodes (``klein_ray.render.encode.encode_image`` with
+Each image is encoded the way the worker encodes (``klein_ray.worker.encode.encode_image`` with
 ``output.png_compress_level`` set), ``--repeats`` times per level on one thread; the median time,
 the size, bits per pixel and the ratios against level 6 (Pillow's and zlib's default) are printed,
 and every level's PNG is decoded and checked to hold the same pixels (PNG is lossless at every
@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image, features
 
 from klein_ray.config import OutputConfig
-from klein_ray.render.encode import encode_image
+from klein_ray.worker.encode import encode_image
 
 
 def pink_field(rng: np.random.Generator, size: int, alpha: float = 1.0) -> np.ndarray:

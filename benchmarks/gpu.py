@@ -138,7 +138,7 @@ class Bench:
 
         try:
             return fn()
-        except Exception as exc:  # noqa: BLE001 - reported here, in the JSON and by the exit code
+        except Exception as exc:
             traceback.print_exc()
             error = f"{type(exc).__name__}: {exc}"
             print(f"  FAILED {what}: {error}", flush=True)

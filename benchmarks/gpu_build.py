@@ -65,8 +65,12 @@ def component_configs(variant: str, scale: str, vocab: int) -> dict:
 def build_pipeline(variant: str, scale: str, device: str, dtype, tokenizer, seed: int = 0):
     """A Flux2KleinPipeline with random weights, built straight on ``device`` in ``dtype``."""
     import torch
-    from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline,
-                           Flux2Transformer2DModel)
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     cfg = component_configs(variant, scale, len(tokenizer))

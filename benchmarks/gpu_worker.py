@@ -1,6 +1,6 @@
 """Row (e) of ``benchmarks/gpu.py``: end to end through the render worker, as a job runs a unit.
 
-A ``klein_ray.run.worker.RenderWorker`` renders each unit on its model thread, encodes the PNGs
+A ``klein_ray.worker.render.RenderWorker`` renders each unit on its model thread, encodes the PNGs
 on its pool (as many threads as the actor's CPUs: one for a GPU actor by default), hashes them
 and commits every row through the ledger to a local store (``LocalStore`` on a temporary
 directory), driven by the in-process executor (``InProcessExecutor``) with
@@ -10,7 +10,7 @@ call: the same number of calls of ``KleinModel.render`` on the same model thread
 other, nothing else. Optionally (``serial``) the same units one at a time (in flight 1).
 
 A RenderWorker loads its model from disk; the full-size models live in memory only (16-34 GB
-would have to be written out first), so the worker is built with ``RenderWorker.from_model``
+would have to be written out first), so the worker is built with ``RenderWorker(spec, model)``
 around the benchmark's model; the rest (``render_unit``, encoding, the ledger, the metadata) is
 the worker's own code. What it leaves out of the load: the compile-cache round trip
 (``_warm_up``: the benchmark warmed the model up itself, with the same ``warmup_plan``); the
@@ -27,13 +27,13 @@ from collections import deque
 from gpu_build import prompts_for  # beside this script
 
 from klein_ray.config import JobConfig, RunConfig, VariantConfig
+from klein_ray.executors.inprocess import InProcessExecutor
 from klein_ray.model.accel import compiled_graphs
 from klein_ray.model.pipeline import RenderRequest
 from klein_ray.output.ledger import Ledger
-from klein_ray.run.inprocess import InProcessExecutor
-from klein_ray.run.pools import worker_specs
-from klein_ray.run.worker import RenderWorker
+from klein_ray.scheduling.pools import worker_specs
 from klein_ray.types import RowSpec, UnitOutcome, WorkUnit
+from klein_ray.worker.render import RenderWorker
 
 STEPS = 4
 
@@ -106,9 +106,9 @@ def bench_worker(model, *, variant: str, label: str, size: int, batch: int, unit
         cfg = job_config(name, model, batch, in_flight, cuda)
         holder: list[RenderWorker] = []
         executor = InProcessExecutor(worker_factory=lambda _spec: holder[0])
-        spec = worker_specs(cfg, executor, [name], out, {name: model.info.source}, check_markers=False,
+        spec = worker_specs(cfg, executor, [name], out, {name: model.info.source}, output_was_empty=True,
                             sizes={name: ((size, size, 0),)})[name][0]
-        holder.append(RenderWorker.from_model(spec, model, test_model=True, warmup=warmup))
+        holder.append(RenderWorker(spec, model, test_model=True, warmup=warmup))
         pool = executor.start_pool(spec, 1, 0, 0)
         if executor.wait_ready([pool], 60.0, lambda: False):
             raise RuntimeError("the in-memory worker did not come up")

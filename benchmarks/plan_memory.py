@@ -109,7 +109,7 @@ def child(manifest: str, output: str, sample_ms: float) -> dict:
 
     from klein_ray.config import JobConfig, VariantConfig
     from klein_ray.intake.manifest import Manifest, prescan
-    from klein_ray.run.driver import Driver, RenderJob, ResumePlan
+    from klein_ray.scheduling.driver import Driver, RenderJob, ResumePlan
 
     proc = psutil.Process()
     peak = {"rss": proc.memory_info().rss}
@@ -138,7 +138,7 @@ def child(manifest: str, output: str, sample_ms: float) -> dict:
         rss_after_prescan = proc.memory_info().rss
         peak_prescan = peak["rss"]
         units = rows = full = 0
-        plan = ResumePlan(m, done, duplicates, pending, check_markers=True, log=None)
+        plan = ResumePlan(m, done, duplicates, pending, output_was_empty=False, log=None)
         for unit in driver.units(plan):
             units += 1
             rows += unit.size

@@ -9,7 +9,7 @@ itself, plus marker objects under ``meta/``), then measures in a fresh child pro
 the driver's path from ``Driver(...)`` to the first ``WorkUnit`` out of the ``Planner``, in
 ``Driver.run``'s order and through its real methods, without Ray:
 
-    Manifest(...) -> Lease.acquire() -> Ledger.done() -> is_fresh() (only if done is empty)
+    Manifest(...) -> Lease.acquire() -> Ledger.done() -> output_is_empty() (only if done is empty)
     -> prescan(...) -> JobLog(...).start() -> Driver.units(ResumePlan(...)) -> first WorkUnit
 
 It counts every HTTP request the shared boto3 client sends (botocore ``before-send`` event,
@@ -17,7 +17,7 @@ retries included), wall seconds, the child's CPU seconds (the client side only: 
 in this parent process) and the child's peak RSS.
 
 The baseline, measured in the same run, is the same path with ``Ledger.done()`` replaced by a
-listing of every marker (``Ledger.committed_ids()``), which is what a design without a checkpoint
+listing of every marker (``Ledger.marker_ids()``), which is what a design without a checkpoint
 does. 990,000 marker objects cannot be created in moto in reasonable time, so the baseline runs at
 ``--baseline-rows`` (markers injected straight into moto's in-process backend) and its listing
 cost is extrapolated linearly to the full job; our path is measured at that scale too, on the very
@@ -176,7 +176,7 @@ def _report_heading(args, started) -> None:
 def extrapolate(spec: dict, full_parts: dict, base_list: dict) -> dict:
     """The baseline at full scale: its listing per 1,000 markers x the full job's markers, plus
     everything else as measured for our path at full scale (the same code)."""
-    listing = next(p for p in base_list["phases"] if p["phase"].startswith("committed_ids"))
+    listing = next(p for p in base_list["phases"] if p["phase"].startswith("marker_ids"))
     per_k_req = listing["requests"] / (base_list["done"] / 1000)
     per_k_s = listing["s"] / (base_list["done"] / 1000)
     per_k_cpu = listing["cpu_s"] / (base_list["done"] / 1000)
@@ -248,7 +248,7 @@ def _report_phases(results: list[dict]) -> None:
         for p in r["phases"]:
             w(f"    {p['phase']:<46} {p['s']:7.3f} {p['cpu_s']:7.3f} {p['requests']:5d} {p['mb_in']:7.1f}")
         w(f"    (first unit: {r['unit_rows']} rows from {r['first_row']}, after skipping {r['skipped_before_unit']:,} "
-          f"done rows; {r['pending']:,} pending; is_fresh() alone: {r['is_fresh_alone']['requests']} request, "
+          f"done rows; {r['pending']:,} pending; output_is_empty() alone: {r['is_fresh_alone']['requests']} request, "
           f"{r['is_fresh_alone']['s']:.3f} s)")
 
 
@@ -288,7 +288,7 @@ def _version(name: str) -> str:
 
     try:
         return version(name)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return "?"
 
 

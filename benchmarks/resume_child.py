@@ -82,7 +82,7 @@ class _Phase:
 
 # The modules measured_path uses, boto3 first (it is most of the cost).
 STACK = ("boto3", "klein_ray.output.checkpoint", "klein_ray.config", "klein_ray.intake.manifest",
-         "klein_ray.output.joblog", "klein_ray.output.lease", "klein_ray.run.driver", "klein_ray.storage.s3")
+         "klein_ray.output.joblog", "klein_ray.output.lease", "klein_ray.scheduling.driver", "klein_ray.storage.s3")
 
 
 def _import_stack() -> None:
@@ -99,7 +99,7 @@ def measured_path(spec: dict, req: Requests, phase: Phases) -> SimpleNamespace:
     from klein_ray.output.checkpoint import DoneSet
     from klein_ray.output.joblog import JobLog
     from klein_ray.output.lease import Lease
-    from klein_ray.run.driver import Driver, RenderJob, ResumePlan
+    from klein_ray.scheduling.driver import Driver, RenderJob, ResumePlan
     from klein_ray.storage.s3 import s3_client
 
     with phase("Driver(RenderJob(...))"):
@@ -120,10 +120,10 @@ def measured_path(spec: dict, req: Requests, phase: Phases) -> SimpleNamespace:
         with phase("Ledger.done() (checkpoint)"):
             done = driver.ledger.done()
     else:
-        with phase("committed_ids() (list every marker)"):
-            done = DoneSet(sorted(driver.ledger.committed_ids()))
-    with phase("is_fresh() as prepare() calls it"):
-        fresh = not len(done) and driver.ledger.is_fresh()
+        with phase("marker_ids() (list every marker)"):
+            done = DoneSet(sorted(driver.ledger.marker_ids()))
+    with phase("output_is_empty() as prepare() calls it"):
+        fresh = not len(done) and driver.ledger.output_is_empty()
     with phase("prescan(...)"):
         duplicates, pending = prescan(manifest, driver.cfg.default_variant, done.mask)
     with phase("JobLog(...).start()"):
@@ -131,7 +131,7 @@ def measured_path(spec: dict, req: Requests, phase: Phases) -> SimpleNamespace:
         log.start(manifest.total_rows)
     with phase("Driver.units(plan) -> 1st unit"):
         assert sum(pending.values()), "nothing pending: the job would not render"
-        plan = ResumePlan(manifest, done, duplicates, pending, not fresh, log)
+        plan = ResumePlan(manifest, done, duplicates, pending, fresh, log)
         unit = next(driver.units(plan))
     return SimpleNamespace(driver=driver, manifest=manifest, lease=lease, done=done, fresh=fresh,
                            pending=pending, unit=unit)
@@ -165,10 +165,10 @@ def child(spec: dict, t_process: float) -> dict:
     p.lease.release()
     p.manifest.close()
 
-    # For reference, outside the measured path: is_fresh() alone (run() skips it when the
+    # For reference, outside the measured path: output_is_empty() alone (run() skips it when the
     # checkpoint is non-empty) and where the per-row Python time of prescan / Driver.rows goes.
     n0, t = req.total, time.perf_counter()
-    p.driver.ledger.is_fresh()
+    p.driver.ledger.output_is_empty()
     result["is_fresh_alone"] = {"requests": req.total - n0, "s": time.perf_counter() - t}
     if spec.get("diagnose"):
         result["diagnostics"] = diagnose(spec["manifest"], p.done)

@@ -21,8 +21,8 @@ from klein_ray.commands.render import EXECUTORS, render, units_left_running
 from klein_ray.config import ConfigError, load_config
 from klein_ray.intake.manifest import ManifestError
 from klein_ray.output.lease import LeaseHeld
-from klein_ray.run.driver import EXIT_INTERRUPTED, EXIT_INVALID, EXIT_TEMPFAIL, RenderJob
-from klein_ray.run.stopping import TRY_LATER
+from klein_ray.scheduling.driver import EXIT_INTERRUPTED, EXIT_INVALID, EXIT_TEMPFAIL, RenderJob
+from klein_ray.scheduling.stopping import TRY_LATER
 from klein_ray.storage import StorageError
 from klein_ray.storage.base import StorageUnavailable
 
@@ -196,7 +196,7 @@ def _run(args) -> int:
 
 def cmd_render(args) -> int:
     config = load_config(args.config)
-    job = RenderJob(args.manifest, args.output, config, verify=args.verify)
+    job = RenderJob(args.manifest, args.output, config, verify_first=args.verify)
     summary, code = render(job, args.executor, args.address, progress=not args.no_progress)
     print(json.dumps(summary), flush=True)
     return code
@@ -210,7 +210,8 @@ def cmd_validate(args) -> int:
                                  output=args.output)
     for p in problems:
         print(f"{p.manifest_file}: row {p.manifest_row} id={p.id} column={p.column or '-'}: {p.message}")
-    print(json.dumps({"problems": len(problems), "rows_with_problems": len({(p.manifest_file, p.manifest_row) for p in problems})}))
+    rows = {(p.manifest_file, p.manifest_row) for p in problems}
+    print(json.dumps({"problems": len(problems), "rows_with_problems": len(rows)}))
     return EXIT_INVALID if problems else 0
 
 
@@ -222,7 +223,8 @@ def cmd_status(args) -> int:
     if st.total is None and st.committed == 0 and st_missing(args.output, config):
         print(f"klein-ray: no klein-ray output at {args.output} (no _job/state.json)", file=sys.stderr)
         return EXIT_INVALID
-    print(f"output:    {args.output}\nmanifest:  {st.manifest or '-'}\ntotal:     {st.total if st.total is not None else '-'}")
+    total = st.total if st.total is not None else "-"
+    print(f"output:    {args.output}\nmanifest:  {st.manifest or '-'}\ntotal:     {total}")
     if st.progress:
         p = st.progress
         eta = f", ETA {p['eta_seconds']:.0f} s" if p.get("eta_seconds") is not None else ""

@@ -14,6 +14,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from klein_ray.uris import FILE, HF, S3, UriError, parse
+
 DEFAULT_TINY_MODEL = ".cache/tiny-klein"
 
 
@@ -95,25 +97,15 @@ class VariantConfig(_Strict):
         ref = ref.strip()
         if not ref.endswith(".safetensors"):
             raise ValueError(f"transformer {ref!r}: expected a .safetensors file")
-        scheme = ref.partition("://")[0] if "://" in ref else ""
-        parts = ref.partition("://")[2].split("/")
-        if scheme == "s3" and (len(parts) < 2 or not parts[0] or not parts[-1]):
+        try:  # paths are made absolute: workers may run elsewhere than the driver's directory
+            where = parse(ref, accept=(FILE, S3, HF), what="transformer location")
+        except UriError as exc:
+            raise ValueError(f"transformer {ref!r}: {exc}") from None
+        if where.kind == S3 and (not where.bucket or not where.key):
             raise ValueError(f"transformer {ref!r}: expected s3://bucket/key.safetensors")
-        if scheme == "hf" and (len(parts) < 3 or not all(parts)):
+        if where.kind == HF and (len(parts := ref[len("hf://"):].split("/")) < 3 or not all(parts)):
             raise ValueError(f"transformer {ref!r}: expected hf://org/repo/file.safetensors")
-        if scheme not in ("", "file", "s3", "hf"):
-            raise ValueError(f"transformer {ref!r}: use a path, file://, s3:// or hf://")
-        if scheme in ("", "file"):
-            # Workers may run elsewhere than the driver's directory (Ray actors do): a
-            # relative path is taken from where the job was started, as model sources are.
-            from urllib.parse import unquote, urlparse
-
-            parsed = urlparse(ref)
-            if scheme and parsed.netloc not in ("", "localhost"):
-                raise ValueError(f"transformer {ref!r}: file:// with a remote host")
-            path = unquote(parsed.path) if scheme else ref
-            return os.path.abspath(os.path.expanduser(path))
-        return ref
+        return str(where.path) if where.kind == FILE else ref
 
 
 class StorageConfig(_Strict):
@@ -131,7 +123,7 @@ class StorageConfig(_Strict):
         "after botocore gave up (outages outlast botocore's retry budget).",
     )
 
-    def within(self, seconds: float) -> "StorageConfig":
+    def within(self, seconds: float) -> StorageConfig:
         """A copy whose every request gives up within about ``seconds``: one retry, short
         timeouts, no outer retry. For callers that must learn of an outage in time rather than
         ride it out (the output lease's renewals)."""
@@ -268,7 +260,7 @@ class JobConfig(_Strict):
         return variants
 
     @model_validator(mode="after")
-    def _default_exists(self) -> "JobConfig":
+    def _default_exists(self) -> JobConfig:
         if self.default_variant not in self.variants:
             raise ValueError(
                 f"default_variant {self.default_variant!r} is not one of {sorted(self.variants)}"

@@ -7,6 +7,7 @@ imports nothing of klein_ray: every other package, the model layer included, may
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,14 +96,14 @@ class RowError:
 
     @classmethod
     def for_row(cls, row: RowSpec, stage: str, error_type: str, message: str,
-                attempts: int = 1, column: str = "") -> "RowError":
+                attempts: int = 1, column: str = "") -> RowError:
         """An error about a validated row (its manifest position comes from the row)."""
         return cls(row.id, stage, error_type, message, attempts, row.manifest_file,
                    row.manifest_row, column)
 
     @classmethod
     def from_exception(cls, row: RowSpec, stage: str, exc: BaseException,
-                       attempts: int = 1) -> "RowError":
+                       attempts: int = 1) -> RowError:
         """The one way an exception becomes a row's error: its type, and its message's first
         line (tracebacks and multi-line server answers stay out of the records)."""
         return cls.for_row(row, stage, type(exc).__name__, first_line(exc), attempts)
@@ -124,7 +125,7 @@ class RowResult:
     prompt: str
     timings: dict[str, float]
     worker: str
-    thumbnail: bytes = b""  # a small JPEG for the contact sheet; never stored per row
+    thumbnail: builtins.bytes = b""  # a small JPEG for the contact sheet; never stored per row
     already: bool = False  # committed by an earlier attempt (found by the marker check)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
@@ -81,7 +82,7 @@ def is_quantized(name: str, tensor: torch.Tensor) -> bool:
 def bfl_tensors(state: dict[str, torch.Tensor], fmt: str):
     """(file tensors by BFL name, layer formats, dequantized float32 tensors by BFL name)."""
     tensors, layers, dense = {}, {}, {}
-    for name, tensor in bflkeys.to_bfl(state).items():
+    for name, tensor in to_bfl(state).items():
         layer = name.removesuffix(".weight")
         if fmt == "fp8" and is_quantized(name, tensor):
             q, scale, dense[name] = quantize_fp8(tensor)
@@ -116,3 +117,14 @@ def save(path: Path, tensors: dict, layers: dict, markers: str = "metadata", pre
             tensors[f"{prefix}{layer}.comfy_quant"] = torch.tensor(list(json.dumps(conf).encode()), dtype=torch.uint8)
     save_file(tensors, str(path), metadata=metadata)
     return path
+
+
+def to_bfl(state: dict[str, Any]) -> dict[str, Any]:
+    """A diffusers Flux2 transformer state dict in BFL's layout (tensors shared where possible)."""
+    import torch
+
+    out = {}
+    for name, keys in bflkeys.plan(state).items():
+        tensor = state[keys[0]] if len(keys) == 1 else torch.cat([state[k] for k in keys], dim=0)
+        out[name] = bflkeys.swap_halves(tensor) if name == bflkeys.SWAPPED else tensor
+    return out

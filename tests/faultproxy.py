@@ -39,11 +39,19 @@ import random
 import socket
 import threading
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from httpframing import (
-    HOP_BY_HOP, BadMessage, Request, error_response, has_token, read_body, read_reply, read_request_head, reset,
+    HOP_BY_HOP,
+    BadMessage,
+    Request,
+    error_response,
+    has_token,
+    read_body,
+    read_reply,
+    read_request_head,
+    reset,
 )
 
 __all__ = ["ALL_FAULTS", "FaultProxy"]
@@ -57,15 +65,15 @@ _UPSTREAM_TIMEOUT = 60.0
 class Hold:
     """One captured request: ``arrived`` once it is held, ``landed`` once released and applied."""
 
-    def __init__(self, method: str, path_contains: str, header: Optional[str] = None) -> None:
+    def __init__(self, method: str, path_contains: str, header: str | None = None) -> None:
         self.method, self.path_contains = method.upper(), path_contains
         self.header = header.lower() if header else None
         self.arrived = threading.Event()
         self.landed = threading.Event()
-        self.status: Optional[int] = None  # the upstream's answer to the late request
+        self.status: int | None = None  # the upstream's answer to the late request
         self._go = threading.Event()
 
-    def matches(self, req: "Request") -> bool:
+    def matches(self, req: Request) -> bool:
         return (req.method == self.method and self.path_contains in req.target
                 and (self.header is None or self.header in req.headers))
 
@@ -105,11 +113,11 @@ class FaultProxy:
         #: (method, target, outcome) per request, outcome being a fault name or "forwarded".
         self.history: list[tuple[str, str, str]] = []
         self._stop = threading.Event()
-        self._listener: Optional[socket.socket] = None
-        self._accept_thread: Optional[threading.Thread] = None
+        self._listener: socket.socket | None = None
+        self._accept_thread: threading.Thread | None = None
         self._conns: set[socket.socket] = set()
         self._threads: set[threading.Thread] = set()
-        self.port: Optional[int] = None
+        self.port: int | None = None
         self._holds: list[Hold] = []
 
     # ----------------------------------------------------------------- public API
@@ -138,7 +146,7 @@ class FaultProxy:
             raise ValueError("rate > 0 needs at least one fault kind")
         self._rate = rate
 
-    def hold(self, method: str, path_contains: str, header: Optional[str] = None) -> Hold:
+    def hold(self, method: str, path_contains: str, header: str | None = None) -> Hold:
         """Capture the next ``method`` request whose path contains ``path_contains`` (and that
         carries ``header``, e.g. ``If-Match``)."""
         hold = Hold(method, path_contains, header)
@@ -146,7 +154,7 @@ class FaultProxy:
             self._holds.append(hold)
         return hold
 
-    def _take_hold(self, req: "Request") -> Optional[Hold]:
+    def _take_hold(self, req: Request) -> Hold | None:
         with self._lock:
             for hold in self._holds:
                 if hold.matches(req):
@@ -154,7 +162,7 @@ class FaultProxy:
                     return hold
         return None
 
-    def _land_late(self, req: "Request", hold: Hold) -> None:
+    def _land_late(self, req: Request, hold: Hold) -> None:
         hold.arrived.set()
         while not hold._go.wait(0.1):
             if self._stop.is_set():
@@ -166,7 +174,7 @@ class FaultProxy:
             self._record(req, "held")
             hold.landed.set()
 
-    def start(self) -> "FaultProxy":
+    def start(self) -> FaultProxy:
         if self._listener is not None:
             raise RuntimeError("FaultProxy already started")
         self._stop.clear()
@@ -207,7 +215,7 @@ class FaultProxy:
         for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         return self.start() if self._listener is None else self
 
     def __exit__(self, *exc) -> None:
@@ -220,7 +228,7 @@ class FaultProxy:
         while not self._stop.is_set():
             try:
                 conn, _ = listener.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 if self._stop.is_set():
@@ -237,7 +245,7 @@ class FaultProxy:
                 self._threads.add(t)
             t.start()
 
-    def _choose_fault(self, method: str) -> Optional[str]:
+    def _choose_fault(self, method: str) -> str | None:
         with self._lock:
             self._stats["requests"] += 1
             if self._rate <= 0.0 or (self.methods is not None and method not in self.methods):

@@ -14,15 +14,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from klein_ray.intake.schema import manifest_schema
+
 REPO = Path(__file__).resolve().parents[1]
 ROWS_BASE = Path("/srv/manifests")  # the manifest directory row validation tests resolve against
 
-MANIFEST_SCHEMA = pa.schema([
-    ("id", pa.string()), ("prompt", pa.string()), ("variant", pa.string()),
-    ("references", pa.list_(pa.string())), ("width", pa.int32()), ("height", pa.int32()),
-    ("steps", pa.int32()), ("guidance", pa.float64()), ("seed", pa.int64()),
-    ("format", pa.string()), ("sku", pa.string()), ("priority", pa.int64()),
-])
+MANIFEST_SCHEMA = manifest_schema([("sku", pa.string()), ("priority", pa.int64())])
 
 
 def row(**kw) -> dict:

@@ -16,8 +16,18 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import row, run_cli, write_manifest
 from hostile_inputs import (
-    REDIRECT_SECRET, SECRET_KEY, SECRETS, SESSION_TOKEN, SIGNED_QUERY, Case, hostile_cases, pattern,
-    save_image, write_inputs, write_job, write_manifest_dir,
+    REDIRECT_SECRET,
+    SECRET_KEY,
+    SECRETS,
+    SESSION_TOKEN,
+    SIGNED_QUERY,
+    Case,
+    hostile_cases,
+    pattern,
+    save_image,
+    write_inputs,
+    write_job,
+    write_manifest_dir,
 )
 from hostile_server import Recorder, declared_big, redirect, send_bytes, stream_big
 

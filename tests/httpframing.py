@@ -8,7 +8,6 @@ from __future__ import annotations
 import socket
 import struct
 import uuid
-from typing import Optional
 
 MAX_LINE = 64 * 1024
 MAX_HEADERS = 200
@@ -98,7 +97,7 @@ def is_chunked(headers: dict[str, str]) -> bool:
     return any(t.strip().lower() == "chunked" for t in te.split(","))
 
 
-def content_length(headers: dict[str, str]) -> Optional[int]:
+def content_length(headers: dict[str, str]) -> int | None:
     if "content-length" not in headers:
         return None
     values = {v.strip() for v in headers["content-length"].split(",")}
@@ -130,7 +129,7 @@ def reset(sock: socket.socket) -> None:
 
 
 class Request:
-    __slots__ = ("line", "method", "target", "version", "raw_headers", "headers", "body")
+    __slots__ = ("body", "headers", "line", "method", "raw_headers", "target", "version")
 
     def __init__(self, line, method, target, version, raw_headers, headers):
         self.line: bytes = line  # the request line, as received
@@ -153,7 +152,7 @@ class Request:
         return b"".join([self.line, *kept, b"\r\n", self.body])
 
 
-def read_request_head(rfile) -> Optional[Request]:
+def read_request_head(rfile) -> Request | None:
     line = readline(rfile)
     while line in (b"\r\n", b"\n"):  # tolerate stray CRLFs between requests
         line = readline(rfile)

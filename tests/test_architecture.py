@@ -75,8 +75,8 @@ def test_the_cycle_finder_finds_cycles():
 
 
 def test_scheduling_imports_neither_torch_nor_ray():
-    code = ("import sys, klein_ray.cli, klein_ray.commands.render, klein_ray.run.driver, "
-            "klein_ray.run.inprocess, klein_ray.run.ray_executor; "
+    code = ("import sys, klein_ray.cli, klein_ray.commands.render, klein_ray.scheduling.driver, "
+            "klein_ray.executors.inprocess, klein_ray.executors.ray_cluster; "
             "print(sorted(m for m in ('torch', 'diffusers', 'ray', 'boto3') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -40,7 +40,7 @@ def test_compact_merges_runs_and_drops_duplicates(tmp_path, monkeypatch):
     store = LocalStore(tmp_path)
     for run in ("run-a", "run-b"):  # two runs (say, killed) recorded overlapping rows
         cp = Checkpoint(store, run)
-        for i in range(0, 60):
+        for i in range(60):
             cp.record(_result(i))
         cp.flush()
     before = len(_parts(store))

@@ -11,8 +11,8 @@ import os
 import numpy as np
 import pytest
 import yaml
-
 from helpers import last_json, row, run_cli, write_manifest
+
 from klein_ray.model import accel
 from klein_ray.model.accel import GPUSettings, warmup_plan
 from klein_ray.model.pipeline import KleinModel, RenderRequest

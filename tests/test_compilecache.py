@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import logging
 
+from klein_ray.assets.compilecache import CompileCache, cache_uri
 from klein_ray.config import JobConfig, RunConfig, StorageConfig
-from klein_ray.render.compilecache import CompileCache, cache_uri
 
 
 def config(uri: str | None, cache_dir: str = "~/.cache/klein-ray", **storage) -> JobConfig:

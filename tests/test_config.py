@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from klein_ray import config as config_mod
 from klein_ray.config import (
@@ -53,7 +53,7 @@ def test_empty_yaml_file_gives_the_defaults(tmp_path):
 
 def test_config_is_frozen():
     cfg = JobConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         cfg.default_variant = "other"  # type: ignore[misc]
 
 
@@ -151,7 +151,9 @@ def test_invalid_config_raises_config_error_naming_the_field(tmp_path, text, nee
 
 def test_config_error_lists_every_problem(tmp_path):
     path = write(tmp_path, "bogus: 1\nvariants:\n  tiny: {source: ./m, actors: -1}\n")
-    message = str(pytest.raises(ConfigError, load_config, path).value)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
     assert "bogus" in message and "variants.tiny.actors" in message
 
 

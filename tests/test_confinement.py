@@ -16,17 +16,17 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from helpers import row, write_manifest
 from PIL import Image
 from pydantic import ValidationError
 
-from helpers import row, write_manifest
+from klein_ray.assets.confinement import confine
+from klein_ray.assets.references import REFERENCE_FORMATS, ReferenceError, ReferenceFetcher, decode_image
 from klein_ray.commands.validate import validate_manifest
 from klein_ray.config import ConfigError, JobConfig, ReferenceConfig, StorageConfig, VariantConfig
+from klein_ray.executors.inprocess import InProcessExecutor
 from klein_ray.intake.rows import RowValidator
-from klein_ray.render.confinement import confine
-from klein_ray.render.references import REFERENCE_FORMATS, ReferenceError, ReferenceFetcher, decode_image
-from klein_ray.run.driver import Driver, RenderJob
-from klein_ray.run.inprocess import InProcessExecutor
+from klein_ray.scheduling.driver import Driver, RenderJob
 
 LOCAL_FIX = "add its directory to references.local_roots in the job config"
 

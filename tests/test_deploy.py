@@ -15,11 +15,11 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
 import types
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 from klein_ray.cli import _parser

@@ -8,9 +8,9 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from browser import chromium_available, open_in_chromium
 from helpers import assert_done, last_json, row, run_cli, write_config, write_manifest
+
 from klein_ray.storage import LocalStore
 
 

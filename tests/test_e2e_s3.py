@@ -11,9 +11,9 @@ import json
 
 import numpy as np
 import pytest
+from helpers import assert_done, last_json, row, run_cli, write_config, write_manifest
 from PIL import Image
 
-from helpers import assert_done, last_json, row, run_cli, write_config, write_manifest
 from klein_ray.intake.rows import derive_seed
 from klein_ray.storage import open_store
 

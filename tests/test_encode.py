@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import io
 import struct
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from klein_ray.config import JobConfig, OutputConfig
-from klein_ray.render.encode import encode_image
-from klein_ray.run.worker import RenderWorker
+from klein_ray.output import record
+from klein_ray.worker.encode import encode_image
 
 # zlib's FLEVEL (two bits of the stream header's FLG byte) for each compression level.
 FLEVEL = {0: 0, 1: 0, 2: 1, 5: 1, 6: 2, 7: 3, 9: 3}
@@ -71,9 +70,7 @@ def test_the_png_level_is_part_of_the_render_fingerprint():
             "model": {"source": "/m", "pipeline": "Flux2KleinPipeline", "dtype": "float32"}}
 
     def fingerprint(level: int) -> str:
-        worker = SimpleNamespace(spec=SimpleNamespace(
-            config=JobConfig(output=OutputConfig(png_compress_level=level))))
-        return RenderWorker._fingerprint(worker, meta)
+        return record.fingerprint(meta, JobConfig(output=OutputConfig(png_compress_level=level)))
 
     assert fingerprint(1) == fingerprint(1)
     assert fingerprint(1) != fingerprint(6)

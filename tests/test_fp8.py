@@ -5,12 +5,12 @@ a GPU without FP8 tensor cores."""
 
 from __future__ import annotations
 
+import bflfiles
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-import bflfiles
 from klein_ray.model import accel
 from klein_ray.model.accel import GPUSettings
 from klein_ray.model.fp8 import FP8, Fp8Linear, fp8_problem, quantize_weight
@@ -154,9 +154,10 @@ def test_fp8_is_refused_on_a_gpu_without_fp8_tensor_cores(monkeypatch):
 
 def test_a_job_with_an_fp8_variant_says_so_in_each_rows_metadata(tmp_path, tiny_models):
     from helpers import assert_done, row, write_manifest
+
     from klein_ray.config import JobConfig, VariantConfig
-    from klein_ray.run.driver import EXIT_OK, Driver, RenderJob
-    from klein_ray.run.inprocess import InProcessExecutor
+    from klein_ray.executors.inprocess import InProcessExecutor
+    from klein_ray.scheduling.driver import EXIT_OK, Driver, RenderJob
     from klein_ray.storage import LocalStore
 
     variants = {v: VariantConfig(source=str(tiny_models["tiny"]), pipeline="distilled", precision=p)

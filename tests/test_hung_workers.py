@@ -11,13 +11,13 @@ import threading
 import time
 
 from helpers import assert_done, row
-from klein_ray.config import JobConfig, RunConfig
-from klein_ray.run.driver import EXIT_OK, EXIT_ROWS_FAILED
-from klein_ray.run.inprocess import InProcessExecutor
-from klein_ray.run.policy import MAX_LOST
-from klein_ray.types import RowError, UnitOutcome
 from test_inprocess import _config, _errors, _factory, _rows, _run
 
+from klein_ray.config import JobConfig, RunConfig
+from klein_ray.executors.inprocess import InProcessExecutor
+from klein_ray.scheduling.driver import EXIT_OK, EXIT_ROWS_FAILED
+from klein_ray.scheduling.policy import MAX_LOST
+from klein_ray.types import RowError, UnitOutcome
 
 HANG_TIMEOUT_S = 600.0  # run.unit_timeout_s in the hang tests: reached only by moving the clock
 

@@ -16,16 +16,16 @@ import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
-
 from helpers import assert_done, row, write_manifest
+
 from klein_ray.config import JobConfig, RunConfig, VariantConfig
+from klein_ray.executors.base import Executor, WorkerLost
+from klein_ray.executors.inprocess import InProcessExecutor
 from klein_ray.output.layout import meta_key
-from klein_ray.run.driver import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROWS_FAILED, Driver, RenderJob
-from klein_ray.run.executor import Executor, WorkerLost
-from klein_ray.run.inprocess import InProcessExecutor
-from klein_ray.run.policy import MAX_LOST, MAX_ROW_FAILURES
-from klein_ray.run.worker import RenderWorker
+from klein_ray.scheduling.driver import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROWS_FAILED, Driver, RenderJob
+from klein_ray.scheduling.policy import MAX_LOST, MAX_ROW_FAILURES
 from klein_ray.storage import LocalStore, StorageError
+from klein_ray.worker.render import RenderWorker
 
 
 def _config(tiny_models, batch_size: int = 4, **variants) -> JobConfig:
@@ -62,7 +62,7 @@ def _meta(store: LocalStore, row_id: str) -> dict:
 def _factory(inject):
     """Workers built as usual, then handed to ``inject`` to plant a fault."""
     def make(spec) -> RenderWorker:
-        worker = RenderWorker(spec)
+        worker = RenderWorker.load(spec)
         inject(worker)
         return worker
     return make
@@ -204,7 +204,7 @@ def test_a_variant_that_will_not_load_fails_its_rows_and_the_others_render(tmp_p
 
     def counting(spec):
         loads.append(spec.variant)
-        return RenderWorker(spec)
+        return RenderWorker.load(spec)
 
     config = _config(tiny_models, broken=VariantConfig(source=str(broken)))
     config = config.model_copy(update={"run": RunConfig(in_flight_per_actor=2, model_load_attempts=2)})

@@ -12,14 +12,13 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
-
 from helpers import REPO, row, run_cli, write_config, write_manifest
 
 # The CLI, with Driver.prepare held once it is done (the lease is taken, the plan made) until
 # the test closes stdin: the moment a scheduler's SIGTERM must still leave nothing behind.
 HARNESS = """
 import os, sys
-from klein_ray.run import driver
+from klein_ray.scheduling import driver
 
 prepare = driver.Driver.prepare
 

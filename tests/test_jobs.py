@@ -267,7 +267,7 @@ class _FakeClient:
 def test_a_new_attempt_unless_one_is_live(jobs, race, expect, submitted):
     args = submit.parse_args(["s3://b/m/", "--output", "s3://b/o"])
     key = submit.render_key(args.manifest, args.output)
-    name = lambda s: s if s.startswith("other") else f"{key}-{s}"  # noqa: E731
+    name = lambda s: s if s.startswith("other") else f"{key}-{s}"
     client = _FakeClient({name(k): v for k, v in jobs.items()}, race and name(race))
     assert submit.submit_or_attach(client, args) == name(expect)
     assert client.submitted == [name(s) for s in submitted]

@@ -16,15 +16,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import assert_done, row, write_manifest
 from PIL import Image
 
-from helpers import assert_done, row, write_manifest
 from klein_ray.config import JobConfig, RunConfig, VariantConfig
+from klein_ray.executors.inprocess import InProcessExecutor
 from klein_ray.model.pipeline import KleinModel, RenderRequest
-from klein_ray.run.driver import EXIT_OK, Driver, RenderJob
-from klein_ray.run.inprocess import InProcessExecutor
-from klein_ray.run.worker import RenderWorker
+from klein_ray.scheduling.driver import EXIT_OK, Driver, RenderJob
 from klein_ray.storage import LocalStore
+from klein_ray.worker.render import RenderWorker
 
 KV = "Flux2KleinKVPipeline"
 REF_SIZES = [(64, 64), (96, 64), (64, 128)]  # (width, height): three sizes, so token counts differ
@@ -191,7 +191,7 @@ def test_a_kv_variant_renders_reference_rows_end_to_end(tmp_path, tiny_models):
     workers, modes = [], []
 
     def watched(spec):
-        worker = RenderWorker(spec)
+        worker = RenderWorker.load(spec)
         worker.model.pipe.transformer.register_forward_pre_hook(
             lambda m, a, kw: modes.append(kw.get("kv_cache_mode")), with_kwargs=True)
         workers.append(worker)

@@ -17,9 +17,9 @@ from dataclasses import replace
 import pytest
 from helpers import passthrough_store
 
-from klein_ray.output.lease import Lease, LeaseHeld, LeaseRecord, _identity
 from klein_ray.output.layout import LEASE
-from klein_ray.storage import AlreadyExists, LocalStore, Store, StorageError, open_store
+from klein_ray.output.lease import Lease, LeaseHeld, LeaseRecord, _identity
+from klein_ray.storage import AlreadyExists, LocalStore, StorageError, Store, open_store
 
 
 @pytest.fixture(params=["local", "moto"])
@@ -78,7 +78,7 @@ def test_a_driver_paused_past_its_ttl_learns_it_lost_the_lease(store):
     assert time.monotonic() - started >= 1.0
     first.renew()  # woken: the old code overwrote second's lease here and never knew
     assert first.lost and lost and "taken over" in lost[0] and "second" in lost[0]
-    assert not first.fresh()
+    assert not first.renewed_recently()
     first.release()  # must not touch second's lease
     assert _current(store).run_id == "second" and not _current(store).released
     second.renew()
@@ -212,7 +212,7 @@ def test_a_driver_that_cannot_renew_loses_the_lease_before_anyone_could_take_it(
     broken.set()
     assert lost.wait(5), "never noticed"
     assert "could not renew" in lease.lost
-    assert not lease.fresh()
+    assert not lease.renewed_recently()
     lease.release()  # cannot reach the store: leaves it to go stale, no exception
 
 
@@ -280,7 +280,7 @@ def test_a_renewal_stuck_in_the_network_does_not_stall_the_lease(moto_s3, s3_env
         while lease.record.seq < seq + 2 and time.monotonic() < deadline:
             time.sleep(0.05)  # polling the outcome, not timing a race
         assert lease.record.seq >= seq + 2, "the lease thread is still waiting on the stuck request"
-        assert not held.landed.is_set() and lease.lost is None and lease.fresh()
+        assert not held.landed.is_set() and lease.lost is None and lease.renewed_recently()
         held.release()
         assert held.landed.wait(10) and held.status == 412  # it lands late and changes nothing
         assert _current(open_store(uri)).nonce == lease.record.nonce

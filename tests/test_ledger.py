@@ -1,5 +1,5 @@
 """The ledger's commit protocol on LocalStore and moto S3: image first, marker last, idempotent
-retries, conflicts, and verify() as SPEC's definition of done."""
+retries, conflicts, and the predicate (judge) as SPEC's definition of done."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import uuid
 import pytest
 from helpers import passthrough_store
 
-from klein_ray.output.ledger import CommitConflict, Ledger, Receipt
+from klein_ray.output.ledger import CommitConflict, CommittedRow, Ledger, Receipt
 from klein_ray.storage import LocalStore, NotFound, Store, VersionChanged, open_store
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"first image" * 20
@@ -38,6 +38,21 @@ def ledger(store) -> Ledger:
     return Ledger(store)
 
 
+def sound(ledger: Ledger, row_id: str) -> bool:
+    """SPEC's definition of done, checked in full (the image's bytes hashed)."""
+    return isinstance(ledger.judge(row_id, deep=True), CommittedRow)
+
+
+def problem_of(ledger: Ledger, row_id: str, deep: bool = False) -> str | None:
+    verdict = ledger.judge(row_id, deep)
+    return None if isinstance(verdict, CommittedRow) else verdict.problem
+
+
+def version_judged(ledger: Ledger, row_id: str, deep: bool = False) -> tuple[str | None, str]:
+    verdict = ledger.judge(row_id, deep)
+    return (None, "") if isinstance(verdict, CommittedRow) else (verdict.problem, verdict.marker_version)
+
+
 def test_commit_writes_image_then_meta(ledger, store):
     receipt = ledger.commit("row-1", "png", PNG, "image/png", META)
     sha = hashlib.sha256(PNG).hexdigest()
@@ -50,8 +65,8 @@ def test_commit_writes_image_then_meta(ledger, store):
     for k, v in META.items():
         assert meta[k] == v
     assert ledger.read_meta("row-1") == meta
-    assert ledger.committed_ids() == {"row-1"}
-    assert ledger.verify("row-1")
+    assert set(ledger.marker_ids()) == {"row-1"}
+    assert sound(ledger, "row-1")
 
 
 @pytest.mark.parametrize("fmt, ext", [("jpeg", "jpg"), ("webp", "webp")])
@@ -59,7 +74,7 @@ def test_commit_uses_the_format_extension(ledger, store, fmt, ext):
     receipt = ledger.commit("row-2", fmt, PNG, f"image/{fmt}", {})
     assert receipt.image_key == f"images/row-2.{ext}"
     assert store.get(receipt.image_key) == PNG
-    assert ledger.verify("row-2")
+    assert sound(ledger, "row-2")
 
 
 def test_commit_does_not_mutate_meta(ledger):
@@ -75,14 +90,14 @@ def test_committed_ids_lists_many_and_ignores_other_keys(ledger, store):
     store.put("meta/notes.txt", b"x")
     store.put("images/orphan.png", b"x")  # image without marker
     store.put("_job/summary.json", b"{}")
-    assert ledger.committed_ids() == {f"row-{i}" for i in range(5)}
-    assert all(ledger.verify(f"row-{i}") for i in range(5))
+    assert set(ledger.marker_ids()) == {f"row-{i}" for i in range(5)}
+    assert all(sound(ledger, f"row-{i}") for i in range(5))
 
 
 def test_committed_ids_empty_store(ledger):
-    assert ledger.committed_ids() == set()
+    assert set(ledger.marker_ids()) == set()
     assert ledger.read_meta("row-1") is None
-    assert not ledger.verify("row-1")
+    assert not sound(ledger, "row-1")
 
 
 def test_second_commit_of_same_bytes_succeeds(ledger, store):
@@ -92,8 +107,8 @@ def test_second_commit_of_same_bytes_succeeds(ledger, store):
     assert first == second  # the same bytes: this row's commit (the marker of an earlier attempt)
     # The marker is the first one: a conditional create never overwrites it.
     assert ledger.read_meta("row-1")["attempt"] == 1
-    assert ledger.verify("row-1")
-    assert ledger.committed_ids() == {"row-1"}
+    assert sound(ledger, "row-1")
+    assert set(ledger.marker_ids()) == {"row-1"}
 
 
 def test_a_committed_image_never_changes(ledger, store):
@@ -104,7 +119,7 @@ def test_a_committed_image_never_changes(ledger, store):
         receipt = ledger.commit("row-1", "png", OTHER, "image/png", META, fingerprint=fp)
         assert receipt.already and receipt.sha256 == hashlib.sha256(PNG).hexdigest()
     assert store.get("images/row-1.png") == PNG
-    assert ledger.verify("row-1")
+    assert sound(ledger, "row-1")
     assert [o.key for o in store.list("images/")] == ["images/row-1.png"]
 
 
@@ -143,7 +158,7 @@ def test_concurrent_consistent_commit_is_kept(store):
     assert receipt.image_key == "images/row-1.png"
     assert ledger.read_meta("row-1")["writer"] == "other"
     assert store.get("images/row-1.png") == OTHER
-    assert Ledger(store).verify("row-1")
+    assert sound(Ledger(store), "row-1")
 
 
 def test_a_marker_naming_an_image_not_stored_is_repaired_not_trusted(store):
@@ -157,7 +172,7 @@ def test_a_marker_naming_an_image_not_stored_is_repaired_not_trusted(store):
     ledger = Ledger(Interleaved(store, broken_marker))
     receipt = ledger.commit("row-1", "png", PNG, "image/png", META)
     assert not receipt.already and receipt.sha256 == hashlib.sha256(PNG).hexdigest()
-    assert Ledger(store).verify("row-1")
+    assert sound(Ledger(store), "row-1")
 
 
 def test_a_late_marker_repair_changes_nothing(store):
@@ -169,7 +184,7 @@ def test_a_late_marker_repair_changes_nothing(store):
     store.put("meta/row-1.json", store.get("meta/row-1.json") + b" ")  # someone else moved on
     with pytest.raises(VersionChanged):
         store.put("meta/row-1.json", b"{}", if_match=version)  # what a late repair sends
-    assert Ledger(store).verify("row-1")
+    assert sound(Ledger(store), "row-1")
 
 
 def test_a_leftover_of_the_same_inputs_is_adopted_not_rewritten(ledger, store):
@@ -181,7 +196,7 @@ def test_a_leftover_of_the_same_inputs_is_adopted_not_rewritten(ledger, store):
     assert receipt.adopted and receipt.sha256 == sha and not receipt.already
     assert store.get("images/row-1.png") == OTHER
     assert ledger.read_meta("row-1")["image"]["adopted"] is True
-    assert ledger.verify("row-1")
+    assert sound(ledger, "row-1")
 
 
 def test_a_leftover_of_other_inputs_is_replaced(ledger, store):
@@ -190,23 +205,23 @@ def test_a_leftover_of_other_inputs_is_replaced(ledger, store):
     store.put("images/row-1.png", OTHER, metadata={"sha256": stale, "fingerprint": "old"}, if_absent=True)
     receipt = ledger.commit("row-1", "png", PNG, "image/png", META, fingerprint="new")
     assert not receipt.adopted and store.get("images/row-1.png") == PNG
-    assert ledger.verify("row-1")
+    assert sound(ledger, "row-1")
 
 
 def test_a_repair_rewrites_damaged_bytes_that_claim_the_right_sha(ledger, store):
     """Bytes damaged behind our back (metadata still claims the committed sha256): only a deep
     check sees it, and a repair commit replaces image and marker."""
     ledger.commit("row-1", "png", PNG, "image/png", META, fingerprint="f")
-    assert ledger.audit("row-1") is None
+    assert problem_of(ledger, "row-1") is None
     if isinstance(store, LocalStore):
         (store.root / "images" / "row-1.png").write_bytes(b"rot")
     else:
         store.put("images/row-1.png", b"rot", metadata={"sha256": hashlib.sha256(PNG).hexdigest()})
-    problem, version = ledger.audit_version("row-1", deep=True)
+    problem, version = version_judged(ledger, "row-1", deep=True)
     assert problem
     receipt = ledger.commit("row-1", "png", PNG, "image/png", META, fingerprint="f", repair=version)
     assert not receipt.already
-    assert ledger.verify("row-1") and store.get("images/row-1.png") == PNG
+    assert sound(ledger, "row-1") and store.get("images/row-1.png") == PNG
 
 
 def test_a_late_repair_never_replaces_a_row_made_sound(ledger, store):
@@ -215,13 +230,13 @@ def test_a_late_repair_never_replaces_a_row_made_sound(ledger, store):
     and commits as usual, leaving the repaired row alone (before: it replaced the image)."""
     ledger.commit("row-1", "png", PNG, "image/png", META, fingerprint="f")
     store.delete("images/row-1.png")
-    problem, version = ledger.audit_version("row-1")
+    problem, version = version_judged(ledger, "row-1")
     assert problem and version
     first = ledger.commit("row-1", "png", PNG, "image/png", META, fingerprint="f", repair=version)
-    assert ledger.verify("row-1")
+    assert sound(ledger, "row-1")
     late = ledger.commit("row-1", "png", OTHER, "image/png", META, fingerprint="f", repair=version)
     assert late.sha256 == first.sha256  # it adopted the repaired image, replaced nothing
-    assert store.get("images/row-1.png") == PNG and ledger.verify("row-1")
+    assert store.get("images/row-1.png") == PNG and sound(ledger, "row-1")
 
 
 def test_markers_naming_keys_we_never_write_commit_nothing(ledger, store):
@@ -232,58 +247,58 @@ def test_markers_naming_keys_we_never_write_commit_nothing(ledger, store):
                                {"key": "images/a.png", "sha256": "0" * 64, "bytes": "1"}]):
         store.put(f"meta/bad{i}.json", json.dumps({"image": image}).encode())
         assert ledger.read_meta(f"bad{i}") is None
-        assert "not valid JSON naming an image" in ledger.audit(f"bad{i}")
+        assert "not valid JSON naming an image" in problem_of(ledger, f"bad{i}")
         assert ledger.committed(f"bad{i}") is None
 
 
 def test_verify_false_when_image_replaced_behind_the_ledger(ledger, store):
     ledger.commit("row-1", "png", PNG, "image/png", META)
     store.put("images/row-1.png", OTHER)
-    assert "row-1" in ledger.committed_ids()  # the cheap check still sees the marker
-    assert not ledger.verify("row-1")
+    assert "row-1" in set(ledger.marker_ids())  # the cheap check still sees the marker
+    assert not sound(ledger, "row-1")
 
 
 def test_verify_false_when_image_deleted(ledger, store):
     ledger.commit("row-1", "png", PNG, "image/png", META)
     store.delete("images/row-1.png")
-    assert not ledger.verify("row-1")
+    assert not sound(ledger, "row-1")
 
 
 def test_verify_false_when_image_truncated(ledger, store):
     ledger.commit("row-1", "png", PNG, "image/png", META)
     store.put("images/row-1.png", PNG[:-1])
-    assert not ledger.verify("row-1")
+    assert not sound(ledger, "row-1")
 
 
 def test_verify_false_when_meta_lacks_image(ledger, store):
     store.put("meta/row-1.json", json.dumps({"id": "row-1"}).encode())
-    assert not ledger.verify("row-1")
+    assert not sound(ledger, "row-1")
     store.put("meta/row-2.json", json.dumps({"image": "not-a-dict"}).encode())
-    assert not ledger.verify("row-2")
+    assert not sound(ledger, "row-2")
 
 
 def test_image_without_meta_is_not_committed_and_is_replaced(ledger, store):
     """A crash between the image and the marker leaves an image: not done, and overwritten."""
     store.put("images/row-1.png", b"half-finished leftover")
-    assert ledger.committed_ids() == set()
-    assert not ledger.verify("row-1")
+    assert set(ledger.marker_ids()) == set()
+    assert not sound(ledger, "row-1")
     receipt = ledger.commit("row-1", "png", PNG, "image/png", META)
     assert store.get("images/row-1.png") == PNG
     assert receipt.sha256 == hashlib.sha256(PNG).hexdigest()
-    assert ledger.committed_ids() == {"row-1"}
-    assert ledger.verify("row-1")
+    assert set(ledger.marker_ids()) == {"row-1"}
+    assert sound(ledger, "row-1")
 
 
 def test_delete_meta_uncommits(ledger, store):
     ledger.commit("row-1", "png", PNG, "image/png", META)
     store.delete("meta/row-1.json")
-    assert ledger.committed_ids() == set()
-    assert not ledger.verify("row-1")
+    assert set(ledger.marker_ids()) == set()
+    assert not sound(ledger, "row-1")
     with pytest.raises(NotFound):
         store.get("meta/row-1.json")
     # A later commit of a different image is then allowed.
     ledger.commit("row-1", "png", OTHER, "image/png", META)
-    assert ledger.verify("row-1")
+    assert sound(ledger, "row-1")
     assert store.get("images/row-1.png") == OTHER
 
 
@@ -296,18 +311,18 @@ def test_recommit_in_another_format_leaves_one_image(ledger, store):
         ledger.commit("row-1", "jpeg", OTHER, "image/jpeg", META)
     except CommitConflict:
         pass  # refusing is fine; leaving two images is not
-    assert ledger.verify("row-1")
+    assert sound(ledger, "row-1")
     assert len(list(store.list("images/"))) == 1
 
 
 def test_a_leftover_in_another_format_is_removed_when_the_row_commits(ledger, store):
     """Run 1 (png) died between image and marker; run 2 renders jpeg: one image for the id."""
     store.put("images/row-1.png", PNG, metadata={"sha256": hashlib.sha256(PNG).hexdigest()}, if_absent=True)
-    assert not ledger.is_fresh()  # so the worker checks markers and tidies
-    receipt = ledger.commit("row-1", "jpeg", OTHER, "image/jpeg", META, fingerprint="f", tidy=True)
+    assert not ledger.output_is_empty()  # so the worker checks markers and removes leftovers
+    receipt = ledger.commit("row-1", "jpeg", OTHER, "image/jpeg", META, fingerprint="f", output_was_empty=False)
     assert receipt.image_key == "images/row-1.jpg"
     assert [o.key for o in store.list("images/")] == ["images/row-1.jpg"]
-    assert ledger.verify("row-1")
+    assert sound(ledger, "row-1")
 
 
 def test_committed_looks_at_the_image_not_only_the_marker(ledger, store):

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from klein_ray.config import StorageConfig
-from klein_ray.render.modelsource import (
+from klein_ray.assets.modelsource import (
     COMPLETE,
     ModelSourceError,
     classify,
@@ -19,6 +18,7 @@ from klein_ray.render.modelsource import (
     resolve_file,
     sync_s3,
 )
+from klein_ray.config import StorageConfig
 
 TREE = {
     "model_index.json": json.dumps({"_class_name": "Flux2KleinPipeline"}).encode(),

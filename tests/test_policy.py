@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from klein_ray.run.executor import WorkerFailed, WorkerLost
-from klein_ray.run.policy import MAX_LOST, MAX_ROW_FAILURES, settle
+from klein_ray.executors.base import WorkerFailed, WorkerLost
+from klein_ray.scheduling.policy import MAX_LOST, MAX_ROW_FAILURES, settle
 from klein_ray.types import RenderOOM, RowError, RowResult, RowSpec, UnitOutcome, WorkUnit
 
 

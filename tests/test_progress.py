@@ -12,15 +12,15 @@ from collections import Counter
 from helpers import row, write_manifest
 
 from klein_ray.config import JobConfig, RunConfig, VariantConfig
+from klein_ray.executors.inprocess import InProcessExecutor
+from klein_ray.executors.metrics import RunMetrics
 from klein_ray.output.layout import PROGRESS
-from klein_ray.run import telemetry
-from klein_ray.run.driver import Driver, RenderJob
-from klein_ray.run.inprocess import InProcessExecutor
-from klein_ray.run.metrics import RunMetrics
-from klein_ray.run.policy import Settlement
-from klein_ray.run.worker import RenderWorker
+from klein_ray.scheduling import telemetry
+from klein_ray.scheduling.driver import Driver, RenderJob
+from klein_ray.scheduling.policy import Settlement
 from klein_ray.storage import LocalStore
 from klein_ray.types import RowError, RowResult, WorkUnit
+from klein_ray.worker.render import RenderWorker
 
 
 class _Clock:
@@ -99,7 +99,7 @@ def test_progress_is_written_during_a_run_and_status_shows_it(tmp_path, tiny_mod
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     config = JobConfig(default_variant="tiny", run=RunConfig(in_flight_per_actor=1), variants={
         "tiny": VariantConfig(source=str(tiny_models["tiny"]), pipeline="distilled", batch_size=2)})
-    driver = Driver(RenderJob(str(manifest), str(out), config), lambda: InProcessExecutor(Held))
+    driver = Driver(RenderJob(str(manifest), str(out), config), lambda: InProcessExecutor(Held.load))
     result = {}
     runner = threading.Thread(target=lambda: result.update(zip(("summary", "code"), driver.run())))
     runner.start()
@@ -108,7 +108,7 @@ def test_progress_is_written_during_a_run_and_status_shows_it(tmp_path, tiny_mod
         while not seen_running.is_set() and runner.is_alive():
             try:
                 p = json.loads(store.get(PROGRESS))
-            except Exception:  # noqa: BLE001 - not written yet
+            except Exception:
                 release.wait(0.02)  # a polling interval, not a synchronisation: Held holds the run
                 continue
             if p["state"] == "running" and p["committed"] == 4 and p["in_flight"] == 2:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import bflfiles
 import numpy as np
 import pytest
 import torch
@@ -13,7 +14,6 @@ from diffusers import Flux2Transformer2DModel
 from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
 from PIL import Image
 
-import bflfiles
 from klein_ray.model import bflkeys
 from klein_ray.model.pipeline import KleinModel, RenderRequest
 from klein_ray.model.quantized import CheckpointError, dequantize_nvfp4, unpack_e2m1, unswizzle
@@ -90,7 +90,7 @@ def test_padded_nvfp4_weight_is_cut_to_the_model_shape():
 
 
 def test_key_mapping_round_trips_through_diffusers_converter(state):
-    bfl = bflkeys.to_bfl(state)
+    bfl = bflfiles.to_bfl(state)
     assert "double_blocks.0.img_attn.qkv.weight" in bfl and "single_blocks.1.linear1.weight" in bfl
     assert bflkeys.bfl_shapes({k: tuple(v.shape) for k, v in state.items()}) == \
         {k: tuple(v.shape) for k, v in bfl.items()}
@@ -108,7 +108,7 @@ def test_key_mapping_covers_the_full_size_4b_with_guidance():
     bfl = bflkeys.bfl_shapes(shapes)
     assert bfl["double_blocks.4.txt_attn.qkv.weight"] == (3 * 3072, 3072)
     assert "guidance_in.out_layer.weight" in bfl and "single_blocks.19.linear2.weight" in bfl
-    back = convert_flux2_transformer_checkpoint_to_diffusers(bflkeys.to_bfl(model.state_dict()))
+    back = convert_flux2_transformer_checkpoint_to_diffusers(bflfiles.to_bfl(model.state_dict()))
     assert {k: tuple(v.shape) for k, v in back.items()} == shapes
 
 
@@ -225,9 +225,10 @@ def test_files_that_are_not_checkpoints_fail_loudly(tmp_path, tiny_models, state
 
 def test_a_job_renders_a_quantized_variant_like_its_dequantized_twin(tmp_path, tiny_models, state):
     from helpers import assert_done, row, write_manifest
+
     from klein_ray.config import JobConfig, RunConfig, VariantConfig
-    from klein_ray.run.driver import EXIT_OK, Driver, RenderJob
-    from klein_ray.run.inprocess import InProcessExecutor
+    from klein_ray.executors.inprocess import InProcessExecutor
+    from klein_ray.scheduling.driver import EXIT_OK, Driver, RenderJob
     from klein_ray.storage import LocalStore
 
     # The twin: the tiny model directory with the file's dequantized weights in diffusers form.
@@ -255,11 +256,11 @@ def test_a_job_renders_a_quantized_variant_like_its_dequantized_twin(tmp_path, t
 
 def test_a_corrupt_file_fails_its_variants_rows_naming_the_layer(tmp_path, tiny_models, state):
     import pyarrow.parquet as pq
-
     from helpers import row, write_manifest
+
     from klein_ray.config import JobConfig, RunConfig, VariantConfig
-    from klein_ray.run.driver import EXIT_ROWS_FAILED, Driver, RenderJob
-    from klein_ray.run.inprocess import InProcessExecutor
+    from klein_ray.executors.inprocess import InProcessExecutor
+    from klein_ray.scheduling.driver import EXIT_ROWS_FAILED, Driver, RenderJob
 
     tensors, layers, _ = bflfiles.bfl_tensors(state, "nvfp4")
     tensors.pop(f"{L}.weight_scale_2")

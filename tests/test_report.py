@@ -19,8 +19,8 @@ from klein_ray.output.report import (
     entries_from_parquet_bytes,
     entries_to_parquet_bytes,
 )
-from klein_ray.render.encode import make_thumbnail
 from klein_ray.types import RowError
+from klein_ray.worker.encode import make_thumbnail
 
 try:  # importable whether or not tests/ is a package
     from tests.browser import chromium_available, open_in_chromium

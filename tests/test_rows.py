@@ -24,6 +24,7 @@ from klein_ray.intake.rows import (
 from klein_ray.output.layout import image_key
 from klein_ray.types import RowError, RowSpec
 
+
 @pytest.fixture
 def validator() -> RowValidator:
     return RowValidator(make_config(), BASE)

@@ -18,11 +18,10 @@ from klein_ray.storage import (
     StorageError,
     TooLarge,
     check_key,
-    local_path,
     open_store,
-    split_s3,
 )
 from klein_ray.storage.s3 import S3Store
+from klein_ray.uris import local_path, split_s3
 
 UNSAFE_KEYS = ["../x", "/abs", "a//b", "a\\b", "", "a/../b", "./a", "a/.", "a/", ".."]
 

@@ -9,26 +9,25 @@ after a given commit marker landed), never after a sleep.
 
 from __future__ import annotations
 
-import json
-
 import hashlib
+import json
 import threading
 import time
 
 import pytest
-
 from faultproxy import FaultProxy
 from helpers import assert_done, last_json, row, run_cli, write_config, write_manifest
+
 from klein_ray.config import JobConfig, RunConfig, StorageConfig, VariantConfig
+from klein_ray.executors.base import WorkerFailed
+from klein_ray.executors.inprocess import InProcessExecutor
 from klein_ray.output.layout import LEASE, RESULTS, SUMMARY, meta_key
-from klein_ray.run.driver import EXIT_OK, EXIT_TEMPFAIL, Driver, RenderJob
-from klein_ray.run.executor import WorkerFailed
-from klein_ray.run.inprocess import InProcessExecutor
-from klein_ray.run.stopping import OutageWatch
-from klein_ray.run.worker import RenderWorker
+from klein_ray.scheduling.driver import EXIT_OK, EXIT_TEMPFAIL, Driver, RenderJob
+from klein_ray.scheduling.stopping import OutageWatch
 from klein_ray.storage import LocalStore, StorageError, open_store
 from klein_ray.storage.base import StorageUnavailable
 from klein_ray.types import RowError, RowResult, RowSpec, UnitOutcome
+from klein_ray.worker.render import RenderWorker
 
 TRY_LATER = "nothing is lost, run the same command again later"
 
@@ -46,7 +45,7 @@ def test_abort_from_another_thread_stops_issuing_work_and_settles_what_is_in_fli
     entered, go = threading.Event(), threading.Event()
 
     def make(spec):
-        worker = RenderWorker(spec)
+        worker = RenderWorker.load(spec)
         render = worker.render_unit
 
         def render_unit(unit):

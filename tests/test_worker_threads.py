@@ -13,21 +13,21 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from helpers import assert_done, row, write_manifest
+
 from klein_ray.config import JobConfig, RunConfig, VariantConfig
+from klein_ray.executors.inprocess import InProcessExecutor
 from klein_ray.model.pipeline import KleinModel
-from klein_ray.run import worker as worker_module
-from klein_ray.run.driver import EXIT_OK, Driver, RenderJob
-from klein_ray.run.inprocess import InProcessExecutor
-from klein_ray.run.worker import RenderWorker
-from klein_ray.run.worker_threads import ModelThread
+from klein_ray.scheduling.driver import EXIT_OK, Driver, RenderJob
 from klein_ray.storage import LocalStore
+from klein_ray.worker import render as worker_module
+from klein_ray.worker.render import RenderWorker
+from klein_ray.worker.threads import ModelThread
 
 GUARD_S = 60  # how long a test waits for an overlap before it fails (never reached when it works)
 
 
-def _run(tmp_path: Path, tiny_models, rows: int, in_flight: int, factory=RenderWorker,
+def _run(tmp_path: Path, tiny_models, rows: int, in_flight: int, factory=RenderWorker.load,
          cpus_per_actor: float | None = None):
     config = JobConfig(
         default_variant="tiny",
@@ -59,7 +59,7 @@ def test_the_model_is_loaded_and_called_on_one_thread_whatever_thread_runs_the_u
     monkeypatch.setattr(KleinModel, "from_pretrained", recording_load)
 
     def make(spec):
-        worker = RenderWorker(spec)
+        worker = RenderWorker.load(spec)
         worker.model.pipe.transformer.register_forward_pre_hook(
             lambda module, args: forwards.append(threading.get_ident()))
         render_unit = worker.render_unit
@@ -84,7 +84,7 @@ def test_one_units_images_are_encoded_while_the_model_renders_the_next(tmp_path,
     renders, seen = [], {}
 
     def make(spec):
-        worker = RenderWorker(spec)
+        worker = RenderWorker.load(spec)
         render = worker.model.render
 
         def handshaking(request):
@@ -118,7 +118,7 @@ def test_no_more_encodes_run_at_once_than_the_worker_has_cpus(tmp_path, tiny_mod
     all_rendered = threading.Event()
 
     def make(spec):
-        worker = RenderWorker(spec)
+        worker = RenderWorker.load(spec)
         render = worker.model.render
 
         def counting(request):
@@ -166,7 +166,7 @@ def test_a_model_thread_raises_its_calls_errors_in_the_caller_and_ends_with_its_
 
 
 def test_a_worker_around_a_model_in_memory_commits_like_one_that_loaded_it(tmp_path, tiny_models):
-    """``RenderWorker.from_model``: what the GPU benchmark wraps its full-size models in."""
+    """``RenderWorker(spec, model)``: what the GPU benchmark wraps its full-size models in."""
     import json
 
     models = []
@@ -174,7 +174,7 @@ def test_a_worker_around_a_model_in_memory_commits_like_one_that_loaded_it(tmp_p
     def factory(spec):
         model = KleinModel.from_pretrained(str(tiny_models["tiny"]), pipeline="distilled", threads=spec.threads)
         models.append(model)
-        return RenderWorker.from_model(spec, model, test_model=True, warmup={"calls": 0})
+        return RenderWorker(spec, model, test_model=True, warmup={"calls": 0})
 
     store = _run(tmp_path, tiny_models, rows=6, in_flight=2, factory=factory)
     loaded = _run(tmp_path / "loaded", tiny_models, rows=6, in_flight=2)

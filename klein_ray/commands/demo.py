@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
 
 from klein_ray.config import DEFAULT_TINY_MODEL
+from klein_ray.intake.schema import manifest_schema
 
 log = logging.getLogger(__name__)
 
@@ -21,17 +23,10 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = DEFAULT_TINY_MODEL
 TINY_BASE = ".cache/tiny-klein-base"
 
-EXAMPLE_SCHEMA = pa.schema([
-    ("id", pa.string()), ("prompt", pa.string()), ("variant", pa.string()),
-    ("references", pa.list_(pa.string())), ("width", pa.int32()), ("height", pa.int32()),
-    ("steps", pa.int32()), ("guidance", pa.float32()), ("seed", pa.int64()),
-    ("format", pa.string()), ("sku", pa.string()), ("campaign", pa.string()),
-])
+EXAMPLE_SCHEMA = manifest_schema([("sku", pa.string()), ("campaign", pa.string())])
 
 
-def _ref_images() -> dict[str, object]:
-    from PIL import Image, ImageDraw
-
+def _ref_images() -> dict[str, Image.Image]:
     shapes = {}
     for name, size, colour, draw_fn in (
         ("sneaker", (256, 192), (200, 40, 40), "ellipse"),
@@ -53,10 +48,10 @@ def _ref_images() -> dict[str, object]:
 
 def example_rows(ref_dir: str = "manifests/refs") -> list[dict]:
     """The sample rows: every mode, both variants, all formats, given and derived seeds."""
-    r = lambda name: f"{ref_dir}/{name}.png"  # noqa: E731
-    base = dict(variant=None, references=None, width=None, height=None, steps=None,
+    r = lambda name: f"{ref_dir}/{name}.png"
+    base: dict[str, object] = dict(variant=None, references=None, width=None, height=None, steps=None,
                 guidance=None, seed=None, format=None, sku=None, campaign="demo")
-    rows = [
+    rows: list[dict[str, object]] = [
         dict(id="t2i-square", prompt="a studio photo of a red sneaker on a white background",
              width=256, height=256, seed=1, sku="SNK-1"),
         dict(id="t2i-wide", prompt="a ceramic mug on an oak table, soft window light",

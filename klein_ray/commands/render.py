@@ -8,11 +8,11 @@ driver only ever sees the ``Executor`` interface.
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from klein_ray.config import ConfigError
-from klein_ray.run.driver import Driver, Progress, RenderJob
-from klein_ray.run.executor import Executor
+from klein_ray.executors.base import Executor
+from klein_ray.scheduling.driver import Driver, Progress, RenderJob
 
 EXECUTORS = ("ray", "local")
 
@@ -22,7 +22,7 @@ def executor_factory(kind: str, address: str | None = None) -> Callable[[], Exec
     (a resumed job with nothing left never starts Ray)."""
     if kind == "ray":
         def make() -> Executor:
-            from klein_ray.run.ray_executor import RayExecutor  # the only module importing ray
+            from klein_ray.executors.ray_cluster import RayExecutor  # the only module importing ray
 
             return RayExecutor(address)
         return make
@@ -31,7 +31,7 @@ def executor_factory(kind: str, address: str | None = None) -> Callable[[], Exec
             raise ConfigError("--address joins a Ray cluster; it means nothing with --executor local")
 
         def make_local() -> Executor:
-            from klein_ray.run.inprocess import InProcessExecutor
+            from klein_ray.executors.inprocess import InProcessExecutor
 
             return InProcessExecutor()
         return make_local
@@ -52,7 +52,7 @@ def units_left_running() -> bool:
     """Whether the in-process executor left units running on threads (a hung worker's, or units
     a stop cut off). Threads cannot be killed, and one cut off inside torch as the interpreter
     exits aborts the process (exit 134), so the CLI then ends it with ``os._exit``."""
-    inprocess = sys.modules.get("klein_ray.run.inprocess")  # only if a run used it
+    inprocess = sys.modules.get("klein_ray.executors.inprocess")  # only if a run used it
     return bool(inprocess is not None and inprocess.units_running())
 
 

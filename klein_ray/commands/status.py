@@ -10,11 +10,11 @@ job's ``_job/progress.json`` is shown too.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 from klein_ray.config import StorageConfig
 from klein_ray.intake.manifest import Manifest, ManifestError
+from klein_ray.output.audit import census
 from klein_ray.output.joblog import read_errors, read_progress, read_state
 from klein_ray.output.ledger import Ledger
 from klein_ray.storage import StorageError, open_store
@@ -44,37 +44,22 @@ class OutputStatus:
 
 def output_status(uri: str, storage: StorageConfig | None = None) -> OutputStatus:
     """Exact counts, cheaply: the checkpoint names most committed rows; only rows it does not
-    name are looked up (a HEAD-sized GET of each marker) when they are few, else every marker is
-    listed (one request per 1,000)."""
+    name are judged by the ledger's predicate, looked up one by one when they are few, else
+    found by listing every marker (one request per 1,000)."""
     storage = storage or StorageConfig()
     ledger = Ledger(open_store(uri, storage))
     state = read_state(ledger.store) or {}
     manifest_ids = _manifest_ids(state.get("manifest"), storage)
-    checkpointed = set(ledger.done())
-    outside = manifest_ids - checkpointed if manifest_ids is not None else None
-    if outside is not None and len(outside) <= LOOKUP_LIMIT:
-        found = _lookup(ledger, outside)
-        markers = checkpointed | {i for i, state in found.items() if state == "readable"}
-        unreadable = {i for i, state in found.items() if state == "unreadable"}
-        how = f"checkpoint + {len(outside)} marker lookups"
-    else:
-        listed = ledger.committed_ids()
-        unreadable = {i for i in listed - checkpointed if ledger.read_meta(i) is None}
-        markers = listed - unreadable
-        how = "checkpoint + a listing of every marker"
-    foreign = markers - manifest_ids if manifest_ids is not None else set()
-    committed = markers - foreign
+    outside = manifest_ids - set(ledger.done()) if manifest_ids is not None else None
+    found = census(ledger, outside if outside is not None and len(outside) <= LOOKUP_LIMIT else None)
+    foreign = found.committed - manifest_ids if manifest_ids is not None else set()
+    committed = found.committed - foreign
     failed = _failed_rows(ledger, committed)
     total = state.get("total")
     remaining = max(0, total - len(committed) - failed) if total is not None else None
     return OutputStatus(len(committed), failed, remaining, total, state.get("manifest"),
-                        len(foreign) if manifest_ids is not None else None, len(unreadable),
-                        read_progress(ledger.store), how)
-
-
-def _lookup(ledger: Ledger, ids: set[str]) -> dict[str, str]:
-    with ThreadPoolExecutor(16) as pool:
-        return dict(zip(ids, pool.map(ledger.marker_state, ids)))
+                        len(foreign) if manifest_ids is not None else None, found.unreadable,
+                        read_progress(ledger.store), found.how)
 
 
 def _failed_rows(ledger: Ledger, committed: set[str]) -> int:

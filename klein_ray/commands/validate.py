@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from klein_ray.assets.confinement import confine, refusal
+from klein_ray.assets.references import ReferenceError, ReferenceFetcher
 from klein_ray.config import JobConfig
 from klein_ray.intake.manifest import Manifest, id_hash, prescan
 from klein_ray.intake.rows import RowValidator, duplicate_id_error
 from klein_ray.model.limits import shape_problem
-from klein_ray.render.confinement import confine, refusal
-from klein_ray.render.references import ReferenceError, ReferenceFetcher
 from klein_ray.types import RowError, RowSpec
 
 
@@ -49,9 +49,9 @@ def _reference_problems(row: RowSpec, refcfg, fetcher: ReferenceFetcher | None,
         if ref not in checked_refs:
             # Confinement first: it reads nothing, so it is checked with or without fetching.
             checked_refs[ref] = refusal(ref, refcfg) or (_fetch_problem(fetcher, ref) if fetcher else None)
-        if checked_refs[ref]:
-            found.append(RowError.for_row(row, "fetch", "ReferenceError", checked_refs[ref],
-                                          column="references"))
+        problem = checked_refs[ref]
+        if problem:
+            found.append(RowError.for_row(row, "fetch", "ReferenceError", problem, column="references"))
     return found
 
 

@@ -11,35 +11,22 @@ from __future__ import annotations
 import hashlib
 import tempfile
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from klein_ray.config import StorageConfig
-from klein_ray.storage import Store, StorageError, is_s3, local_path, open_store, split_s3
+from klein_ray.intake.schema import REQUIRED, type_problem
+from klein_ray.storage import StorageError, Store, open_store
 from klein_ray.types import first_line
+from klein_ray.uris import FILE, S3, UriError, is_s3, local_path, parse, split_s3
 
 READ_BATCH_ROWS = 4096
-
-_STRING = (pa.types.is_string, pa.types.is_large_string)
-_INTEGER = (pa.types.is_integer,)
-_NUMBER = (pa.types.is_integer, pa.types.is_floating)
-COLUMN_TYPES = {
-    "id": ("string", _STRING),
-    "prompt": ("string", _STRING),
-    "variant": ("string", _STRING),
-    "width": ("integer", _INTEGER),
-    "height": ("integer", _INTEGER),
-    "steps": ("integer", _INTEGER),
-    "guidance": ("float", _NUMBER),
-    "seed": ("int64", _INTEGER),
-    "format": ("string", _STRING),
-}
-
 
 class ManifestError(ValueError):
     """The manifest cannot be used as a whole (exit code 2)."""
@@ -61,7 +48,7 @@ class Manifest:
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.files = self._open(uri, storage or StorageConfig())
 
-    def __enter__(self) -> "Manifest":
+    def __enter__(self) -> Manifest:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -103,6 +90,10 @@ class Manifest:
     # -- opening -------------------------------------------------------------------------
 
     def _open(self, uri: str, storage: StorageConfig) -> list[ManifestFile]:
+        try:
+            parse(uri, accept=(S3, FILE), what="manifest")
+        except UriError as exc:
+            raise ManifestError(f"manifest: {exc}") from None
         if is_s3(uri):
             paths = self._download_s3(uri, storage)
         else:
@@ -134,20 +125,13 @@ class Manifest:
         except (pa.ArrowInvalid, OSError) as exc:
             raise ManifestError(f"manifest {name}: not a Parquet file ({exc})") from None
         schema = pf.schema_arrow
-        for column in ("id", "prompt"):
+        for column in REQUIRED:
             if column not in schema.names:
                 raise ManifestError(f"manifest {name}: missing required column {column!r}")
-        for column, (wanted, checks) in COLUMN_TYPES.items():
-            if column in schema.names and not _type_ok(schema.field(column).type, checks):
-                raise ManifestError(
-                    f"manifest {name}: column {column!r} has type {schema.field(column).type}, expected {wanted}"
-                )
-        if "references" in schema.names:
-            t = schema.field("references").type
-            is_list = pa.types.is_list(t) or pa.types.is_large_list(t)
-            # A column of nulls only (no row has references) is type null: that is fine.
-            if not (pa.types.is_null(t) or (is_list and _type_ok(t.value_type, _STRING))):
-                raise ManifestError(f"manifest {name}: column 'references' has type {t}, expected list<string>")
+        for field in schema:
+            problem = type_problem(field.name, field.type)
+            if problem is not None:
+                raise ManifestError(f"manifest {name}: {problem}")
         return ManifestFile(name, path, pf.metadata.num_rows, tuple(schema.names))
 
 
@@ -174,7 +158,8 @@ def prescan(manifest: Manifest, default_variant: str, done: DoneMask | None = No
 
     Ids are kept as 8-byte hashes in numpy arrays, so this stays ~8 bytes a row.
     """
-    chunks, pending = [], Counter()
+    chunks: list[np.ndarray] = []
+    pending: Counter[str] = Counter()
     for batch in manifest.iter_batches(["id", "variant"], batch_size=16384, decode_all=True):
         ids = batch.column("id").to_pylist()
         # Only string ids can collide: a null id must not make the id "None" a duplicate.
@@ -191,12 +176,6 @@ def prescan(manifest: Manifest, default_variant: str, done: DoneMask | None = No
     hashes = np.sort(np.concatenate(chunks))
     dup = hashes[1:][hashes[1:] == hashes[:-1]]
     return {int(h) for h in np.unique(dup)}, pending
-
-
-def _type_ok(t: pa.DataType, checks) -> bool:
-    if pa.types.is_dictionary(t):  # dictionary-encoded (categorical) columns read as their values
-        t = t.value_type
-    return pa.types.is_null(t) or any(check(t) for check in checks)
 
 
 def _local_files(uri: str) -> list[tuple[str, Path]]:

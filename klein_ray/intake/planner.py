@@ -10,8 +10,8 @@ manifest is and however scattered its rows.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
+from collections.abc import Iterable, Iterator
 from itertools import islice
-from typing import Iterable, Iterator
 
 from klein_ray.types import RowSpec, WorkUnit
 

@@ -9,26 +9,22 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 from klein_ray.config import JobConfig
+from klein_ray.intake.schema import KNOWN_COLUMNS
 from klein_ray.types import IMAGE_EXTENSIONS, RowError, RowSpec
+from klein_ray.uris import FILE, HTTP, S3, parse
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-KNOWN_COLUMNS = (
-    "id", "prompt", "variant", "references", "width", "height", "steps", "guidance", "seed",
-    "format",
-)
 # SPEC's bounds on output sides. They must sit inside what the model accepts (model/limits.py,
 # which this package does not import: the driver reads rows and stays clear of the model);
 # tests/test_rows.py checks that they do.
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 64, 2048, 16
 MAX_SEED = 2**63 - 1
 LABEL_CHARS = 160  # the most characters of an invalid id an error record keeps
-REFERENCE_SCHEMES = ("s3://", "http://", "https://", "file://")
 
 
 def derive_seed(row_id: str) -> int:
@@ -48,21 +44,14 @@ def duplicate_id_error(row_id: str, file: str, index: int) -> RowError:
 
 
 def normalise_reference(uri: str, base_dir: Path) -> str:
-    """A reference as an absolute URI; plain paths are resolved against ``base_dir`` (the CWD).
+    """A reference as an absolute URI (``klein_ray.uris``); plain paths are resolved against
+    ``base_dir``.
 
     Lexically ('..' and '.' folded), without following symlinks: the worker resolves the path
     when it checks it against ``references.local_roots``, and a refusal then quotes the path as
     written, never a link's target outside the roots."""
-    if uri.startswith(REFERENCE_SCHEMES):
-        return uri
-    if "://" in uri:
-        scheme = uri.split("://", 1)[0]
-        raise ValueError(f"unsupported reference scheme {scheme!r} (use s3://, http(s)://, file:// or a path)")
-    try:
-        path = Path(uri).expanduser()
-    except RuntimeError:  # "~user" with no such user
-        raise ValueError(f"cannot expand the home directory in {uri!r}") from None
-    return Path(os.path.normpath(base_dir.absolute() / path)).as_uri()
+    where = parse(uri, accept=(S3, HTTP, FILE), base=base_dir, what="reference")
+    return uri if where.kind == HTTP else where.uri
 
 
 class RowValidator:
@@ -103,7 +92,7 @@ class RowValidator:
         # 4. References: count and scheme here; size, content and address when fetched.
         references = self._references(raw.get("references"), bad)
 
-        if problems:
+        if problems or vcfg is None or not isinstance(row_id, str) or not isinstance(prompt, str):
             return [
                 RowError(str(label), "validate", "InvalidRow", reason, 1, file, index, column)
                 for column, reason in problems

@@ -15,8 +15,6 @@ in diffusers.
 
 from __future__ import annotations
 
-from typing import Any
-
 # Modules outside the blocks: diffusers name -> BFL name.
 _TOP = {
     "x_embedder": "img_in",
@@ -105,17 +103,6 @@ def bfl_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]
     for name, keys in plan(shapes).items():
         first = shapes[keys[0]]
         out[name] = (sum(shapes[k][0] for k in keys), *first[1:])
-    return out
-
-
-def to_bfl(state: dict[str, Any]) -> dict[str, Any]:
-    """A diffusers Flux2 transformer state dict in BFL's layout (tensors shared where possible)."""
-    import torch
-
-    out = {}
-    for name, keys in plan(state).items():
-        tensor = state[keys[0]] if len(keys) == 1 else torch.cat([state[k] for k in keys], dim=0)
-        out[name] = swap_halves(tensor) if name == SWAPPED else tensor
     return out
 
 

@@ -78,6 +78,9 @@ def quantize_weight(weight: torch.Tensor, tensor_scale: float | None = None) -> 
 class Fp8Linear(nn.Module):
     """``y = x @ W.T (+ b)`` with W in float8 (per-row scales) and x cast to float8 per call."""
 
+    weight: torch.Tensor  # buffers, registered in __init__ (declared for the type checker)
+    weight_scale: torch.Tensor
+
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                  out_dtype: torch.dtype, rowwise: bool = True):
         super().__init__()

@@ -99,7 +99,7 @@ class KleinModel:
     def from_pretrained(cls, source: str, pipeline: str = "auto", dtype: str = "auto",
                         device: str | None = None, threads: int | None = None,
                         prompt_cache: int = 1024, settings: GPUSettings | None = None,
-                        transformer_file: str | None = None) -> "KleinModel":
+                        transformer_file: str | None = None) -> KleinModel:
         """Load ``source`` (a local diffusers directory or a Hub repo id) with diffusers'
         ``from_pretrained``; ``pipeline`` 'base'/'distilled' override the checkpoint's flag,
         'kv' loads it as ``Flux2KleinKVPipeline``, 'auto' as its model_index.json says.
@@ -136,7 +136,7 @@ class KleinModel:
 
     @classmethod
     def from_pipe(cls, pipe, source: str = "(in memory)", device: str | None = None,
-                  prompt_cache: int = 1024, settings: GPUSettings | None = None) -> "KleinModel":
+                  prompt_cache: int = 1024, settings: GPUSettings | None = None) -> KleinModel:
         """Wrap a pipeline already in memory (like diffusers' ``from_pipe``). Settings change
         ``pipe`` in place (compile, channels-last): measure diffusers' own call before wrapping."""
         return cls(pipe, source=source, device=device, prompt_cache=prompt_cache, settings=settings)

@@ -52,10 +52,6 @@ METADATA_KEY = "_quantization_metadata"
 MARKER = ".comfy_quant"
 FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")
 FORMATS = (*FP8_FORMATS, "nvfp4")
-# Per-layer tensors besides the weight, by format (ComfyUI's QUANT_ALGOS "parameters").
-COMPANIONS = {"float8_e4m3fn": ("weight_scale", "input_scale"),
-              "float8_e5m2": ("weight_scale", "input_scale"),
-              "nvfp4": ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale")}
 QUANT_SUFFIXES = (".weight_scale", ".weight_scale_2", ".input_scale", ".pre_quant_scale",
                   ".scale_weight", ".scale_input")
 # E2M1: sign bit 3, then 2 exponent and 1 mantissa bits (OCP MX spec; comfy-kitchen's E2M1_LUT).

@@ -10,6 +10,7 @@ No I/O; torch only.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
 DEFAULT_OUT_LAYERS = (9, 18, 27)
 
@@ -32,7 +33,7 @@ class PromptEncoder:
         """(embeddings [B, L, 3*hidden] on the encoder's device, untruncated token counts)."""
         import torch
 
-        found = {}
+        found: dict[str, tuple[Any, int]] = {}  # prompt -> (embedding tensor, token count)
         for p in dict.fromkeys(prompts):
             if (p, max_sequence_length) in self._cache:
                 self._cache.move_to_end((p, max_sequence_length))

@@ -103,7 +103,7 @@ def _tiny_parts(seed: int) -> dict:
         axes_dims_rope=(4, 4, 4, 4),
         rope_theta=2000,
         guidance_embeds=False,
-    ).eval()
+    ).eval()  # type: ignore[attr-defined]
 
     # 4. VAE: four small blocks (scale factor 8 like the real one), 32 latent channels, 2x2 patches.
     vae = AutoencoderKLFlux2(
@@ -113,7 +113,7 @@ def _tiny_parts(seed: int) -> dict:
         norm_num_groups=4,
         sample_size=64,
         patch_size=(2, 2),
-    ).eval()
+    ).eval()  # type: ignore[attr-defined]
 
     # 5. Scheduler: the real checkpoints' settings (shift 3.0, dynamic shifting).
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)

@@ -15,6 +15,7 @@ and a run starts by merging whatever earlier runs left when that is more than a 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
@@ -53,7 +54,7 @@ class DoneSet:
     def __iter__(self):
         return iter(self._ids)
 
-    def without(self, ids: frozenset[str]) -> "DoneSet":
+    def without(self, ids: frozenset[str]) -> DoneSet:
         """These rows are not done after all (``render --verify`` found them broken)."""
         return DoneSet(list(self._ids - ids))
 
@@ -81,6 +82,14 @@ class Checkpoint:
         for column in columns:
             ids.extend(column.to_pylist())
         return DoneSet(ids)
+
+    def records(self, columns: tuple[str, ...] = ("id", "image_key", "sha256", "bytes", "meta_key")
+                ) -> Iterator[dict]:
+        """The committed rows the parts name, part by part (an id may occur in two parts
+        after a crash mid-merge)."""
+        for key in self._keys():
+            for batch in _read(self.store, key, list(columns)).to_batches():
+                yield from batch.to_pylist()
 
     def record(self, result: RowResult) -> None:
         self._rows.append({

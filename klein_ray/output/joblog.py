@@ -25,9 +25,10 @@ from klein_ray.output.report import (
     entries_from_parquet_bytes,
     entries_to_parquet_bytes,
 )
-from klein_ray.storage import NotFound, Store, local_path
+from klein_ray.storage import NotFound, Store
 from klein_ray.storage.tables import get_table, put_table
 from klein_ray.types import RowError, RowResult
+from klein_ray.uris import local_path
 
 ERRORS_SCHEMA = pa.schema([
     ("id", pa.string()), ("stage", pa.string()), ("error_type", pa.string()),

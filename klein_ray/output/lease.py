@@ -31,12 +31,12 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 from klein_ray.output.layout import LEASE
-from klein_ray.storage import AlreadyExists, NotFound, Store, StorageError, VersionChanged
+from klein_ray.storage import AlreadyExists, NotFound, StorageError, Store, VersionChanged
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class Lease:
 
     # -- keeping -----------------------------------------------------------------------
 
-    def fresh(self) -> bool:
+    def renewed_recently(self) -> bool:
         """Held and renewed recently enough that no one else can have taken it over (False
         right after this process woke from a long pause, until the next renewal says)."""
         return self.lost is None and _clock() - self._last_renewed < self.ttl - self.renew_every
@@ -221,7 +221,7 @@ class Lease:
                 return
             self.record = replace(self.record, seq=self.record.seq + 1, released=True)
             try:
-                etag = self._write(if_match=self.etag)
+                etag: str | None = self._write(if_match=self.etag)
             except VersionChanged:
                 etag = self._released_late()
                 if etag is None:
@@ -256,7 +256,7 @@ class Lease:
     def _is_ours(self, holder: LeaseRecord | None) -> bool:
         return holder is not None and holder.nonce == self.record.nonce and not holder.released
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         self.acquire()
         return self
 

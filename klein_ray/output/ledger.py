@@ -1,6 +1,12 @@
 """The ledger: the only place that decides a row is done, and the commit protocol that makes it so.
 
-A row is done exactly when ``meta/{id}.json`` exists and names an image whose sha256 matches.
+**The predicate** (``commit_problem``, the one function every caller asks: the worker's skip
+check, resume, ``status``, ``verify`` and ``render --verify``): a row is committed exactly when
+``meta/{id}.json`` is readable, says it is the row's (its ``id``), names the row's own image key
+(``images/{id}.{ext}``), and that image is stored with the size and sha256 the marker names
+(shallow: the sha256 the image carries in its own metadata; deep: its bytes hashed). Anything
+else commits nothing, whatever the checkpoint says; ``committed_rows`` lists the rows that are
+committed, with their records, from the checkpoint plus the markers outside it.
 
 **The invariant: once a row's marker exists, the image it names never changes, whoever writes
 late.** Every write of the protocol is conditional, so a write that lands late (a zombie worker
@@ -39,6 +45,8 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -66,6 +74,69 @@ class Receipt:
     adopted: bool = False  # the image is a leftover of an attempt at the same inputs
 
 
+@dataclass(frozen=True)
+class CommittedRow:
+    """A committed row's record: where its marker and image are, and the image's identity."""
+
+    id: str
+    image_key: str
+    sha256: str
+    bytes: int
+    meta_key: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Why a row is not committed, and the version of its marker that was judged ('' if there
+    is none): a repair replaces the row only while the marker is still that version."""
+
+    id: str
+    problem: str
+    marker_version: str = ""
+    present: bool = True  # a marker object exists (readable or not)
+
+
+def own_image_keys(row_id: str) -> set[str]:
+    """The keys a row's image may have: ``images/{id}.{ext}`` for each output format."""
+    return {image_key(row_id, fmt) for fmt in IMAGE_EXTENSIONS}
+
+
+def identity_problem(row_id: str, marker: dict[str, Any]) -> str | None:
+    """Whether a (parsed) marker is the row's own: its id, and an image key of the row's."""
+    named = marker.get("id")
+    if named != row_id:
+        return f"the marker is row {named!r}'s, not this row's" if isinstance(named, str) else \
+            "the marker names no row id"
+    if marker["image"]["key"] not in own_image_keys(row_id):
+        return f"the marker names {marker['image']['key']}, which is not this row's image"
+    return None
+
+
+def commit_problem(row_id: str, marker: dict[str, Any] | None, image: ObjectInfo | None,
+                   data: bytes | None = None) -> str | None:
+    """THE predicate: why ``marker`` (parsed; None if absent or unreadable) does not commit the
+    row ``row_id`` given what is stored at the image key it names (``image``, None if nothing;
+    ``data``: the image's bytes when checking deep), or None when it does."""
+    if marker is None:
+        return "no readable marker naming an image (key, sha256, bytes)"
+    problem = identity_problem(row_id, marker)
+    if problem is not None:
+        return problem
+    named = marker["image"]
+    if image is None:
+        return f"{named['key']} is missing"
+    if image.size != named["bytes"]:
+        return f"{named['key']} is {image.size} bytes, the marker says {named['bytes']}"
+    sha = _sha_of(image)
+    if sha is None:
+        return f"{named['key']} carries no sha256 of its own (written by another tool?)"
+    if sha != named["sha256"]:
+        return f"{named['key']} is another image than the one the marker names (sha256 differs)"
+    if data is not None and hashlib.sha256(data).hexdigest() != named["sha256"]:
+        return f"{named['key']}: its bytes do not hash to the sha256 the marker names"
+    return None
+
+
 class Ledger:
     def __init__(self, store: Store, run_id: str = ""):
         self.store = store
@@ -74,83 +145,95 @@ class Ledger:
     # -- deciding ----------------------------------------------------------------------
 
     def done(self) -> DoneSet:
-        """Rows known committed, from the compact checkpoint (a few requests, not a listing)."""
+        """Rows known committed, from the compact checkpoint (a few requests, not a listing).
+        The checkpoint names only rows the predicate passed when they were committed."""
         return self.checkpoint.load()
 
     def record(self, result: RowResult) -> None:
         """Add a committed row to the checkpoint (flushed in parts)."""
         self.checkpoint.record(result)
 
-    def is_fresh(self) -> bool:
+    def output_is_empty(self) -> bool:
         """No marker and no image under OUT (two listing requests): nothing to check or adopt."""
         return all(next(iter(self.store.list(p)), None) is None for p in (layout.META, layout.IMAGES))
 
     def committed(self, row_id: str) -> dict[str, Any] | None:
-        """The row's marker if the row is done (marker and image agree, by HEAD), else None."""
+        """The row's marker if it commits the row (the predicate, image checked by HEAD)."""
         meta = self.read_meta(row_id)
-        if meta is None or self._image_problem(meta["image"]) is not None:
-            return None
-        return meta
+        return meta if meta is not None and self._problem(row_id, meta) is None else None
 
-    def committed_ids(self) -> set[str]:
-        """Ids whose marker exists, by listing every marker (exact, ~1 request per 1,000 rows)."""
-        ids = (layout.id_of_meta_key(obj.key) for obj in self.store.list(layout.META))
-        return {row_id for row_id in ids if row_id is not None}
+    def committed_rows(self, outside: Collection[str] | None = None) -> Iterator[CommittedRow]:
+        """Every committed row with its record: the rows the checkpoint names, then the rows
+        outside it whose marker commits them (the predicate: a GET and a HEAD each). Those are
+        the ids in ``outside`` when given (a few, looked up one by one), else every marker under
+        ``meta/`` not in the checkpoint (found by listing: one request per 1,000 markers)."""
+        seen: set[str] = set()
+        for record in self.checkpoint.records():
+            if record["id"] not in seen:
+                seen.add(record["id"])
+                yield CommittedRow(**record)
+        if outside is None:
+            outside = sorted(i for i in self.marker_ids() if i not in seen)
+        for _, verdict in self.judge_all([i for i in outside if i not in seen]):
+            if isinstance(verdict, CommittedRow):
+                yield verdict
+
+    def judge_all(self, ids: list[str], deep: bool = False,
+                  threads: int = 16) -> Iterator[tuple[str, CommittedRow | Verdict]]:
+        """Each row's verdict by the predicate, in ``ids``' order, ``threads`` requests at once:
+        its record if committed, else why not (with the marker's version judged)."""
+        with ThreadPoolExecutor(threads, thread_name_prefix="klein-ray-ledger") as pool:
+            yield from zip(ids, pool.map(lambda i: self.judge(i, deep), ids))
+
+    def judge(self, row_id: str, deep: bool = False) -> CommittedRow | Verdict:
+        """The predicate for one row: its record if committed, else a ``Verdict`` saying why not
+        and which version of its marker was judged ('' if none: what a repair replaces)."""
+        try:
+            current = self.store.get_versioned(meta_key(row_id))
+        except (NotFound, ValueError):  # ValueError: an id that cannot be a key has no marker
+            return Verdict(row_id, "no marker (the checkpoint names the row, meta/ does not)", "", present=False)
+        meta = _parse_marker(current.data)
+        problem = (self._problem(row_id, meta, deep) if meta is not None
+                   else "marker is not valid JSON naming an image (key, sha256, bytes)")
+        if problem is not None:
+            return Verdict(row_id, problem, current.etag)
+        image = meta["image"]  # type: ignore[index]
+        return CommittedRow(row_id, image["key"], image["sha256"], image["bytes"], meta_key(row_id))
+
+    def marker_ids(self) -> Iterator[str]:
+        """Ids that have a marker object (readable or not), by listing ``meta/``."""
+        for obj in self.store.list(layout.META):
+            row_id = layout.id_of_meta_key(obj.key)
+            if row_id is not None:
+                yield row_id
 
     def read_meta(self, row_id: str) -> dict[str, Any] | None:
         """The row's marker, or None if absent or unreadable (a damaged marker commits nothing)."""
         try:
             return _parse_marker(self.store.get(meta_key(row_id)))
-        except NotFound:
+        except (NotFound, ValueError):
             return None
 
-    def marker_state(self, row_id: str) -> str:
-        """'absent', 'unreadable' (commits nothing) or 'readable' (one GET; the image unchecked).
-        An id that cannot be a key (a manifest's invalid id) has no marker: 'absent'."""
-        try:
-            raw = self.store.get(meta_key(row_id))
-        except (NotFound, ValueError):
-            return "absent"
-        return "readable" if _parse_marker(raw) is not None else "unreadable"
-
-    def audit(self, row_id: str, deep: bool = False) -> str | None:
-        """What is wrong with a row that claims to be committed, or None if it is sound.
-        Shallow: marker, image size and the sha256 the image carries; ``deep`` hashes the bytes."""
-        return self.audit_version(row_id, deep)[0]
-
-    def audit_version(self, row_id: str, deep: bool = False) -> tuple[str | None, str]:
-        """``audit``, and the marker's version it judged ('' if there is none): a repair
-        replaces the row only while the marker is still that version."""
-        try:
-            current = self.store.get_versioned(meta_key(row_id))
-        except NotFound:
-            return "no marker (the checkpoint names the row, meta/ does not)", ""
-        return self._audit_marker(current.data, deep), current.etag
-
-    def _audit_marker(self, raw: bytes, deep: bool) -> str | None:
-        meta = _parse_marker(raw)
-        if meta is None:
-            return "marker is not valid JSON naming an image (key, sha256, bytes)"
-        image = meta["image"]
-        problem = self._image_problem(image)
-        if problem is None and deep:
+    def _problem(self, row_id: str, meta: dict[str, Any], deep: bool = False) -> str | None:
+        """``commit_problem`` for a parsed marker, reading what it needs of the image (nothing
+        when the marker is not the row's own)."""
+        problem = identity_problem(row_id, meta)
+        if problem is not None:
+            return problem
+        info = self.store.head(meta["image"]["key"])
+        data = None
+        if deep and info is not None:
             try:
-                data = self.store.get(image["key"])
+                data = self.store.get(meta["image"]["key"])
             except NotFound:
-                return f"{image['key']} is missing"
-            if hashlib.sha256(data).hexdigest() != image["sha256"]:
-                return f"{image['key']}: its bytes do not hash to the sha256 the marker names"
-        return problem
-
-    def verify(self, row_id: str) -> bool:
-        """SPEC's definition of done, checked in full (the image's bytes hashed)."""
-        return self.audit(row_id, deep=True) is None
+                info = None
+        return commit_problem(row_id, meta, info, data)
 
     # -- committing --------------------------------------------------------------------
 
     def commit(self, row_id: str, fmt: str, image: bytes, content_type: str,
                meta: dict[str, Any], fingerprint: str = "", repair: str | None = None,
-               tidy: bool = True) -> Receipt:
+               output_was_empty: bool = False) -> Receipt:
         """Commit ``image`` as the row's image, or find the row committed already.
 
         ``fingerprint`` names the render inputs (a leftover with the same one is adopted).
@@ -159,8 +242,8 @@ class Ledger:
         placeholder (which commits nothing); then image and marker are replaced whatever they
         hold. If the marker moved on since (another repair, a retry of this one, a late attempt
         of a killed run), the claim fails and this is an ordinary commit: a repair never
-        replaces a row someone else made sound. ``tidy`` removes leftovers of the row in other
-        formats (pass False for an output that had no image when the job began).
+        replaces a row someone else made sound. Leftovers of the row in other formats are removed
+        once it commits, unless ``output_was_empty`` (no image was there when the job began).
         """
         sha = hashlib.sha256(image).hexdigest()
         ours = Receipt(image_key(row_id, fmt), meta_key(row_id), sha, len(image))
@@ -184,7 +267,7 @@ class Ledger:
                 if settled is None:
                     continue
                 return settled
-            if tidy:
+            if not output_was_empty:
                 self._drop_other_formats(row_id, stored.image_key)
             return stored
         raise CommitConflict(f"{ours.meta_key}: other writers kept changing the row; retry")
@@ -241,7 +324,7 @@ class Ledger:
             # landed, e.g. on a worker lost before it answered). An adopted leftover whose marker
             # someone else wrote: theirs.
             return replace(stored, already=stored.adopted and current.data != body)
-        if named and not repair and self._image_problem(named["image"]) is None:
+        if named and not repair and self._problem(_row_of(stored), named) is None:
             if wrote and named["image"]["key"] != stored.image_key:
                 self._drop(stored.image_key)  # ours in another format: one image per id
             return _theirs(stored, named)
@@ -253,23 +336,10 @@ class Ledger:
             self._drop(named["image"]["key"])
         return stored
 
-    def _image_problem(self, image: dict[str, Any]) -> str | None:
-        info = self.store.head(image["key"])
-        if info is None:
-            return f"{image['key']} is missing"
-        if info.size != image["bytes"]:
-            return f"{image['key']} is {info.size} bytes, the marker says {image['bytes']}"
-        sha = _sha_of(info)
-        if sha is None:
-            return f"{image['key']} carries no sha256 of its own (written by another tool?)"
-        if sha != image["sha256"]:
-            return f"{image['key']} is another image than the one the marker names (sha256 differs)"
-        return None
-
     def _drop_other_formats(self, row_id: str, kept: str) -> None:
         """A format change between runs must not leave two images for one id: leftovers of
         this row in other formats are removed once the marker names ``kept``. Only where an
-        earlier attempt could have left one (the output was not fresh)."""
+        earlier attempt could have left one (the output was not empty when the job began)."""
         for ext in sorted(set(IMAGE_EXTENSIONS.values())):
             key = f"{layout.IMAGES}{row_id}.{ext}"
             if key != kept:
@@ -313,7 +383,8 @@ def _safe(key: str) -> bool:
 
 
 def _marker_body(meta: dict[str, Any], stored: Receipt, content_type: str, token: str) -> bytes:
-    record = dict(meta, commit=token)
+    # The marker is the row's own whatever ``meta`` says: its id is the one the key names.
+    record = dict(meta, commit=token, id=_row_of(stored))
     record["image"] = {"key": stored.image_key, "sha256": stored.sha256, "bytes": stored.bytes,
                        "content_type": content_type}
     if stored.adopted:

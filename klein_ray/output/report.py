@@ -189,7 +189,7 @@ def _thumb_size(data: bytes) -> tuple[int, int] | None:
     try:
         with Image.open(io.BytesIO(data)) as im:  # reads the header only
             return im.size
-    except Exception:  # a damaged thumbnail should cost one card its picture, not the report
+    except Exception:  # noqa: BLE001 - a damaged thumbnail costs one card its picture, not the report
         return None
 
 

@@ -13,34 +13,42 @@ from klein_ray.storage.base import (
     ConditionFailed,
     NotFound,
     ObjectInfo,
-    Store,
     StorageError,
+    Store,
     TooLarge,
     VersionChanged,
     Versioned,
     check_key,
-    is_s3,
-    local_path,
-    split_s3,
 )
 from klein_ray.storage.local import LocalStore
+from klein_ray.uris import FILE, S3, parse
 
 __all__ = [
-    "AlreadyExists", "ConditionFailed", "LocalStore", "NotFound", "ObjectInfo", "Store",
-    "StorageError", "TooLarge", "VersionChanged", "Versioned",
-    "check_key", "is_s3", "local_path", "open_store", "reset_clients", "split_s3",
+    "AlreadyExists",
+    "ConditionFailed",
+    "LocalStore",
+    "NotFound",
+    "ObjectInfo",
+    "StorageError",
+    "Store",
+    "TooLarge",
+    "VersionChanged",
+    "Versioned",
+    "check_key",
+    "open_store",
+    "reset_clients",
 ]
 
 
 def open_store(uri: str, cfg: StorageConfig | None = None) -> Store:
-    """The store rooted at ``uri``: S3 for ``s3://``, a local directory otherwise."""
-    if is_s3(uri):
+    """The store rooted at ``uri``: S3 for ``s3://``, a local directory for a path or
+    ``file://`` URI (``klein_ray.uris``); UriError (a ValueError) for anything else."""
+    where = parse(uri, accept=(S3, FILE))
+    if where.kind == S3:
         from klein_ray.storage.s3 import S3Store  # boto3 is imported only when S3 is used
 
-        return S3Store(uri, cfg or StorageConfig())
-    if "://" in uri and not uri.startswith("file://"):
-        raise ValueError(f"unsupported storage URI scheme: {uri!r} (use s3://, file:// or a path)")
-    return LocalStore(uri)
+        return S3Store(where.uri, cfg or StorageConfig())
+    return LocalStore(where.path or uri)
 
 
 def reset_clients() -> None:

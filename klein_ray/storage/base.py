@@ -8,10 +8,9 @@ written outside the root. Knows nothing of models, rows or the output layout.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
-from urllib.parse import unquote, urlparse
 
 
 class StorageError(Exception):
@@ -58,28 +57,6 @@ class Versioned:
 
     data: bytes
     etag: str
-
-
-def is_s3(uri: str) -> bool:
-    return uri.startswith("s3://")
-
-
-def split_s3(uri: str) -> tuple[str, str]:
-    """``s3://bucket/a/b`` -> (``bucket``, ``a/b``) with no leading or trailing slash."""
-    parsed = urlparse(uri)
-    if parsed.scheme != "s3" or not parsed.netloc:
-        raise ValueError(f"not an s3:// URI with a bucket: {uri!r}")
-    return parsed.netloc, parsed.path.strip("/")
-
-
-def local_path(uri: str) -> Path:
-    """A local path or ``file://`` URI as an absolute path."""
-    if uri.startswith("file://"):
-        parsed = urlparse(uri)
-        if parsed.netloc not in ("", "localhost"):
-            raise ValueError(f"file:// URI with a remote host is not supported: {uri!r}")
-        return Path(unquote(parsed.path)).absolute()
-    return Path(uri).expanduser().absolute()
 
 
 def check_key(key: str) -> str:

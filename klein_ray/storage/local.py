@@ -33,8 +33,8 @@ from klein_ray.storage.base import (
     VersionChanged,
     Versioned,
     check_key,
-    local_path,
 )
+from klein_ray.uris import local_path
 
 _CHUNK = 1024 * 1024
 

@@ -12,22 +12,23 @@ from __future__ import annotations
 import random
 import threading
 import time
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from klein_ray.config import StorageConfig
 from klein_ray.storage.base import (
     AlreadyExists,
     NotFound,
     ObjectInfo,
-    Store,
     StorageError,
     StorageUnavailable,
+    Store,
     TooLarge,
     VersionChanged,
     Versioned,
     check_key,
-    split_s3,
 )
+from klein_ray.uris import split_s3
 
 _CHUNK = 1024 * 1024
 T = TypeVar("T")
@@ -90,7 +91,7 @@ class S3Store(Store):
         while True:
             try:
                 return fn()
-            except Exception as exc:  # noqa: BLE001 - re-raised unless transient
+            except Exception as exc:
                 if not _transient(exc) or time.monotonic() + delay > deadline:
                     raise
             time.sleep(random.uniform(0, delay))  # full jitter, like botocore
@@ -112,7 +113,7 @@ class S3Store(Store):
             kwargs["IfMatch"] = if_match  # bare: Ceph RGW refuses the quoted form (S3 notes)
         try:
             resp = self._retrying(lambda: self.client.put_object(**kwargs))
-        except Exception as exc:  # noqa: BLE001 - translated below
+        except Exception as exc:
             code = _code(exc)
             if code in ("PreconditionFailed", "412") and if_absent:
                 raise AlreadyExists(key) from None
@@ -130,7 +131,7 @@ class S3Store(Store):
             return self._retrying(lambda: self._get_once(key, max_bytes))
         except (NotFound, TooLarge):
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if _code(exc) in ("NoSuchKey", "404", "NotFound"):
                 raise NotFound(key) from None
             raise _failure(exc)(f"get {self.url_of(key)}: {_describe(exc)}") from exc
@@ -156,7 +157,7 @@ class S3Store(Store):
         full = self._key(key)
         try:
             resp = self._retrying(lambda: self.client.head_object(Bucket=self.bucket, Key=full))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if _code(exc) in ("404", "NoSuchKey", "NotFound"):
                 return None
             raise _failure(exc)(f"head {self.url_of(key)}: {_describe(exc)}") from exc
@@ -174,7 +175,7 @@ class S3Store(Store):
         while True:
             try:
                 page = self._retrying(lambda: self.client.list_objects_v2(**kwargs))
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 raise _failure(exc)(f"list {self.uri}/{prefix}: {_describe(exc)}") from exc
             for obj in page.get("Contents", []):
                 yield ObjectInfo(obj["Key"][strip:], obj["Size"])
@@ -188,7 +189,7 @@ class S3Store(Store):
             kwargs["IfMatch"] = if_match  # honoured by AWS and moto, ignored by Ceph RGW
         try:
             self._retrying(lambda: self.client.delete_object(**kwargs))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if if_match is not None and _code(exc) in ("PreconditionFailed", "412"):
                 raise VersionChanged(f"{key}: not at version {if_match}") from None
             if if_match is not None and _code(exc) in ("NoSuchKey", "404"):
@@ -200,7 +201,7 @@ class S3Store(Store):
         # s3transfer: ranged GETs in parallel for large objects (model weights are GBs).
         try:
             self._retrying(lambda: self.client.download_file(self.bucket, full, str(dest)))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if _code(exc) in ("404", "NoSuchKey", "NotFound"):
                 raise NotFound(key) from None
             raise StorageError(f"download {self.url_of(key)}: {_describe(exc)}") from exc

@@ -1,5 +1,5 @@
 """Run metrics: the events a run reports (``RunMetrics``, which exports nothing; the Ray
-executor's ``RayMetrics`` in ``run/ray_metrics.py`` exports them through ``ray.util.metrics``).
+executor's ``RayMetrics`` in ``executors/ray_metrics.py`` exports them through ``ray.util.metrics``).
 
 Metric names (Ray prefixes ``ray_``; counters end in ``_total``):
 | name | kind | tags | what |

@@ -19,8 +19,9 @@ import re
 from pathlib import Path
 
 from klein_ray.config import StorageConfig
-from klein_ray.storage import StorageError, check_key, is_s3, local_path, open_store, split_s3
+from klein_ray.storage import StorageError, check_key, open_store
 from klein_ray.types import TEST_MODEL_MARKER
+from klein_ray.uris import FILE, S3, is_s3, kind_of, local_path, split_s3
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 COMPLETE = ".complete"
@@ -33,14 +34,15 @@ class ModelSourceError(ValueError):
 
 def classify(source: str) -> str:
     """'s3', 'local' or 'hub' (raises for anything else)."""
-    if is_s3(source):
+    kind = kind_of(source)
+    if kind == S3:
         split_s3(source)
         return "s3"
-    path = local_path(source)
-    if source.startswith(("file://", "/", ".", "~")) or path.exists():
-        return "local"
-    if REPO_ID.fullmatch(source):
-        return "hub"
+    if kind == FILE:
+        if source.startswith(("file://", "/", ".", "~")) or local_path(source).exists():
+            return "local"
+        if REPO_ID.fullmatch(source):
+            return "hub"
     raise ModelSourceError(
         f"model source {source!r} is neither an existing directory, an s3:// prefix nor a Hub repo id"
     )

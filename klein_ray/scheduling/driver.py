@@ -15,27 +15,26 @@ import logging
 import threading
 import time
 from collections import Counter, defaultdict, deque
-from itertools import chain
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from itertools import chain
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
+from klein_ray.assets import modelsource
+from klein_ray.assets.confinement import confine
 from klein_ray.config import JobConfig
+from klein_ray.executors.base import Executor, Outcome, Pool, WorkerLost
 from klein_ray.intake.manifest import Manifest, id_hash, prescan
 from klein_ray.intake.planner import Planner, look_ahead
 from klein_ray.intake.rows import RowValidator, duplicate_id_error
+from klein_ray.output.audit import Depth, broken_rows
 from klein_ray.output.checkpoint import DoneSet
 from klein_ray.output.joblog import JobLog, new_run_id
-from klein_ray.output.audit import broken_rows
 from klein_ray.output.lease import Lease
 from klein_ray.output.ledger import Ledger
-from klein_ray.render import modelsource
-from klein_ray.render.confinement import confine
-from klein_ray.run.executor import Executor, Outcome, Pool, WorkerLost
-from klein_ray.run.policy import settle
-from klein_ray.run.telemetry import Progress, RunWatch, Silent, counts
-from klein_ray.run.pools import check_sources, start_pools, worker_specs
-from klein_ray.run.stopping import (  # the exit codes are the driver's API too
+from klein_ray.scheduling.policy import settle
+from klein_ray.scheduling.pools import check_sources, start_pools, worker_specs
+from klein_ray.scheduling.stopping import (  # the exit codes are the driver's API too
     EXIT_INTERRUPTED,
     EXIT_INVALID,
     EXIT_OK,
@@ -53,14 +52,24 @@ from klein_ray.run.stopping import (  # the exit codes are the driver's API too
     trap_signals,
     unreachable,
 )
+from klein_ray.scheduling.telemetry import Progress, RunWatch, Silent, counts
 from klein_ray.storage import StorageError, open_store
 from klein_ray.storage.base import StorageUnavailable
 from klein_ray.types import RowError, RowSpec, UnitOutcome, WorkUnit, first_line
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Driver", "Progress", "RenderJob", "ResumePlan", "EXIT_OK", "EXIT_ROWS_FAILED",
-           "EXIT_INVALID", "EXIT_TEMPFAIL", "EXIT_INTERRUPTED"]
+__all__ = [
+    "EXIT_INTERRUPTED",
+    "EXIT_INVALID",
+    "EXIT_OK",
+    "EXIT_ROWS_FAILED",
+    "EXIT_TEMPFAIL",
+    "Driver",
+    "Progress",
+    "RenderJob",
+    "ResumePlan",
+]
 
 
 @dataclass
@@ -68,7 +77,7 @@ class RenderJob:
     manifest: str
     output: str
     config: JobConfig
-    verify: str | None = None  # "shallow" or "deep": audit OUT first, render broken rows again
+    verify_first: Depth | None = None  # "shallow" or "deep": audit OUT first, render broken rows again
 
 
 @dataclass
@@ -79,7 +88,7 @@ class ResumePlan:
     done: DoneSet  # rows the checkpoint knows committed
     duplicates: set[int]  # id hashes that occur more than once (every such row is rejected)
     pending: Counter  # rows left to render, per variant
-    check_markers: bool  # False only when OUT had no marker at all: workers skip the check
+    output_was_empty: bool  # no marker and no image in OUT: workers skip the marker check
     log: JobLog
     repair: dict[str, str] = field(default_factory=dict)  # broken row -> its marker's version then
 
@@ -123,7 +132,7 @@ class Driver:
             ttl = self.cfg.run.lease_ttl_s
             quick = open_store(self.store.uri, self.cfg.storage.within(ttl / 4))  # renewals fail fast
             lease = Lease(self.store, self.run_id, ttl, on_lost=self._lost_lease, renew_store=quick)
-            self._may_issue = lease.fresh
+            self._may_issue = lease.renewed_recently
             try:  # taken inside: an interrupt at any instant after the create still releases it
                 lease.acquire()
                 summary = self._run_leased(manifest, started)
@@ -175,14 +184,15 @@ class Driver:
         """Where this run starts (call it holding the lease): a few requests, not a listing."""
         self.ledger.checkpoint.compact(keep=64)  # killed runs never compacted at their end
         done = self.ledger.done()
-        fresh = not len(done) and self.ledger.is_fresh()
-        repair = broken_rows(self.ledger, self.job.verify) if self.job.verify and not fresh else {}
+        empty = not len(done) and self.ledger.output_is_empty()
+        depth = self.job.verify_first
+        repair = broken_rows(self.ledger, depth) if depth and not empty else {}
         done = done.without(frozenset(repair))
         duplicates, pending = prescan(manifest, self.cfg.default_variant, done.mask)
         joblog = JobLog(self.store, self.cfg, self.job.manifest, self.run_id)
         if self._writes_log():  # not if the lease was lost meanwhile (a long --verify audit)
             joblog.start(manifest.total_rows)
-        return ResumePlan(manifest, done, duplicates, pending, not fresh, joblog, repair)
+        return ResumePlan(manifest, done, duplicates, pending, empty, joblog, repair)
 
     def execute(self, plan: ResumePlan) -> None:
         """Render what ``plan`` leaves; rows found bad on the way are recorded, never rendered."""
@@ -238,7 +248,7 @@ class Driver:
         rows = self.rows(plan)
         ahead, sizes = look_ahead(rows)  # what compiling workers warm up for, while they load
         specs = worker_specs(self.cfg, executor, sorted(plan.pending), self.store.uri, self.sources,
-                             plan.check_markers, sizes)
+                             plan.output_was_empty, sizes)
         pools, failed_variants = start_pools(executor, specs, self.cfg.run,
                                              lambda: self.stopped is not None)
         units = self.units(plan, chain(ahead, rows))

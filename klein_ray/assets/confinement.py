@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from klein_ray.config import ConfigError, ReferenceConfig
-from klein_ray.storage import is_s3, local_path, split_s3
+from klein_ray.uris import FILE, S3, is_s3, kind_of, local_path, split_s3
 
 LOCAL_DEFAULT = "the default is the manifest's directory, none for a manifest in S3"
 S3_DEFAULT = "the default is the manifest's and the output's buckets, those in S3"
@@ -78,9 +78,10 @@ def refusal(uri: str, cfg: ReferenceConfig) -> str | None:
     confined by address when fetched, not here). Reads nothing, so `validate` can ask for every
     reference; a malformed URI is left to the fetch, which reports it."""
     try:
-        if uri.startswith("s3://"):
+        kind = kind_of(uri)
+        if kind == S3:
             check_bucket(uri, cfg.s3_buckets)
-        elif not uri.startswith(("http://", "https://")):
+        elif kind == FILE:
             local_target(uri, cfg.local_roots)
     except Refused as exc:
         return str(exc)

@@ -1,10 +1,10 @@
 """Run metrics exported through Ray (``ray.util.metrics``): Prometheus scrapes them from each
 node's metrics endpoint (``ray start --metrics-export-port``), named and tagged as
-``run/metrics.py`` lists. Imported only by the Ray executor."""
+``executors/metrics.py`` lists. Imported only by the Ray executor."""
 
 from __future__ import annotations
 
-from klein_ray.run.metrics import RunMetrics
+from klein_ray.executors.metrics import RunMetrics
 
 # Seconds: sub-second stages on a GPU, minutes for a first model download.
 BOUNDARIES = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800]

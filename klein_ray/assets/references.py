@@ -22,12 +22,13 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit, urlunsplit
+from urllib.parse import urljoin, urlsplit
 
+from klein_ray.assets.confinement import Refused, check_bucket, local_target
 from klein_ray.config import ReferenceConfig, StorageConfig
-from klein_ray.render.confinement import Refused, check_bucket, local_target
-from klein_ray.storage import TooLarge, open_store, split_s3
+from klein_ray.storage import TooLarge, open_store
 from klein_ray.types import first_line
+from klein_ray.uris import HTTP, S3, kind_of, redact, split_s3
 
 MAX_REDIRECTS = 5
 HTTP_ATTEMPTS = 4
@@ -55,24 +56,6 @@ class Reference:
     image: object  # PIL.Image.Image, RGB
 
 
-def redact(uri: str) -> str:
-    """Drop credentials and query strings (signed URLs carry their signature there)."""
-    parts = urlsplit(uri)
-    if parts.scheme not in ("http", "https"):
-        return uri
-    host = parts.hostname or ""
-    if ":" in host:  # an IPv6 literal keeps its brackets, or the port would read as part of it
-        host = f"[{host}]"
-    try:
-        port = parts.port
-    except ValueError:  # a port that is not a number: keep whatever was written after the host
-        port = parts.netloc.rsplit("@", 1)[-1].rsplit("]", 1)[-1].partition(":")[2] or None
-    if port:
-        host = f"{host}:{port}"
-    query = "REDACTED" if parts.query else ""
-    return urlunsplit((parts.scheme, host, parts.path, query, ""))
-
-
 def _detail(exc: BaseException, uri: str) -> str:
     """An exception's message for a record about ``uri``, withheld when it could quote the
     URL's secrets (some errors, http.client's InvalidURL among them, repeat the URL)."""
@@ -98,11 +81,12 @@ class ReferenceFetcher:
     def read(self, uri: str) -> bytes:
         limit = self.cfg.max_bytes
         try:
-            if uri.startswith("s3://"):
+            kind = kind_of(uri)
+            if kind == S3:
                 bucket, key = split_s3(uri)
                 check_bucket(uri, self.cfg.s3_buckets)
                 return open_store(f"s3://{bucket}", self.storage).get(key, max_bytes=limit)
-            if uri.startswith(("http://", "https://")):
+            if kind == HTTP:
                 return self._http_get_retrying(uri)
             return _read_file(local_target(uri, self.cfg.local_roots), uri, limit)
         except TooLarge:
@@ -160,7 +144,7 @@ class ReferenceFetcher:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except socket.gaierror:
             raise ReferenceError(f"reference host {host!r} does not resolve") from None
-        ip = infos[0][4][0]
+        ip = str(infos[0][4][0])
         if not self._allowed(host, ipaddress.ip_address(ip)):
             raise ReferenceError(
                 f"reference host {host!r} resolves to a loopback, private or link-local address "
@@ -168,7 +152,7 @@ class ReferenceFetcher:
             )
         return ip
 
-    def _allowed(self, host: str, ip: ipaddress._BaseAddress) -> bool:
+    def _allowed(self, host: str, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         if ip.is_global and not ip.is_multicast:
             return True
         for entry in self.cfg.allow_private_hosts:
@@ -196,15 +180,15 @@ def decode_image(data: bytes, label: str, max_pixels: int = 64_000_000):
                 raise ReferenceError(f"reference {label} is {img.width}x{img.height}; at most "
                                      f"{max_pixels} pixels are decoded")
             img.load()  # truncated files fail here
-            img = ImageOps.exif_transpose(img)
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                rgba = img.convert("RGBA")
+            upright: Image.Image = ImageOps.exif_transpose(img)
+            if upright.mode in ("RGBA", "LA", "PA") or (upright.mode == "P" and "transparency" in upright.info):
+                rgba = upright.convert("RGBA")
                 background = Image.new("RGB", rgba.size, (255, 255, 255))
                 background.paste(rgba, mask=rgba.getchannel("A"))
                 return background
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                img = img.point(lambda v: v / 256).convert("L")
-            return img.convert("RGB")
+            if upright.mode in ("I;16", "I;16B", "I;16L", "I"):
+                upright = upright.point(lambda v: v / 256).convert("L")
+            return upright.convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ReferenceError(f"reference {label}: image too large to decode safely") from None
     except UnidentifiedImageError:  # no accepted plugin recognised it; no other was asked
@@ -255,7 +239,7 @@ def _pinned_connection(scheme: str, host: str, ip: str, port: int, timeout: floa
     class PinnedTLS(http.client.HTTPSConnection):
         def connect(self):
             sock = socket.create_connection((ip, port), timeout)
-            self.sock = self._context.wrap_socket(sock, server_hostname=host)
+            self.sock = self._context.wrap_socket(sock, server_hostname=host)  # type: ignore[attr-defined]
 
     if scheme == "https":
         return PinnedTLS(host, port, timeout=timeout, context=ssl.create_default_context())

@@ -11,7 +11,8 @@ order) and which rows failed for good. The driver applies it; tests can read it 
 | the worker ran out of memory (batch > 1)  | the same rows as two halves                         |
 | the worker raised (batch > 1)             | each row alone, so one poisonous row sinks only itself |
 | the worker raised (one row)               | again, until MAX_ROW_FAILURES, then the row fails   |
-| the worker was lost under the unit (it died, or hung past run.unit_timeout_s and was replaced) | the whole unit again; split into single rows after MAX_LOST; a single row fails |
+| the worker was lost under the unit      | the whole unit again; split into single rows after |
+| (it died, or hung past unit_timeout_s)    | MAX_LOST; a single row fails                        |
 
 A retried unit is a subset of the rows of the one it replaces with ``attempt`` one higher, so
 its rows' history (``failures``, ``losses``) travels with it and nothing here needs memory.
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from klein_ray.run.executor import Outcome, WorkerFailed, WorkerLost
+from klein_ray.executors.base import Outcome, WorkerFailed, WorkerLost
 from klein_ray.types import RenderOOM, RowError, RowResult, UnitOutcome, WorkUnit
 
 MAX_ROW_FAILURES = 3  # a row whose render or store keeps failing
@@ -88,6 +89,8 @@ def _retry_or_fail(unit: WorkUnit, error: RowError, retry: bool, settled: Settle
         settled.failed.append(error)
 
 
-def _again(unit: WorkUnit, rows: tuple, **history: int) -> WorkUnit:
+def _again(unit: WorkUnit, rows: tuple, failures: int | None = None, losses: int | None = None) -> WorkUnit:
     """The next attempt at some of ``unit``'s rows (same unit id: it is the same work)."""
-    return replace(unit, rows=tuple(rows), attempt=unit.attempt + 1, **history)
+    return replace(unit, rows=tuple(rows), attempt=unit.attempt + 1,
+                   failures=unit.failures if failures is None else failures,
+                   losses=unit.losses if losses is None else losses)

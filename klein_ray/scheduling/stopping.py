@@ -14,10 +14,10 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
-from klein_ray.run.executor import Outcome, WorkerFailed
+from klein_ray.executors.base import Outcome, WorkerFailed
 from klein_ray.storage.base import StorageUnavailable
 from klein_ray.types import RowError, UnitOutcome, first_line
 
@@ -121,5 +121,5 @@ def quietly(fn: Callable[[], object]) -> None:
     """``fn()`` on the way out with the store unreachable: best effort, never raises."""
     try:
         fn()
-    except Exception:  # noqa: BLE001
+    except Exception:
         log.debug("%s failed on the way out", getattr(fn, "__name__", fn), exc_info=True)

@@ -5,20 +5,21 @@ The driver tells the watch what it submits and what each unit's settlement was; 
 per-variant counts, rewrites the progress file every ``PROGRESS_EVERY_S`` (through a writer the
 driver gives it: the job log, or nothing once OUT is not ours to write), and forwards every
 event to a ``RunMetrics``. Metrics are the executor's: the Ray executor exports them through
-``ray.util.metrics`` (``run/ray_metrics.py``); others export nothing (``RunMetrics`` itself).
+``ray.util.metrics`` (``executors/ray_metrics.py``); others export nothing (``RunMetrics`` itself).
 
-Metric names: see ``run/metrics.py``.
+Metric names: see ``executors/metrics.py``.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Callable, Protocol
+from typing import Protocol
 
-from klein_ray.run.metrics import RunMetrics
-from klein_ray.run.policy import Settlement
+from klein_ray.executors.metrics import RunMetrics
+from klein_ray.scheduling.policy import Settlement
 from klein_ray.types import WorkUnit
 
 PROGRESS_EVERY_S = 5.0

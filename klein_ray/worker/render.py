@@ -9,80 +9,86 @@ worker's CPUs. So fetching and decoding the next unit's references, and encoding
 uploading the last unit's images, overlap the render. Every row ends as a ``RowResult`` or a
 ``RowError`` naming its stage; one bad row never sinks the unit's other rows once rendering
 succeeded.
+
+A worker is built from its parts (``RenderWorker(spec, model, ...)``: a model already in memory,
+as the GPU benchmark's full-size ones are); ``RenderWorker.load(spec)`` is the one that does the
+I/O first (resolve and sync the model source, load it on the model thread, warm it up).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import platform
 import socket
 import time
 from concurrent.futures import Future
 from dataclasses import replace
-from datetime import datetime, timezone
+from typing import Any
 
-from klein_ray import __version__
+from klein_ray.assets import modelsource
+from klein_ray.assets.compilecache import CompileCache
+from klein_ray.assets.references import Reference, ReferenceError, ReferenceFetcher
 from klein_ray.output.layout import meta_key
 from klein_ray.output.ledger import Ledger
-from klein_ray.render import modelsource
-from klein_ray.render.compilecache import CompileCache
-from klein_ray.render.encode import encode_image, make_thumbnail
-from klein_ray.render.references import ReferenceError, ReferenceFetcher, redact
-from klein_ray.run.executor import WorkerSpec
-from klein_ray.run.worker_threads import ModelThread, encoder_pool
+from klein_ray.output.record import ModelFacts, RenderFacts, fingerprint, row_metadata
 from klein_ray.storage import StorageError, open_store
 from klein_ray.types import CONTENT_TYPES, RowError, RowResult, RowSpec, UnitOutcome, WorkUnit
+from klein_ray.worker.encode import encode_image, make_thumbnail
+from klein_ray.worker.spec import WorkerSpec
+from klein_ray.worker.threads import ModelThread, encoder_pool
 
 log = logging.getLogger(__name__)
 
 
 class RenderWorker:
-    def __init__(self, spec: WorkerSpec):
+    """One variant's model and everything a unit needs around it. ``model`` is a
+    ``klein_ray.model.pipeline.KleinModel``; ``thread`` the model thread it was loaded on (a new
+    one if None); ``test_model``: its weights are random (every row's metadata says its image is
+    noise); ``node``: the Ray node it runs on, named in every row's ``worker``."""
+
+    def __init__(self, spec: WorkerSpec, model: Any, *, thread: ModelThread | None = None,
+                 load_seconds: float = 0.0, warmup: dict | None = None, test_model: bool = False,
+                 node: str = ""):
+        self.spec, self.model = spec, model
+        self._model_thread = thread or ModelThread(f"klein-ray-model-{spec.variant}")
+        self.load_seconds, self.warmup, self.test_model = load_seconds, warmup or {}, test_model
+        self.ledger = Ledger(open_store(spec.output_uri, spec.config.storage))
+        self.fetcher = ReferenceFetcher(spec.config.references, spec.config.storage)
+        self.name = f"{socket.gethostname()}:{os.getpid()}" + (f"@node:{node}" if node else "")
+        self._encoders = encoder_pool(spec.threads, f"klein-ray-encode-{spec.variant}")
+
+    @classmethod
+    def load(cls, spec: WorkerSpec, node: str = "") -> RenderWorker:
+        """Resolve and sync the variant's model source, load it on the model thread, warm it
+        up, and log where and how it runs."""
         _quiet_model_libraries()
         # Imported here, not at the top: the driver's process imports this module (to define
         # the Ray actor) and should not pay for torch and diffusers.
         from klein_ray.model.accel import GPUSettings
         from klein_ray.model.pipeline import KleinModel
 
+        # 1. Where the weights are: a local directory (an s3:// source synced once per node).
         vcfg = spec.config.variants[spec.variant]
         started = time.perf_counter()
         local = modelsource.resolve(spec.source, spec.config.run.cache_dir, spec.config.storage)
         transformer = vcfg.transformer and modelsource.resolve_file(
             vcfg.transformer, spec.config.run.cache_dir, spec.config.storage)
+
+        # 2. Loaded on the thread that will make every render call, so that the process has one
+        #    thread with torch's CPU threads behind it (set_num_threads is per thread, too).
         settings = GPUSettings(compile=_auto(vcfg.compile), channels_last=_auto(vcfg.channels_last),
                                cpu_offload=vcfg.cpu_offload, precision=vcfg.precision)
-        # Loaded on the thread that will make every render call, so that the process has one
-        # thread with torch's CPU threads behind it (set_num_threads is per thread, too).
         thread = ModelThread(f"klein-ray-model-{spec.variant}")
         model = thread.run(KleinModel.from_pretrained, local, pipeline=vcfg.pipeline, dtype=vcfg.dtype,
                            threads=spec.threads, prompt_cache=vcfg.prompt_cache, settings=settings,
                            transformer_file=transformer)
-        self._attach(spec, thread, model)
-        self.warmup = thread.run(self._warm_up)
-        self.load_seconds = time.perf_counter() - started
-        self.test_model = modelsource.is_test_model(spec.source)  # its images are noise: say so
-        log_loaded(self.describe())  # (on Ray, the executor logs it where the driver's log goes)
 
-    @classmethod
-    def from_model(cls, spec: WorkerSpec, model, *, test_model: bool, warmup: dict | None = None) -> RenderWorker:
-        """A worker around a ``KleinModel`` already in memory (the GPU benchmark's full-size
-        models, never written to disk), warmed up by the caller if at all. ``test_model``: its
-        weights are random (every row's metadata then says its image is noise)."""
-        worker = cls.__new__(cls)
-        worker._attach(spec, ModelThread(f"klein-ray-model-{spec.variant}"), model)
-        worker.warmup, worker.load_seconds, worker.test_model = warmup or {}, 0.0, test_model
+        # 3. Compiled for the job's sizes before the first unit, then described in the log.
+        warmup = thread.run(warm_up, spec, model)
+        worker = cls(spec, model, thread=thread, load_seconds=time.perf_counter() - started,
+                     warmup=warmup, test_model=modelsource.is_test_model(spec.source), node=node)
+        log_loaded(worker.describe())  # (on Ray, the executor logs it where the driver's log goes)
         return worker
-
-    def _attach(self, spec: WorkerSpec, thread: ModelThread, model) -> None:
-        """Everything but the model's load: where rows go, how references come, the pools."""
-        self.spec, self._model_thread, self.model = spec, thread, model
-        self.ledger = Ledger(open_store(spec.output_uri, spec.config.storage))
-        self.fetcher = ReferenceFetcher(spec.config.references, spec.config.storage)
-        self.name = f"{socket.gethostname()}:{os.getpid()}"
-        self._encoders = encoder_pool(spec.threads, f"klein-ray-encode-{spec.variant}")
 
     def describe(self) -> dict:
         info = self.model.info
@@ -91,24 +97,6 @@ class RenderWorker:
                 "load_seconds": round(self.load_seconds, 3), "settings": self.model.settings,
                 "accel": self.model.accel_report, "warmup": self.warmup}
 
-    def _warm_up(self) -> dict:
-        """On the model thread, at load: seed the compile caches from run.compile_cache, compile
-        for the planned sizes, and keep what was compiled anew for the next actor or job."""
-        from klein_ray.model.accel import warmup_plan
-
-        if not self.model.settings["compile"]:
-            return {}
-        cache, key = CompileCache(self.spec.config), self.model.artifact_key()
-        data = cache.read(key)
-        loaded = data is not None and self.model.load_compile_artifacts(data)
-        vcfg = self.spec.config.variants[self.spec.variant]
-        plan = warmup_plan(list(self.spec.warmup_sizes), vcfg.batch_size) if vcfg.warmup else []
-        report = dict(self.model.warm_up(plan), artifacts_loaded=bool(loaded), artifacts_saved=False)
-        if report["compiled"]:  # something new was compiled: keep it (an entry already there stays)
-            fresh = self.model.compile_artifacts()
-            report["artifacts_saved"] = bool(fresh) and cache.write(key, fresh)
-        return report
-
     def render_unit(self, unit: WorkUnit) -> UnitOutcome:
         from klein_ray.model.pipeline import ModelInputError, RenderRequest
 
@@ -116,7 +104,7 @@ class RenderWorker:
         timings: dict[str, float] = {}
 
         # 0. Rows committed since the driver's checkpoint was written are done: never redo them.
-        if self.spec.check_markers:
+        if not self.spec.output_was_empty:
             try:
                 unit, outcome.results = self._drop_committed(unit)
             except StorageError as exc:  # the output cannot be read: every row's store failed
@@ -157,7 +145,10 @@ class RenderWorker:
         warnings = self._prompt_warnings(unit, rendered.prompt_tokens)
         for row, image, job, warning in zip(unit.rows, rendered.images, encoded, warnings):
             result = self._commit_row(unit, row, image, job, refs, dict(timings), warning)
-            (outcome.errors if isinstance(result, RowError) else outcome.results).append(result)
+            if isinstance(result, RowError):
+                outcome.errors.append(result)
+            else:
+                outcome.results.append(result)
         return outcome
 
     def _render(self, request):
@@ -196,20 +187,24 @@ class RenderWorker:
         return [[f"prompt is {n} tokens with the chat template; the text encoder reads the first "
                  f"{limit}, the rest was ignored"] if n > limit else [] for n in counts]
 
-    def _commit_row(self, unit, row: RowSpec, image, encoded: Future, refs, timings,
-                    warnings) -> RowResult | RowError:
+    def _commit_row(self, unit: WorkUnit, row: RowSpec, image, encoded: Future, refs: list[Reference],
+                    timings: dict[str, float], warnings: list[str]) -> RowResult | RowError:
         try:
             data, timings["encode"], thumbnail = encoded.result()
         except Exception as exc:  # noqa: BLE001 - recorded as this row's error
             return RowError.from_exception(row, "encode", exc, unit.attempt)
         t0 = time.perf_counter()
-        meta = self._meta(unit, row, image, refs, timings)
-        meta["warnings"] = warnings
+        meta = row_metadata(unit, row, self._facts(), RenderFacts(
+            width=image.width, height=image.height, steps=unit.steps or self.model.default_steps(),
+            references=[{"uri": r.uri, "sha256": r.sha256, "bytes": r.bytes, "width": r.width,
+                         "height": r.height} for r in refs],
+            timings=timings, worker=self.name, warnings=warnings))
         try:
             receipt = self.ledger.commit(
                 row.id, row.format, data, CONTENT_TYPES[row.format], meta,
-                fingerprint=self._fingerprint(meta), repair=row.repair, tidy=self.spec.check_markers)
-        except Exception as exc:  # noqa: BLE001
+                fingerprint=fingerprint(meta, self.spec.config), repair=row.repair,
+                output_was_empty=self.spec.output_was_empty)
+        except Exception as exc:  # noqa: BLE001 - any failure to store is this row's error
             return RowError.from_exception(row, "store", exc, unit.attempt)
         timings["store"] = time.perf_counter() - t0
         return RowResult(
@@ -219,57 +214,30 @@ class RenderWorker:
             thumbnail=thumbnail, already=receipt.already,
         )
 
-    def _fingerprint(self, meta: dict) -> str:
-        """What the user asked for, hashed: two renders with the same fingerprint are the same
-        row (an image an earlier attempt left can stand for this one). Batch composition and
-        speed settings are left out: they change bits, not what was asked."""
-        model = meta["model"]
-        inputs = {k: meta[k] for k in ("id", "prompt", "variant", "width", "height", "steps",
-                                       "guidance", "seed", "format")}
-        vcfg = self.spec.config.variants[meta["variant"]]
-        inputs.update(source=model["source"], pipeline=model["pipeline"], dtype=model["dtype"],
-                      references=[r["sha256"] for r in meta["references"]],
-                      encode=self.spec.config.output.model_dump(),
-                      max_sequence_length=vcfg.max_sequence_length)
-        # Other weights, or fp8 arithmetic, are other inputs (added only when set, so the
-        # fingerprints of rows rendered before these settings existed stay as they were).
-        if vcfg.transformer:
-            inputs["transformer"] = redact(vcfg.transformer)
-        if model.get("settings", {}).get("precision") == "fp8":
-            inputs["precision"] = "fp8"
-        canonical = json.dumps(inputs, sort_keys=True, default=str).encode()
-        return hashlib.sha256(canonical).hexdigest()[:32]
-
-    def _meta(self, unit: WorkUnit, row: RowSpec, image, refs, timings) -> dict:
+    def _facts(self) -> ModelFacts:
         info = self.model.info
-        return {
-            "id": row.id,
-            "prompt": row.prompt,
-            "variant": row.variant,
-            "model": {"source": redact(self.spec.source), "pipeline": info.pipeline_class,
-                      "distilled": info.distilled, "dtype": info.dtype, "device": info.device,
-                      "settings": self.model.settings},
-            "width": image.width,
-            "height": image.height,
-            "steps": unit.steps or self.model.default_steps(),
-            "guidance": unit.guidance if not info.distilled else None,
-            "seed": row.seed,
-            "seed_source": row.seed_source,
-            "format": row.format,
-            "references": [{"uri": r.uri, "sha256": r.sha256, "bytes": r.bytes,
-                            "width": r.width, "height": r.height} for r in refs],
-            # What a bitwise re-render needs: the batch it was rendered in.
-            "batch": {"size": unit.size, "position": unit.rows.index(row),
-                      "ids": [r.id for r in unit.rows]},
-            "timings": {k: round(v, 4) for k, v in timings.items()},
-            "attempt": unit.attempt,  # this row's n-th submission in this run (retries count)
-            "worker": self.name,
-            "created_at": datetime.now(timezone.utc).isoformat(),
-            "versions": dict(info.versions, **{"klein_ray": __version__, "python": platform.python_version()}),
-            "manifest": {"file": row.manifest_file, "row": row.manifest_row},
-            "passthrough": row.passthrough,
-            "generated_by_test_model": self.test_model,
-        }
+        return ModelFacts(source=self.spec.source, pipeline=info.pipeline_class, distilled=info.distilled,
+                          dtype=info.dtype, device=info.device, settings=self.model.settings,
+                          versions=info.versions, test_model=self.test_model)
+
+
+def warm_up(spec: WorkerSpec, model) -> dict:
+    """On the model thread, at load: seed the compile caches from run.compile_cache, compile for
+    the planned sizes, and keep what was compiled anew for the next actor or job."""
+    from klein_ray.model.accel import warmup_plan
+
+    if not model.settings["compile"]:
+        return {}
+    cache, key = CompileCache(spec.config), model.artifact_key()
+    data = cache.read(key)
+    loaded = data is not None and model.load_compile_artifacts(data)
+    vcfg = spec.config.variants[spec.variant]
+    plan = warmup_plan(list(spec.warmup_sizes), vcfg.batch_size) if vcfg.warmup else []
+    report = dict(model.warm_up(plan), artifacts_loaded=bool(loaded), artifacts_saved=False)
+    if report["compiled"]:  # something new was compiled: keep it (an entry already there stays)
+        artifacts = model.compile_artifacts()
+        report["artifacts_saved"] = bool(artifacts) and cache.write(key, artifacts)
+    return report
 
 
 def log_loaded(info: dict) -> None:

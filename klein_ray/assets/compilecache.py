@@ -16,7 +16,7 @@ import logging
 import os
 
 from klein_ray.config import JobConfig
-from klein_ray.storage import AlreadyExists, NotFound, StorageError, open_store
+from klein_ray.storage import AlreadyExists, NotFound, StorageError, Store, open_store
 
 log = logging.getLogger(__name__)
 MAX_BYTES = 4 << 30  # compile artifacts of a 9B are tens of MB; anything this large is not ours
@@ -30,9 +30,9 @@ class CompileCache:
     def __init__(self, cfg: JobConfig):
         self.uri = cache_uri(cfg)
         self._storage = cfg.storage
-        self._store = None
+        self._store: Store | None = None
 
-    def _open(self):
+    def _open(self) -> Store:
         if self._store is None:
             self._store = open_store(self.uri, self._storage)
         return self._store

@@ -8,11 +8,12 @@ reported, so that its rows fail and the other variants go on.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
+from klein_ray.assets import modelsource
 from klein_ray.config import ConfigError, JobConfig, RunConfig
-from klein_ray.render import modelsource
-from klein_ray.run.executor import Executor, Pool, WorkerSpec
+from klein_ray.executors.base import Executor, Pool
+from klein_ray.worker.spec import WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ Specs = dict[str, tuple[WorkerSpec, int, float, float]]
 
 
 def worker_specs(cfg: JobConfig, executor: Executor, variants: list[str], output_uri: str,
-                 sources: dict[str, str], check_markers: bool, sizes: dict[str, tuple] | None = None) -> Specs:
+                 sources: dict[str, str], output_was_empty: bool, sizes: dict[str, tuple] | None = None) -> Specs:
     """What the workers of each of ``variants`` (those the config knows) need and reserve.
     CPU actors without cpus_per_actor reserve none and split the node's cores between them
     (torch threads). ``sizes``: each variant's planned sizes, for the compile warm-up."""
@@ -35,7 +36,7 @@ def worker_specs(cfg: JobConfig, executor: Executor, variants: list[str], output
         vcfg = cfg.variants[variant]
         cpus = vcfg.cpus_per_actor if vcfg.cpus_per_actor is not None else (1 if vcfg.gpus_per_actor else 0)
         threads = int(cpus) if cpus else shared_threads
-        spec = WorkerSpec(variant, cfg, output_uri, sources[variant], threads, check_markers,
+        spec = WorkerSpec(variant, cfg, output_uri, sources[variant], threads, output_was_empty,
                           tuple((sizes or {}).get(variant, ())))
         specs[variant] = (spec, vcfg.actors, cpus, vcfg.gpus_per_actor)
     return specs

@@ -1,0 +1,75 @@
+"""The manifest's columns, defined once: the schema klein-ray writes manifests with (the demo's
+sample, and what tools building manifests should write) and the types it accepts when reading.
+
+| column | written as | accepted | required |
+|---|---|---|---|
+| ``id``, ``prompt`` | string | string | yes |
+| ``variant``, ``format`` | string | string | no |
+| ``references`` | list<string> | list<string>, or all null | no |
+| ``width``, ``height``, ``steps`` | int32 | any integer | no |
+| ``guidance`` | float64 | any integer or float | no |
+| ``seed`` | int64 | any integer | no |
+
+Any other column is passed through into each row's metadata. Dictionary-encoded columns are
+read as their values; a column of nulls only (type null) is accepted for every column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import pyarrow as pa
+
+REQUIRED = ("id", "prompt")
+
+MANIFEST_SCHEMA = pa.schema([
+    ("id", pa.string()), ("prompt", pa.string()), ("variant", pa.string()),
+    ("references", pa.list_(pa.string())), ("width", pa.int32()), ("height", pa.int32()),
+    ("steps", pa.int32()), ("guidance", pa.float64()), ("seed", pa.int64()), ("format", pa.string()),
+])
+KNOWN_COLUMNS = tuple(MANIFEST_SCHEMA.names)
+
+_STRING = (pa.types.is_string, pa.types.is_large_string)
+_INTEGER = (pa.types.is_integer,)
+_NUMBER = (pa.types.is_integer, pa.types.is_floating)
+# Scalar columns: what the reader accepts (a name for messages, and the type checks).
+COLUMN_TYPES: dict[str, tuple[str, tuple[Callable[[pa.DataType], bool], ...]]] = {
+    "id": ("string", _STRING),
+    "prompt": ("string", _STRING),
+    "variant": ("string", _STRING),
+    "width": ("integer", _INTEGER),
+    "height": ("integer", _INTEGER),
+    "steps": ("integer", _INTEGER),
+    "guidance": ("float", _NUMBER),
+    "seed": ("int64", _INTEGER),
+    "format": ("string", _STRING),
+}
+
+
+def manifest_schema(passthrough: Iterable[tuple[str, pa.DataType]] = ()) -> pa.Schema:
+    """``MANIFEST_SCHEMA`` followed by passthrough columns (name, type)."""
+    schema = MANIFEST_SCHEMA
+    for name, dtype in passthrough:
+        if name in KNOWN_COLUMNS:
+            raise ValueError(f"{name!r} is a manifest column, not a passthrough one")
+        schema = schema.append(pa.field(name, dtype))
+    return schema
+
+
+def type_problem(name: str, dtype: pa.DataType) -> str | None:
+    """Why a column of type ``dtype`` cannot be the manifest column ``name`` (None: it can, or
+    it is a passthrough column)."""
+    if name == "references":
+        is_list = pa.types.is_list(dtype) or pa.types.is_large_list(dtype)
+        if pa.types.is_null(dtype) or (is_list and _type_ok(dtype.value_type, _STRING)):
+            return None
+        return f"column 'references' has type {dtype}, expected list<string>"
+    if name in COLUMN_TYPES and not _type_ok(dtype, COLUMN_TYPES[name][1]):
+        return f"column {name!r} has type {dtype}, expected {COLUMN_TYPES[name][0]}"
+    return None
+
+
+def _type_ok(dtype: pa.DataType, checks) -> bool:
+    if pa.types.is_dictionary(dtype):  # dictionary-encoded (categorical) columns read as their values
+        dtype = dtype.value_type
+    return pa.types.is_null(dtype) or any(check(dtype) for check in checks)
