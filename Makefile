@@ -11,7 +11,7 @@ BIN        := $(VENV)/bin
 APT_PKGS   := radosgw ceph-mon ceph-osd chromium chromium-driver curl g++
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv demo test test-fast lint-imports system-deps tiny-model example-manifest image clean
+.PHONY: venv demo test test-fast lint lint-imports system-deps tiny-model example-manifest image image-check clean
 
 venv: $(VENV)/.installed
 
@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
 	$(BIN)/pip install -q "$(TORCH_SPEC)" 2>&1 | grep -v '^WARNING: Location' || true
 	$(BIN)/pip install -q -e '.[test,bench]' 2>&1 | grep -v '^WARNING: Location' || true
-	$(BIN)/python -c "import klein_ray, torch, diffusers, ray, boto3, selenium, moto, importlinter"
+	$(BIN)/python -c "import klein_ray, torch, diffusers, ray, boto3, selenium, moto, importlinter, ruff, mypy"
 	touch $@
 
 # The real S3 server (Ceph RADOS Gateway), the browser and the C++ compiler (torch.compile on CPU)
@@ -37,12 +37,22 @@ system-deps:
 demo: venv
 	$(BIN)/klein-ray demo --output demo-output
 
-test: venv system-deps lint-imports
-	$(BIN)/pytest -q
+# The tiers (tests/conftest.py): the fast one needs no Ray, Ceph, browser or process of its own.
+SLOW_TIERS := ray or ceph or browser or subprocess or slow
 
-# Unit tests only (no Ray, no Ceph, no browser): seconds, not minutes.
-test-fast: venv lint-imports
-	$(BIN)/pytest -q -m "not slow"
+# Lint, type-check and the import contracts; then the fast tier, so a broken unit fails in
+# seconds; then every other test.
+test: venv system-deps lint
+	KLEIN_RAY_TEST_TIER=fast $(BIN)/pytest -q -x -m "not ($(SLOW_TIERS))"
+	$(BIN)/pytest -q -m "$(SLOW_TIERS)"
+
+# The fast tier alone (under two minutes on 2 cores): no Ray, Ceph, browser or subprocess.
+test-fast: venv lint
+	KLEIN_RAY_TEST_TIER=fast $(BIN)/pytest -q -m "not ($(SLOW_TIERS))"
+
+lint: venv lint-imports
+	$(BIN)/ruff check klein_ray tests benchmarks jobs
+	$(BIN)/mypy
 
 # The package layers and the confinement of ray / torch / boto3 (pyproject.toml's contracts).
 lint-imports: venv
@@ -57,6 +67,16 @@ example-manifest: venv
 # The CUDA image for a cluster's nodes (needs Docker; its Python steps are infra/install.sh's).
 image:
 	docker build -f infra/Dockerfile -t $(IMAGE) .
+
+# Resolve the image's Python packages as infra/install.sh would, without downloading them
+# (needs the package index; the tests never touch the network): a CUDA torch, the pinned Ray.
+image-check:
+	rm -rf .cache/image-check && mkdir -p .cache/image-check
+	PIP_CONFIG_FILE=/dev/null bash infra/install.sh . .cache/image-check/venv --dry-run --quiet \
+	  --report .cache/image-check/report.json
+	$(PYTHON) -c "import json; r = json.load(open('.cache/image-check/report.json')); \
+	  v = {i['metadata']['name'].lower(): i['metadata']['version'] for i in r['install']}; \
+	  print('torch', v['torch'], '| ray', v['ray'], '| CUDA runtime:', any(n.startswith('nvidia-cuda-runtime') for n in v))"
 
 clean:
 	rm -rf demo-output .pytest_cache

@@ -1,7 +1,7 @@
 """Command line: `klein-ray render | validate | status | verify | demo | make-tiny-model`.
 
 Each command parses its arguments, calls one function of ``klein_ray.commands``, and turns
-known failures into a clear one-line message and SPEC's exit code (no tracebacks for user
+known failures into a clear one-line message and its documented exit code (no tracebacks for user
 errors). This is the one place that configures logging: library code logs, it never prints;
 stdout carries only each command's results (``render``'s last line is its JSON summary).
 """

@@ -1,4 +1,12 @@
-"""Shared test fixtures: the tiny real models, one local Ray per session, and real S3 servers.
+"""Shared test fixtures: the tiny real models, one local Ray per session, and real S3 servers;
+and the test tiers.
+
+Tiers by resource, as pytest markers (``--strict-markers``): ``ray``, ``ceph``, ``browser``,
+``subprocess`` (starts a process: the CLI, Ray, a compiler) and ``slow``. A test that uses the
+``ray_address``, ``rgw`` or ``chromium`` fixture is marked for it here; the others are marked
+where they are written. ``make test-fast`` runs the tests with none of these marks, with
+``KLEIN_RAY_TEST_TIER=fast``: then importing ray, starting a process, or asking for Ceph or a
+browser fails the test at once, so an unmarked test cannot lean on them unnoticed.
 
 - ``rgw``: Ceph's RADOS Gateway from Debian packages (a real S3 implementation), started once
   per session by ``infra/ceph-rgw-up.sh``.
@@ -35,8 +43,47 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("RAY_AUTH_TOKEN", uuid.uuid4().hex + uuid.uuid4().hex)
 
 
+TIERS = {
+    "ray": "needs Ray (the session's local Ray, a multi-node cluster, a `ray start` head)",
+    "ceph": "needs Ceph's RADOS Gateway (real S3)",
+    "browser": "needs headless Chromium",
+    "subprocess": "starts a process (the klein-ray CLI, Ray, a compiler, a tool)",
+    "slow": "takes tens of seconds or more",
+}
+BY_FIXTURE = {"ray_address": "ray", "rgw": "ceph", "chromium": "browser"}
+FAST_TIER = os.environ.get("KLEIN_RAY_TEST_TIER") == "fast"
+
+
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: needs Ray, Ceph or a browser")
+    for name, meaning in TIERS.items():
+        config.addinivalue_line("markers", f"{name}: {meaning}")
+    if FAST_TIER:
+        _forbid_resources()
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture, marker in BY_FIXTURE.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(marker)
+
+
+def _forbid_resources() -> None:
+    """The fast tier's guard: no Ray, no process, whatever a test forgot to declare."""
+    import importlib.abc
+
+    class NoRay(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "ray" or name.startswith("ray."):
+                raise ImportError("the fast tier runs without Ray: mark this test `ray`")
+            return None
+
+    def no_process(self, *args, **kwargs):
+        raise RuntimeError(f"the fast tier starts no process (asked for {args[:1]}): mark this test "
+                           "`subprocess`")
+
+    sys.meta_path.insert(0, NoRay())
+    subprocess.Popen.__init__ = no_process  # type: ignore[method-assign]
 
 
 def free_port() -> int:
@@ -56,6 +103,16 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
         # Laid out like BFL's 9B-KV (model_index.json names Flux2KleinKVPipeline); ~0.1 s to build.
         "tiny-kv": make_tiny_model(root / "tiny-klein-kv", seed=2, kv=True),
     }
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """``open_in_chromium`` (tests/browser.py); fails, never skips, without the browser."""
+    from browser import chromium_available, open_in_chromium
+
+    if not chromium_available():
+        pytest.fail("chromium is not installed: run `make system-deps` (make test does)")
+    return open_in_chromium
 
 
 @pytest.fixture(scope="session")

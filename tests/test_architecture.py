@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.subprocess
 def test_import_contracts_are_kept():
     lint = Path(sys.executable).with_name("lint-imports")
     proc = subprocess.run([str(lint), "--no-cache"], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -74,6 +77,7 @@ def test_the_cycle_finder_finds_cycles():
     assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
+@pytest.mark.subprocess
 def test_scheduling_imports_neither_torch_nor_ray():
     code = ("import sys, klein_ray.cli, klein_ray.commands.render, klein_ray.scheduling.driver, "
             "klein_ray.executors.inprocess, klein_ray.executors.ray_cluster; "

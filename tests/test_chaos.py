@@ -28,7 +28,7 @@ from refgate import REFERENCES, RefGate
 
 from klein_ray.storage import open_store
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
 
 def _rows(n: int, prefix: str = "r") -> list[dict]:

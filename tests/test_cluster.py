@@ -23,7 +23,7 @@ from refgate import REFERENCES, RefGate
 
 from klein_ray.storage import LocalStore
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess, pytest.mark.ray]
 
 
 @pytest.fixture

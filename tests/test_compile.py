@@ -18,7 +18,7 @@ from klein_ray.model.accel import GPUSettings, warmup_plan
 from klein_ray.model.pipeline import KleinModel, RenderRequest
 from klein_ray.storage import LocalStore
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
 
 @pytest.fixture

@@ -188,6 +188,7 @@ def test_s3_references_are_confined_to_the_manifests_and_outputs_buckets(moto_s3
     assert "references.s3_buckets" in _refused(fetcher, uri["manifest"])
 
 
+@pytest.mark.subprocess
 def test_validate_given_the_output_allows_its_bucket_as_render_does(tmp_path, moto_s3, s3_env):
     from helpers import run_cli
 
@@ -279,6 +280,7 @@ def test_a_refusal_quotes_the_path_as_written_not_a_links_target(layout):
     assert "innocent.png" in message and "target-secret" not in message
 
 
+@pytest.mark.subprocess
 def test_the_driver_resolves_the_defaults_before_workers_start(layout):
     job, _, manifest = layout
     config = JobConfig(variants={"v": VariantConfig(source="org/model")}, default_variant="v")

@@ -2,18 +2,15 @@
 image the Dockerfile builds (same tag as the Makefile's, Ray as pinned), its entrypoint parses
 with klein-ray's own parser, the config it names is mounted from the ConfigMap it defines (the
 job config in jobs/, valid); the Dockerfile installs Python packages only through
-infra/install.sh, which a test runs (dry) on exactly the files the Dockerfile copies; the Airflow
+infra/install.sh, laid out on exactly the files the Dockerfile copies; the Airflow
 DAG calls the real submit script with flags it has and retries only on exit 75."""
 
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -139,24 +136,16 @@ def _docker_context(root: Path) -> tuple[list[str], Path]:
     return argv, Path(argv[3])
 
 
-@pytest.mark.slow  # resolves the image's packages against the registry (~40 s; metadata only)
-def test_install_sh_resolves_a_cuda_torch_and_the_project_from_what_the_dockerfile_copies(tmp_path):
+def test_install_sh_installs_from_exactly_what_the_dockerfile_copies(tmp_path):
+    """The image's install step, laid out as the Dockerfile lays it out: the script and the
+    project it installs are there, whole. (Resolving the image's packages needs the package
+    index: `make image-check` does it, outside the tests, which never touch the network.)"""
     argv, venv = _docker_context(tmp_path / "image")
-    report = tmp_path / "report.json"
-    # As in a clean image: no pip config of this machine (its local wheels are CPU builds).
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_") or k == "PIP_CERT"}
-    env.update(PIP_CONFIG_FILE=os.devnull, PYTHON=shutil.which("python3") or sys.executable)
-    proc = subprocess.run([*argv, "--dry-run", "--quiet", "--report", str(report)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (venv / "bin" / "python").exists()
-    found = {i["metadata"]["name"].lower(): i["metadata"]["version"]
-             for i in json.loads(report.read_text())["install"]}
-    torch = _makefile_var("TORCH_SPEC").split("==")[1]
-    assert found["torch"] == torch, "not the torch the tests use (or a +cpu build)"
-    assert any(name.startswith("nvidia-cuda-runtime") for name in found), "torch without CUDA"
-    assert found["ray"] == _ray_pin() and "aiohttp" in found  # ray[default]: the dashboard, Ray Jobs
-    assert found["klein-ray"] == _pyproject()["project"]["version"]
+    script, src = Path(argv[0] if argv[0].endswith("install.sh") else argv[1]), Path(argv[2])
+    assert script.is_file() and script.read_text() == (REPO / "infra" / "install.sh").read_text()
+    for part in ("pyproject.toml", "README.md", "klein_ray/__init__.py", "klein_ray/cli.py"):
+        assert (src / part).is_file(), f"the image's project lacks {part}"
+    assert venv.is_relative_to(tmp_path / "image")
 
 
 def test_readme_names_only_deployment_files_that_exist():
@@ -215,6 +204,7 @@ def test_the_dag_runs_the_real_submit_script_with_flags_it_has(monkeypatch):
                              "output": "{{ params.output_root }}/{{ ds }}"}]
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("code", [0, 1, 2, 75, 130, 137])
 def test_the_dag_retries_only_on_exit_75(monkeypatch, tmp_path, code):
     dag, exc, _ = _load_dag(monkeypatch)

@@ -8,14 +8,14 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from browser import chromium_available, open_in_chromium
 from helpers import assert_done, last_json, row, run_cli, write_config, write_manifest
 
 from klein_ray.storage import LocalStore
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
-def test_demo_renders_example_and_report_opens_in_browser(tmp_path):
+def test_demo_renders_example_and_report_opens_in_browser(tmp_path, chromium):
     out = tmp_path / "demo"
     proc = run_cli("demo", "--output", str(out), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -27,14 +27,13 @@ def test_demo_renders_example_and_report_opens_in_browser(tmp_path):
         assert_done(store, row_id)
     report = out / "_job" / "report.html"
     assert report.is_file()
-    if not chromium_available():
-        pytest.fail("chromium is not installed: run `make system-deps` (make test does)")
-    seen = open_in_chromium(report, screenshot=tmp_path / "report.png")
+    seen = chromium(report, screenshot=tmp_path / "report.png")
     assert seen["images"] == table.num_rows
     assert seen["loaded"] == seen["images"] and not seen["broken"]
     assert "noise" in seen["text"]
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_bad_rows_are_error_records_and_good_rows_render(tmp_path, tiny_models, ray_address):
     outside = set(tmp_path.iterdir())
@@ -86,6 +85,7 @@ def test_bad_rows_are_error_records_and_good_rows_render(tmp_path, tiny_models, 
                                       "foreign": 0, "unreadable": 0}
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("case", ["missing", "not-parquet", "no-prompt", "wrong-type"])
 def test_unusable_manifest_exits_2_before_rendering(tmp_path, case):
     path = tmp_path / "m.parquet"
@@ -105,6 +105,7 @@ def test_unusable_manifest_exits_2_before_rendering(tmp_path, case):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.subprocess
 def test_validate_lists_every_problem(tmp_path):
     rows = [row(id="ok", prompt="fine"), row(id="bad id", prompt="", width=65),
             row(id="ok", prompt="again")]
@@ -119,6 +120,7 @@ def test_validate_lists_every_problem(tmp_path):
     assert run_cli("validate", str(clean)).returncode == 0
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_model_that_fails_to_load_fails_its_rows_not_the_job(tmp_path, tiny_models, ray_address):
     """Bounded retries, a clear message, its rows in the errors table; other variants render."""

@@ -17,7 +17,7 @@ from PIL import Image
 from klein_ray.intake.rows import derive_seed
 from klein_ray.storage import open_store
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
 
 def _ref_png(size, colour) -> bytes:

@@ -315,6 +315,7 @@ def _conditional_create(s3, bucket: str, key: str, body: bytes) -> str:
     raise AssertionError(f"{key}: no decision after 30 attempts")
 
 
+@pytest.mark.slow  # 100 commits through 27% injected faults, retries and backoff included
 def test_conditional_creates_land_exactly_once_through_all_faults(moto_url, direct, bucket):
     objects = {f"shard-{i:03d}": f"payload {i} ".encode() * (50 + i) for i in range(60)}
     direct.put_object(Bucket=bucket, Key="taken", Body=b"someone else",

@@ -22,7 +22,7 @@ from helpers import assert_done, last_json, run_cli
 from hostile_fixtures import error_for, errors_of, leaks, leaks_in_tree
 from hostile_inputs import BAD_KEYS, BAD_NAMES, GOOD_IDS, HTML_PROMPT, LONG_PROMPT, MAX_SEQ
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
 
 def test_render_exits_1_with_a_summary_of_good_and_bad_rows(hostile):

@@ -11,7 +11,7 @@ from hostile_fixtures import ALLOWED_BAD, ALLOWED_GOOD, errors_of, leaks, leaks_
 from hostile_inputs import MAX_BYTES, PRIVATE_MSG, SIGNED_QUERY
 from hostile_server import STREAM_BYTES
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
 
 def test_allowlist_render_summary(allowed):

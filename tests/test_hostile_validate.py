@@ -13,7 +13,7 @@ from helpers import run_cli
 from hostile_fixtures import ALLOWED_BAD, leaks, secret_env
 from hostile_inputs import MAX_BYTES
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
 
 LINE = re.compile(r"^(?P<file>.*): row (?P<row>\d+) id=(?P<id>.*?) column=(?P<column>\S+): (?P<message>.*)$")

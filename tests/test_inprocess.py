@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from helpers import assert_done, row, write_manifest
 
 from klein_ray.config import JobConfig, RunConfig, VariantConfig
@@ -290,6 +291,7 @@ def test_an_interrupted_run_keeps_what_landed_and_a_rerun_finishes_once(tmp_path
     assert sum(1 for _ in store.list("images/")) == 8
 
 
+@pytest.mark.subprocess
 def test_render_with_the_local_executor_needs_no_ray(tmp_path, tiny_models):
     """`klein-ray render --executor local`: the same job, workers on threads of the CLI process."""
     from helpers import last_json, run_cli, write_config

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from helpers import REPO, row, run_cli, write_config, write_manifest
 
 # The CLI, with Driver.prepare held once it is done (the lease is taken, the plan made) until
@@ -42,6 +43,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.subprocess
 def test_sigterm_during_start_up_exits_130_and_releases_the_lease(tmp_path, tiny_models):
     manifest = write_manifest(tmp_path / "m.parquet", [row(id="a", prompt="a cup", width=64, height=64)])
     config = write_config(tmp_path / "job.yaml", tiny_models)
@@ -75,6 +77,7 @@ def _damaged_manifest(path: Path) -> Path:
     return path
 
 
+@pytest.mark.subprocess
 def test_a_manifest_with_damaged_data_exits_2_before_rendering(tmp_path, tiny_models):
     manifest = _damaged_manifest(tmp_path / "m.parquet")
     config = write_config(tmp_path / "job.yaml", tiny_models)

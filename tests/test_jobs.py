@@ -32,6 +32,9 @@ from refgate import REFERENCES, RefGate
 from klein_ray.cli import _parser
 from klein_ray.storage import LocalStore
 
+# Every test here needs Ray: jobs/submit.py is built on Ray's job submission client.
+pytestmark = pytest.mark.ray
+
 REPO = Path(__file__).resolve().parents[1]
 SUBMIT = REPO / "jobs" / "submit.py"
 
@@ -157,6 +160,7 @@ def _wait_for(predicate, what: str, timeout: float = 120) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_a_lost_submitter_is_attached_to_and_sigterm_stops_the_job(head, tmp_path, tiny_models):
     # The rows' references are held back after the first two, until the stop has been sent:
@@ -273,6 +277,7 @@ def test_a_new_attempt_unless_one_is_live(jobs, race, expect, submitted):
     assert client.submitted == [name(s) for s in submitted]
 
 
+@pytest.mark.subprocess
 def test_an_unreachable_cluster_is_exit_75():
     proc = subprocess.run([sys.executable, str(SUBMIT), "m.parquet", "--output", "out",
                            "--address", f"http://127.0.0.1:{free_port()}"],

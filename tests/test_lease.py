@@ -164,6 +164,7 @@ def test_our_own_create_is_recognised_after_a_lost_reply(store):
     assert _free(store)
 
 
+@pytest.mark.subprocess
 def test_same_host_dead_holder_is_taken_over_at_once(store):
     boot_id, pid_ns, _ = _identity(os.getpid())
     if not (boot_id and pid_ns):
@@ -243,14 +244,14 @@ def test_a_renewal_that_raises_anything_loses_the_lease_in_time(tmp_path):
     """A local OSError (disk full, a stale NFS handle) killed the renewal thread silently: the
     driver then neither renewed nor stopped."""
     store = LocalStore(tmp_path / "out")
+
+    class DiskFull(passthrough_store()):
+        def put(self, key, data, **kw):
+            raise OSError(28, "No space left on device")
+
     lost = threading.Event()
-    lease = Lease(store, "me", ttl=1.0, on_lost=lambda why: lost.set())
+    lease = Lease(store, "me", ttl=1.0, on_lost=lambda why: lost.set(), renew_store=DiskFull(store))
     lease.acquire()
-
-    def broken(*args, **kw):
-        raise OSError(28, "No space left on device")
-
-    lease._write = broken
     assert lost.wait(5) and "could not renew" in lease.lost
 
 

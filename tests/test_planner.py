@@ -121,10 +121,9 @@ def test_random_streams_lose_and_duplicate_nothing(seed, max_pending):
     units = []
     for r in rows:
         units.extend(p.add(r))
-        assert p._pending <= max(max_pending, 0)
-        assert p._pending == sum(len(g) for g in p._groups.values())
+        assert p.waiting <= max(max_pending, 0)
     units.extend(p.flush())
-    assert p._pending == 0 and not p._groups
+    assert p.waiting == 0 and p.open_groups == 0
     check_units(units, rows, BATCH)
 
 
@@ -142,7 +141,7 @@ def test_planner_property(keys, max_pending, batch):
     units = []
     for r in rows:
         units.extend(p.add(r))
-        assert p._pending <= max_pending
+        assert p.waiting <= max_pending
     units.extend(p.flush())
     check_units(units, rows, batch)
     # Unit ids are handed out in emission order.
@@ -162,10 +161,9 @@ def test_memory_bound_with_scattered_keys():
     peak = 0
     for r in rows:
         units.extend(p.add(r))
-        peak = max(peak, p._pending)
-        assert p._pending <= 10
-        assert sum(len(g) for g in p._groups.values()) == p._pending
-        assert len(p._groups) <= 10
+        peak = max(peak, p.waiting)
+        assert p.waiting <= 10
+        assert p.open_groups <= 10
     assert peak == 10  # the bound is used, not merely respected
     units.extend(p.flush())
     check_units(units, rows, {"a": 4})

@@ -9,6 +9,7 @@ import json
 import threading
 from collections import Counter
 
+import pytest
 from helpers import row, write_manifest
 
 from klein_ray.config import JobConfig, RunConfig, VariantConfig
@@ -129,6 +130,7 @@ def test_progress_is_written_during_a_run_and_status_shows_it(tmp_path, tiny_mod
     assert final["state"] == "finished" and final["committed"] == 8 and final["in_flight"] == 0
 
 
+@pytest.mark.subprocess
 def test_json_log_lines_for_log_shippers(tmp_path, tiny_models):
     """`--log-format json`: every stderr line is one JSON object; run events carry their name
     and fields; the secret in the environment appears nowhere."""

@@ -12,7 +12,6 @@ from PIL import Image, ImageDraw
 
 from klein_ray.output.report import (
     CONTACT_SCHEMA,
-    MAX_CONTACT_ENTRIES,
     NOISE_TEXT,
     ContactEntry,
     build_report,
@@ -21,11 +20,6 @@ from klein_ray.output.report import (
 )
 from klein_ray.types import RowError
 from klein_ray.worker.encode import make_thumbnail
-
-try:  # importable whether or not tests/ is a package
-    from tests.browser import chromium_available, open_in_chromium
-except ImportError:
-    from browser import chromium_available, open_in_chromium
 
 NASTY = '<script>alert("x")</script> & \'quotes\''
 
@@ -203,22 +197,17 @@ def test_broken_thumbnail_costs_only_its_picture():
     assert page.count("<img ") == 1 and "no thumbnail" in page
 
 
-def test_max_contact_entries():
-    assert MAX_CONTACT_ENTRIES == 500
-
-
 # ---- in a real browser -------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not chromium_available(), reason="chromium/chromedriver/selenium not installed")
-def test_report_renders_in_chromium(tmp_path: Path):
+def test_report_renders_in_chromium(tmp_path: Path, chromium):
     entries = entries_from_parquet_bytes(entries_to_parquet_bytes(make_entries(len(SHAPES))))
     page = build_report(SUMMARY, entries, make_errors(), total_committed=742, noise_model=True)
     path = tmp_path / "report.html"
     path.write_text(page, encoding="utf-8")
     shot = tmp_path / "report.png"
 
-    seen = open_in_chromium(path, screenshot=shot)
+    seen = chromium(path, screenshot=shot)
 
     assert seen["images"] == len(entries)
     assert seen["loaded"] == len(entries), seen["broken"]

@@ -68,6 +68,7 @@ def _other_container() -> list[str]:
     return ["unshare", "--pid", "--fork", "--mount-proc"]
 
 
+@pytest.mark.subprocess
 def test_a_frozen_driver_woken_while_another_runs_stops_and_nothing_breaks(tmp_path, tiny_models):
     rows = _rows(80, "f")
     args, out = _local_job(tmp_path, tiny_models, rows, run={"lease_ttl_s": TTL},
@@ -102,6 +103,7 @@ def test_a_frozen_driver_woken_while_another_runs_stops_and_nothing_breaks(tmp_p
     assert summary["run_id"] != first_run  # the woken driver wrote nothing under _job/ after losing
 
 
+@pytest.mark.subprocess
 def test_render_verify_repairs_what_verify_finds(tmp_path, tiny_models):
     rows = _rows(6, "v")
     args, out = _local_job(tmp_path, tiny_models, rows)
@@ -125,6 +127,7 @@ def test_render_verify_repairs_what_verify_finds(tmp_path, tiny_models):
         assert_done(store, r["id"])
 
 
+@pytest.mark.subprocess
 def test_a_marker_without_its_image_is_not_taken_for_done(tmp_path, tiny_models):
     """Rows committed after the last checkpoint part are found by the worker's marker check;
     it trusted the marker alone, so a row whose image was lost stayed 'done' for ever."""

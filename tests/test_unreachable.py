@@ -152,6 +152,7 @@ def _markers(store) -> dict[str, str]:
     return {o.key: hashlib.sha256(store.get(o.key)).hexdigest() for o in store.list("meta/")}
 
 
+@pytest.mark.subprocess
 def test_output_store_gone_mid_run_exits_75_and_a_rerun_finishes(tmp_path, tiny_models, moto_s3, s3_env):
     s3_env(moto_s3)  # this process reads OUT straight from moto
     rows = _rows(12)
@@ -191,6 +192,7 @@ def test_output_store_gone_mid_run_exits_75_and_a_rerun_finishes(tmp_path, tiny_
         assert_done(store, r["id"])
 
 
+@pytest.mark.subprocess
 def test_output_store_unreachable_from_the_start_exits_75(tmp_path, tiny_models, moto_s3):
     manifest = write_manifest(tmp_path / "m.parquet", _rows(1))
     out = f"s3://{moto_s3.new_bucket()}/out"

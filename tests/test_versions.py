@@ -12,7 +12,7 @@ import pytest
 from klein_ray.storage import AlreadyExists, LocalStore, VersionChanged, open_store
 
 
-@pytest.fixture(params=["local", "moto", "rgw"])
+@pytest.fixture(params=["local", "moto", pytest.param("rgw", marks=pytest.mark.ceph)])
 def store(request, tmp_path, s3_env):
     if request.param == "local":
         return open_store(str(tmp_path / "out"))

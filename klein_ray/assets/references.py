@@ -32,7 +32,7 @@ from klein_ray.uris import HTTP, S3, kind_of, redact, split_s3
 
 MAX_REDIRECTS = 5
 HTTP_ATTEMPTS = 4
-# The formats a reference may be in (Pillow's names; README lists them). Pillow is asked for these
+# The formats a reference may be in (Pillow's names; docs/configuration.md lists them). Pillow is asked for these
 # plugins only: a file in any other format is never parsed by another decoder (EPS would run
 # Ghostscript; TIFF, PSD and the rest are attack surface no reference needs).
 REFERENCE_FORMATS = ("PNG", "JPEG", "WEBP")

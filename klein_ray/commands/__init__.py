@@ -1,1 +1,2 @@
-"""The commands behind the CLI: render (picks the executor), validate, status, demo."""
+"""The commands behind the CLI, each thin over the rooms below: render (picks the executor),
+validate, status, verify, demo."""

@@ -32,6 +32,16 @@ class Planner:
         self._pending = 0
         self._next_id = 0
 
+    @property
+    def waiting(self) -> int:
+        """Rows held in open groups (never more than ``max_pending_rows`` between calls)."""
+        return self._pending
+
+    @property
+    def open_groups(self) -> int:
+        """Groups started and not yet emitted."""
+        return len(self._groups)
+
     def add(self, row: RowSpec) -> Iterator[WorkUnit]:
         """Take one row; yield any units it completes (or that must leave to bound memory)."""
         key = unit_key(row)

@@ -19,9 +19,9 @@ from klein_ray.types import IMAGE_EXTENSIONS, RowError, RowSpec
 from klein_ray.uris import FILE, HTTP, S3, parse
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-# SPEC's bounds on output sides. They must sit inside what the model accepts (model/limits.py,
-# which this package does not import: the driver reads rows and stays clear of the model);
-# tests/test_rows.py checks that they do.
+# The manifest's bounds on output sides (docs/configuration.md). They must sit inside what the
+# model accepts (model/limits.py, which this package does not import: the driver reads rows and
+# stays clear of the model); tests/test_rows.py checks that they do.
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 64, 2048, 16
 MAX_SEED = 2**63 - 1
 LABEL_CHARS = 160  # the most characters of an invalid id an error record keeps
@@ -55,7 +55,7 @@ def normalise_reference(uri: str, base_dir: Path) -> str:
 
 
 class RowValidator:
-    """Validates rows against SPEC and the job config; holds nothing per row."""
+    """Validates rows against the manifest's rules and the job config; holds nothing per row."""
 
     def __init__(self, config: JobConfig, base_dir: Path | None = None):
         self.config = config

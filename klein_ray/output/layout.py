@@ -14,7 +14,7 @@ _job/contact.parquet           the contact sheet's entries (thumbnails)
 _job/report.html               the contact sheet
 ```
 
-Row ids are checked against SPEC's pattern before they get here, which is what keeps these keys
+Row ids are checked against the manifest's id pattern before they get here, which is what keeps these keys
 inside OUT; the store refuses anything that would escape its root all the same.
 """
 

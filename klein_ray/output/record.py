@@ -3,7 +3,7 @@ of the render inputs an image carries. Both are the output's contract with its r
 (``status``, ``verify``, exporters, people), so they are built here, as free functions, and the
 worker only supplies the facts.
 
-The marker's fields (README lists them for users): id, prompt, variant, model (source,
+The marker's fields (docs/operations.md lists them for users): id, prompt, variant, model (source,
 pipeline, distilled, dtype, device, settings), width, height, steps, guidance, seed, seed source,
 format, references (uri, sha256, bytes, width, height), batch (size, position, ids: what a
 bitwise re-render needs), timings, attempt, worker, created_at, versions, manifest (file, row),

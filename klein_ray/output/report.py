@@ -3,7 +3,7 @@
 This module owns two things and nothing else:
 
 * ``ContactEntry``: one committed image as the contact sheet shows it (with a small JPEG
-  thumbnail, made by the worker: ``render.encode.make_thumbnail``), plus its pyarrow schema and
+  thumbnail, made by the worker: ``worker.encode.make_thumbnail``), plus its pyarrow schema and
   (de)serialisation, so the driver can keep the sheet's entries in ``_job/contact.parquet``
   across resumed runs;
 * ``build_report``: the HTML page itself.
@@ -46,7 +46,7 @@ class ContactEntry:
     height: int
     render_ms: float
     image_key: str
-    thumbnail: bytes  # JPEG bytes (render.encode.make_thumbnail)
+    thumbnail: bytes  # JPEG bytes (worker.encode.make_thumbnail)
 
 
 # Field order matches ContactEntry so rows convert with asdict / ContactEntry(**row).

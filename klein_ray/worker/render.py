@@ -1,9 +1,9 @@
 """The render worker: keeps one variant loaded and turns work units into committed rows.
 
-Plain Python: ``ray_executor`` wraps it as a Ray actor, ``inprocess`` drives it on threads. For
+Plain Python: ``executors.ray_cluster`` runs it as a Ray actor, ``executors.inprocess`` on threads. For
 each unit: fetch references, render, then per row encode and commit through the ledger. Several
 units run through one worker at once (threads). Only the model is serialised, on the worker's
-one model thread, which also loaded it (``worker_threads``: torch's CPU threads stay fast only
+one model thread, which also loaded it (``worker.threads``: torch's CPU threads stay fast only
 while one thread makes the torch calls); each unit's images are encoded on a pool sized to the
 worker's CPUs. So fetching and decoding the next unit's references, and encoding and
 uploading the last unit's images, overlap the render. Every row ends as a ``RowResult`` or a
