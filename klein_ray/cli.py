@@ -25,6 +25,7 @@ from klein_ray.scheduling.driver import EXIT_INTERRUPTED, EXIT_INVALID, EXIT_TEM
 from klein_ray.scheduling.stopping import TRY_LATER
 from klein_ray.storage import StorageError
 from klein_ray.storage.base import StorageUnavailable
+from klein_ray.uris import scrub
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,6 +58,9 @@ def _render_parser(sub) -> None:
                    "broken ones again, replacing their image and marker")
     r.add_argument("--verify-deep", action="store_const", const="deep", dest="verify",
                    help="the same, downloading and hashing every image")
+    r.add_argument("--rerender-outdated", action="store_true",
+                   help="also render again the rows committed under another setup of their variant "
+                   "(model, weights, precision or encoding changed under the same variant name)")
     r.add_argument("--executor", choices=EXECUTORS, default="ray",
                    help="ray (default): workers are Ray actors; local: workers run on threads of "
                    "this process, without Ray (a laptop, a debugger)")
@@ -119,6 +123,15 @@ def _terminate_like_interrupt() -> None:
         pass
 
 
+class Scrubbed(logging.Filter):
+    """Every log line through ``uris.scrub``: no URL's query, userinfo or credential, whatever
+    a library's message quoted."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = scrub(record.getMessage()), None
+        return True
+
+
 LOG_FORMATS = ("text", "json")
 # The fields run events carry beside their message (``extra=`` at the call); nothing else of a
 # record is copied into a JSON line, so no argument can carry a secret there by accident.
@@ -154,6 +167,8 @@ def configure_logging(level: int = logging.INFO, fmt: str | None = None) -> None
         handler._klein_ray = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     handler.setFormatter(JsonLines() if fmt == "json" else logging.Formatter("klein-ray: %(message)s"))
+    if not any(isinstance(f, Scrubbed) for f in handler.filters):
+        handler.addFilter(Scrubbed())
     logger.setLevel(level)
     logger.propagate = False
 
@@ -196,7 +211,8 @@ def _run(args) -> int:
 
 def cmd_render(args) -> int:
     config = load_config(args.config)
-    job = RenderJob(args.manifest, args.output, config, verify_first=args.verify)
+    job = RenderJob(args.manifest, args.output, config, verify_first=args.verify,
+                    rerender_outdated=args.rerender_outdated)
     summary, code = render(job, args.executor, args.address, progress=not args.no_progress)
     print(json.dumps(summary), flush=True)
     return code
@@ -248,15 +264,15 @@ def cmd_verify(args) -> int:
     from klein_ray.commands.verify import verify_output
 
     config = load_config(args.config)
-    report = verify_output(args.output, deep=args.deep, storage=config.storage)
-    if report.checked == 0 and st_missing(args.output, config):
+    found = verify_output(args.output, deep=args.deep, storage=config.storage)
+    if found.report.checked == 0 and st_missing(args.output, config):
         print(f"klein-ray: no klein-ray output at {args.output} (nothing committed, no _job/state.json)",
               file=sys.stderr)
         return EXIT_INVALID  # a mistyped path must not read as "every row sound"
-    for damage in report.broken:
-        print(f"{damage.id}\t{damage.problem}")
-    print(json.dumps(report.as_dict()))
-    return 1 if report.broken else 0
+    for line in found.lines():
+        print(line)
+    print(json.dumps(found.as_dict()))
+    return 1 if found.report.broken else 0
 
 
 def cmd_demo(args) -> int:

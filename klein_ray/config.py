@@ -274,9 +274,13 @@ def load_config(path: str | Path | None) -> JobConfig:
         return JobConfig()
     p = Path(path)
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config {p}: file not found") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config {p}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"config {p}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config {p}: not valid YAML: {exc}") from None
     if raw is None:

@@ -2,7 +2,8 @@
 
 Everything that travels between the driver and the workers is one of these dataclasses, so both
 sides agree on the fields without sharing code paths or dicts of unknown shape. This module
-imports nothing of klein_ray: every other package, the model layer included, may import it.
+imports nothing of klein_ray but ``uris`` (its scrubber keeps secrets out of error records):
+every other package, the model layer included, may import it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import builtins
 from dataclasses import dataclass, field
 from typing import Any
+
+from klein_ray.uris import scrub
 
 # Stages a row passes through; an error record names the one it failed in.
 STAGES = ("validate", "fetch", "render", "encode", "store")
@@ -44,6 +47,7 @@ class RowSpec:
     passthrough: dict[str, Any] = field(default_factory=dict)
     manifest_file: str = ""
     manifest_row: int = -1  # 0-based row index within manifest_file
+    digest: str = ""  # what the manifest row asks to render (intake.schema.row_digest)
     # `render --verify` found the row broken: its marker's version then ('' if none), which the
     # repair replaces only if it is still that (None: an ordinary row).
     repair: str | None = None
@@ -91,6 +95,7 @@ class RowError:
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"unknown stage {self.stage!r}")
+        self.message = scrub(self.message)  # recorded in errors.parquet and the report
         if len(self.message) > MESSAGE_CAP:
             self.message = self.message[: MESSAGE_CAP - 3] + "..."
 
@@ -127,6 +132,8 @@ class RowResult:
     worker: str
     thumbnail: builtins.bytes = b""  # a small JPEG for the contact sheet; never stored per row
     already: bool = False  # committed by an earlier attempt (found by the marker check)
+    inputs: str = ""  # the row digest it was rendered from (its marker's ``inputs``)
+    setup: str = ""  # the variant setup it was rendered under (its marker's ``setup``)
 
 
 @dataclass

@@ -15,6 +15,7 @@ kind is a ``UriError`` that lists the accepted ones. Imports nothing of klein_ra
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
@@ -123,3 +124,24 @@ def redact(uri: str) -> str:
         host = f"{host}:{port}"
     query = "REDACTED" if parts.query else ""
     return urlunsplit((parts.scheme, host, parts.path, query, ""))
+
+
+# What ``scrub`` removes from text: every URL (its query and userinfo, through ``redact``), a
+# query string quoted without its URL (as http.client's InvalidURL quotes a path), and the
+# values of the parameters signed URLs and tokens carry.
+_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>()]+")
+_QUERY = re.compile(r"\?[^\s'\"<>()?]*=[^\s'\"<>()]*")
+_USERINFO = re.compile(r"//[^/\s@'\"<>]+@")
+_SECRET_PARAM = re.compile(
+    r"(?i)\b(x-amz-[a-z-]+|signature|sig|token|access_token|password|passwd|secret|key|credential|policy)"
+    r"=[^\s&'\"<>]+")
+
+
+def scrub(text: str) -> str:
+    """``text`` fit to record or log: no query string, userinfo or credential of any URL in it,
+    redirect targets and URLs quoted in library errors included. Applied wherever an error
+    message is recorded or logged (``RowError``, the logs, the summary)."""
+    text = _URL.sub(lambda m: redact(m.group(0)) if "?" in m.group(0) or "@" in m.group(0) else m.group(0), text)
+    text = _USERINFO.sub("//", text)
+    text = _QUERY.sub("?REDACTED", text)
+    return _SECRET_PARAM.sub(lambda m: f"{m.group(1)}=REDACTED", text)

@@ -152,3 +152,16 @@ def rows_config(**refs):
         },
         references=ReferenceConfig(**refs) if refs else ReferenceConfig(),
     )
+
+
+def lease_released(out) -> bool:
+    """No driver holds the output's lease: its record says released (it is never deleted: it
+    keeps the epoch the next holder counts from), or there is none at all."""
+    from klein_ray.output.layout import LEASE
+    from klein_ray.storage import LocalStore, NotFound, Store
+
+    store = out if isinstance(out, Store) else LocalStore(out)
+    try:
+        return bool(json.loads(store.get(LEASE)).get("released"))
+    except NotFound:
+        return True

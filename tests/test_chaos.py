@@ -23,7 +23,7 @@ import time
 import psutil
 import pytest
 from faultproxy import FaultProxy
-from helpers import REPO, last_json, row, run_cli, write_config, write_manifest
+from helpers import REPO, last_json, lease_released, row, run_cli, write_config, write_manifest
 from refgate import REFERENCES, RefGate
 
 from klein_ray.storage import open_store
@@ -218,7 +218,7 @@ def _stopped_then_resumed(proc: subprocess.Popen, sent: float, args: tuple, out,
     assert time.monotonic() - sent < 15
     summary = last_json(stdout)
     assert summary["interrupted"] is True and summary["committed"] < len(rows)
-    assert not (out / "_job" / "lease.json").exists()
+    assert lease_released(out)
     final = run_cli(*args)
     assert final.returncode == 0, final.stderr[-3000:]
     resumed = last_json(final.stdout)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import REPO, row, run_cli, write_config, write_manifest
+from helpers import REPO, lease_released, row, run_cli, write_config, write_manifest
 
 # The CLI, with Driver.prepare held once it is done (the lease is taken, the plan made) until
 # the test closes stdin: the moment a scheduler's SIGTERM must still leave nothing behind.
@@ -59,7 +59,7 @@ def test_sigterm_during_start_up_exits_130_and_releases_the_lease(tmp_path, tiny
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr and "re-run the same command to resume" in stderr
-    assert not (out / "_job" / "lease.json").exists()
+    assert lease_released(out)
     again = run_cli(*args)  # nothing blocks the next run
     assert again.returncode == 0, again.stderr[-3000:]
 
@@ -87,7 +87,7 @@ def test_a_manifest_with_damaged_data_exits_2_before_rendering(tmp_path, tiny_mo
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "its data cannot be read" in proc.stderr
     assert not (out / "images").exists() and not (out / "meta").exists()
-    assert not (out / "_job" / "lease.json").exists()
+    assert lease_released(out)
     validated = run_cli("validate", str(manifest), "--config", str(config))
     assert validated.returncode == 2 and "its data cannot be read" in validated.stderr
     assert "Traceback" not in validated.stderr

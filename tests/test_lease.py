@@ -17,6 +17,7 @@ from dataclasses import replace
 import pytest
 from helpers import passthrough_store
 
+from klein_ray.output import lease as lease_mod
 from klein_ray.output.layout import LEASE
 from klein_ray.output.lease import Lease, LeaseHeld, LeaseRecord, _identity
 from klein_ray.storage import AlreadyExists, LocalStore, StorageError, Store, open_store
@@ -55,10 +56,8 @@ def _holder(store: Store, **fields) -> None:
 
 
 def _free(store: Store) -> bool:
-    """No lease is held: none at all (a local output), or a released record (S3: never deleted,
-    since a late delete could remove a successor's lease; Ceph RGW ignores If-Match on delete)."""
-    if isinstance(store, LocalStore):
-        return store.head(LEASE) is None
+    """No lease is held: a released record, never deleted (it keeps the epoch the next holder
+    counts from; on S3 a late delete could also remove a successor's lease)."""
     return _current(store).released
 
 
@@ -91,20 +90,22 @@ def test_two_takers_of_one_stale_lease_cannot_both_win(store):
     """The old takeover was delete-then-create: two takers could both delete and both create."""
     _holder(store, released=True)
     barrier = threading.Barrier(2, timeout=10)
+    takeovers = iter(range(2))
 
     def both_at_once(inner, key, data, kw):
-        if kw.get("if_match"):
+        if kw.get("if_match") and next(takeovers, None) is not None:
             barrier.wait()  # both judged the same version free; now both replace it
         return inner.put(key, data, **kw)
 
     results: dict[str, str] = {}
+    leases: list[Lease] = []
 
     def take(name: str) -> None:
-        lease = Lease(Hooked(store, both_at_once), name, ttl=30.0)
+        lease = Lease(Hooked(store, both_at_once), name, ttl=4.0)  # the winner renews every 1 s
+        leases.append(lease)
         try:
             lease.acquire()
             results[name] = "holds"
-            lease._stop.set()
         except LeaseHeld as exc:
             results[name] = str(exc)
 
@@ -113,9 +114,11 @@ def test_two_takers_of_one_stale_lease_cannot_both_win(store):
         t.start()
     for t in threads:
         t.join(30)
+    for lease in leases:
+        lease._stop.set()
     assert sorted(results.values()).count("holds") == 1, results
     loser = next(v for v in results.values() if v != "holds")
-    assert "another klein-ray job" in loser  # it re-read the lease and saw a live holder
+    assert "another klein-ray job" in loser  # it re-read the lease and saw it renewed
     assert _current(store).run_id in results and results[_current(store).run_id] == "holds"
 
 
@@ -179,13 +182,43 @@ def test_same_host_dead_holder_is_taken_over_at_once(store):
     lease.release()
 
 
-def test_same_host_live_holder_is_refused_at_once(store):
+def test_a_same_host_holder_alive_but_not_renewing_is_taken_over_after_its_ttl(store):
+    """A driver stopped with SIGSTOP, or hung, keeps its pid: alive, yet it renews nothing. Its
+    lease goes stale like any other (before, a live pid on this host refused at once, exit 2,
+    for as long as the process stayed stopped)."""
     boot_id, pid_ns, start = _identity(os.getpid())
     if not (boot_id and pid_ns):
         pytest.skip("no /proc here")
-    _holder(store, pid=os.getpid(), boot_id=boot_id, pid_ns=pid_ns, pid_start=start, ttl=3600.0)
-    with pytest.raises(LeaseHeld):
-        Lease(store, "me", ttl=30.0).acquire()
+    _holder(store, pid=os.getpid(), boot_id=boot_id, pid_ns=pid_ns, pid_start=start, ttl=1.0, epoch=1)
+    lease = Lease(store, "me", ttl=30.0)
+    started = time.monotonic()
+    lease.acquire()
+    assert time.monotonic() - started >= 1.0  # watched for its TTL, not refused
+    assert lease.record.epoch == 2  # one more than the record it took over
+    lease.release()
+
+
+@pytest.mark.subprocess
+def test_a_zombie_holder_is_dead_and_taken_over_at_once(store):
+    """A driver that died but was not reaped keeps its pid and start time in /proc: it is dead
+    all the same (before: judged alive by its start time, so the output was blocked, exit 2)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 30
+        while lease_mod._state(child.pid) != "Z":  # exited, not yet reaped: a zombie
+            assert time.monotonic() < deadline, "the child never became a zombie"
+            time.sleep(0.01)
+        boot_id, pid_ns, start = _identity(child.pid)
+        if not (boot_id and pid_ns and start):
+            pytest.skip("no /proc here")
+        _holder(store, pid=child.pid, boot_id=boot_id, pid_ns=pid_ns, pid_start=start, ttl=3600.0)
+        lease = Lease(store, "me", ttl=30.0)
+        started = time.monotonic()
+        lease.acquire()
+        assert time.monotonic() - started < 5
+        lease.release()
+    finally:
+        child.wait()
 
 
 def test_a_holder_in_another_pid_namespace_is_not_judged_by_pid(store):

@@ -58,7 +58,7 @@ def test_commit_writes_image_then_meta(ledger, store):
     sha = hashlib.sha256(PNG).hexdigest()
     assert receipt == Receipt("images/row-1.png", "meta/row-1.json", sha, len(PNG))
     assert store.get("images/row-1.png") == PNG
-    assert store.head("images/row-1.png").metadata == {"sha256": sha, "fingerprint": ""}
+    assert store.head("images/row-1.png").metadata == {"sha256": sha, "fingerprint": "", "epoch": "0"}
     meta = json.loads(store.get("meta/row-1.json"))
     assert meta["image"] == {"key": "images/row-1.png", "sha256": sha, "bytes": len(PNG),
                              "content_type": "image/png"}

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, assert_done, last_json, row, run_cli, write_config, write_manifest
+from helpers import REPO, assert_done, last_json, lease_released, row, run_cli, write_config, write_manifest
 
 from klein_ray.storage import LocalStore
 
@@ -98,9 +98,49 @@ def test_a_frozen_driver_woken_while_another_runs_stops_and_nothing_breaks(tmp_p
     assert sorted(o.key for o in store.list("images/")) == sorted(f"images/{r['id']}.png" for r in rows)
     verify = run_cli("verify", str(out), "--deep")
     assert verify.returncode == 0, verify.stdout[-2000:]
-    assert not (out / "_job" / "lease.json").exists()
+    assert lease_released(out)
     summary = json.loads((out / "_job" / "summary.json").read_text())
     assert summary["run_id"] != first_run  # the woken driver wrote nothing under _job/ after losing
+
+
+def _job_files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted((out / "_job").rglob("*")) if p.is_file()}
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("where", ["same-host", "other-container"])
+def test_a_driver_woken_after_another_finished_and_released_writes_nothing(tmp_path, tiny_models, where):
+    """Driver A is frozen mid-run; B waits out the TTL (on this host too: A's pid is alive but
+    not renewing), takes over, finishes and releases. Woken, A must exit 75 having written
+    nothing: no lease recreated, no summary, progress, errors or report rewritten. (Before: A
+    recreated the lease B had released and rewrote the job's files, exit 0; and on the same host
+    B was refused at once, exit 2, for as long as A stayed stopped.)"""
+    rows = _rows(40, "w")
+    args, out = _local_job(tmp_path, tiny_models, rows, run={"lease_ttl_s": TTL},
+                           variants={"tiny": {"source": str(tiny_models["tiny"]), "pipeline": "distilled",
+                                              "actors": 1, "batch_size": 1}})
+    first = _start(args)
+    _wait(lambda: len(list((out / "meta").glob("*.json"))) >= 5, first)
+    first_run = _lease(out)["run_id"]
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = _start(args, prefix=_other_container() if where == "other-container" else None)
+        out2, err2 = second.communicate(timeout=300)
+        assert second.returncode == 0, err2[-3000:]
+        assert "not renewed" in err2 and "taking it over" in err2
+        released = _lease(out)
+        assert released["released"] and released["run_id"] != first_run and released["epoch"] == 2
+        before = _job_files(out)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    out1, err1 = first.communicate(timeout=120)
+    assert first.returncode == 75, err1[-3000:]
+    assert "lost the output's lease" in err1 and "Traceback" not in err1
+    assert _job_files(out) == before  # not a byte more under _job/, the lease record included
+    store = LocalStore(out)
+    for r in rows:
+        assert_done(store, r["id"])
+    assert run_cli("verify", str(out), "--deep").returncode == 0
 
 
 @pytest.mark.subprocess

@@ -48,7 +48,7 @@ def _verify(capsys, uri: str, *flags: str) -> tuple[int, list[str], dict]:
 def test_verify_passes_a_sound_output(out, capsys):
     _committed(out)
     code, broken, summary = _verify(capsys, out, "--deep")
-    assert (code, broken, summary) == (0, [], {"checked": 4, "broken": 0, "deep": True})
+    assert (code, broken, summary) == (0, [], {"checked": 4, "broken": 0, "deep": True, "stale": 0, "outdated": 0})
 
 
 def test_verify_finds_every_damaged_row(out, capsys):
@@ -107,7 +107,8 @@ def test_status_counts_only_readable_markers_of_the_manifest(tmp_path, monkeypat
     ledger.store.put("meta/c.json", b"garbage")  # c: a marker that commits nothing
     ledger.store.put(layout.STATE, json.dumps({"manifest": str(manifest), "total": 4}).encode())
     st = output_status(uri)
-    assert st.counts() == {"committed": 2, "failed": 0, "remaining": 2, "foreign": 1, "unreadable": 1}
+    assert st.counts() == {"committed": 2, "failed": 0, "remaining": 2, "foreign": 1, "unreadable": 1,
+                           "stale": 0, "outdated": 0}
     assert ("lookups" in st.requests) is lookups
 
 

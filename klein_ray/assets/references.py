@@ -16,9 +16,11 @@ import http.client
 import io
 import ipaddress
 import os
+import random
 import socket
 import ssl
 import stat
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,7 @@ from klein_ray.assets.confinement import Refused, check_bucket, local_target
 from klein_ray.config import ReferenceConfig, StorageConfig
 from klein_ray.storage import TooLarge, open_store
 from klein_ray.types import first_line
-from klein_ray.uris import HTTP, S3, kind_of, redact, split_s3
+from klein_ray.uris import HTTP, S3, kind_of, redact, scrub, split_s3
 
 MAX_REDIRECTS = 5
 HTTP_ATTEMPTS = 4
@@ -54,17 +56,6 @@ class Reference:
     width: int
     height: int
     image: object  # PIL.Image.Image, RGB
-
-
-def _detail(exc: BaseException, uri: str) -> str:
-    """An exception's message for a record about ``uri``, withheld when it could quote the
-    URL's secrets (some errors, http.client's InvalidURL among them, repeat the URL)."""
-    text = _short(exc)
-    parts = urlsplit(uri)
-    secrets = [s for s in (parts.query, parts.username, parts.password) if s]
-    if secrets and ("?" in text or "@" in text or any(s in text for s in secrets)):
-        return "details withheld: the message quotes the URL, whose query or credentials are secret"
-    return text
 
 
 class ReferenceFetcher:
@@ -96,30 +87,38 @@ class ReferenceFetcher:
         except Refused as exc:
             raise ReferenceError(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - reported per row, without request details
-            raise ReferenceError(f"reference {redact(uri)}: {type(exc).__name__}: {_detail(exc, uri)}") from None
+            raise ReferenceError(f"reference {redact(uri)}: {type(exc).__name__}: {scrub(_short(exc))}") from None
 
     def _http_get_retrying(self, uri: str) -> bytes:
-        """Retry what a busy or flaky server does (5xx, 429, resets, timeouts), with backoff."""
-        import random
-        import time
-
+        """Retry what a busy or flaky server does (5xx, 429, resets, timeouts), with backoff,
+        all of it within one deadline (``references.total_timeout``, else 4 x timeout)."""
+        deadline = time.monotonic() + self.total_seconds
         for attempt in range(1, HTTP_ATTEMPTS + 1):
             try:
-                return self._http_get(uri)
+                return self._http_get(uri, deadline)
             except (_TransientHTTP, OSError):
-                if attempt == HTTP_ATTEMPTS:
+                left = deadline - time.monotonic()
+                if attempt == HTTP_ATTEMPTS or left <= 0:
                     raise
-                time.sleep(random.uniform(0, 0.5 * 2**attempt))
+                time.sleep(min(left, random.uniform(0, 0.5 * 2**attempt)))
         raise AssertionError("unreachable")
 
-    def _http_get(self, uri: str) -> bytes:
-        # The socket timeout bounds each read; this bounds the whole fetch (a slow drip).
-        deadline = time.monotonic() + (self.cfg.total_timeout or 4 * self.cfg.timeout)
+    @property
+    def total_seconds(self) -> float:
+        return self.cfg.total_timeout or 4 * self.cfg.timeout
+
+    def _http_get(self, uri: str, deadline: float) -> bytes:
+        # Every step is under the deadline: the connect's own timeout is what is left of it, and
+        # a watchdog shuts the socket when it passes, whatever the fetch is waiting for then (a
+        # TLS handshake, a status line or headers dripped a byte at a time, the body).
         for _ in range(MAX_REDIRECTS + 1):
             parts = urlsplit(uri)
             host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
             ip = self._checked_address(host, port)
-            conn = _pinned_connection(parts.scheme, host, ip, port, self.cfg.timeout)
+            conn = _pinned_connection(parts.scheme, host, ip, port, self.cfg.timeout, deadline)
+            watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), _cut, args=(conn,))
+            watchdog.daemon = True
+            watchdog.start()
             try:
                 path = parts.path or "/"
                 conn.request("GET", f"{path}?{parts.query}" if parts.query else path,
@@ -134,10 +133,24 @@ class ReferenceFetcher:
                     raise _TransientHTTP(f"reference {redact(uri)}: HTTP {resp.status}")
                 if resp.status != 200:
                     raise ReferenceError(f"reference {redact(uri)}: HTTP {resp.status}")
-                return _read_capped(resp, self.cfg.max_bytes, uri, deadline)
+                data = _read_capped(resp, self.cfg.max_bytes, uri)
+                if conn.cut:  # a cut socket can also read as a clean end of the answer
+                    raise ReferenceError(self._too_long(uri))
+                return data
+            except (OSError, http.client.HTTPException) as exc:
+                if conn.cut or time.monotonic() >= deadline:  # the watchdog cut it (or was about to)
+                    raise ReferenceError(self._too_long(uri)) from None
+                if isinstance(exc, http.client.HTTPException):
+                    raise ReferenceError(f"reference {redact(uri)}: {type(exc).__name__}") from None
+                raise
             finally:
+                watchdog.cancel()
                 conn.close()
         raise ReferenceError(f"reference {redact(uri)}: more than {MAX_REDIRECTS} redirects")
+
+    def _too_long(self, uri: str) -> str:
+        return (f"reference {redact(uri)} took longer than {self.total_seconds:g} s "
+                "(references.total_timeout)")
 
     def _checked_address(self, host: str, port: int) -> str:
         try:
@@ -214,14 +227,12 @@ def _read_file(path: Path, uri: str, limit: int) -> bytes:
     return data
 
 
-def _read_capped(resp, limit: int, uri: str, deadline: float) -> bytes:
+def _read_capped(resp, limit: int, uri: str) -> bytes:
     declared = resp.getheader("Content-Length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise ReferenceError(f"reference {redact(uri)} is larger than {limit} bytes")
     chunks, total = [], 0
     while chunk := resp.read1(1 << 16):
-        if time.monotonic() > deadline:
-            raise ReferenceError(f"reference {redact(uri)} took too long to download")
         total += len(chunk)
         if total > limit:
             raise ReferenceError(f"reference {redact(uri)} is larger than {limit} bytes")
@@ -229,21 +240,45 @@ def _read_capped(resp, limit: int, uri: str, deadline: float) -> bytes:
     return b"".join(chunks)
 
 
-def _pinned_connection(scheme: str, host: str, ip: str, port: int, timeout: float):
-    """A connection to ``ip`` that still speaks to ``host`` (Host header, SNI, certificate)."""
+def _pinned_connection(scheme: str, host: str, ip: str, port: int, timeout: float, deadline: float):
+    """A connection to ``ip`` that still speaks to ``host`` (Host header, SNI, certificate). It
+    keeps its plain socket as ``raw`` from the moment it exists, so a watchdog can cut a TLS
+    handshake too; connecting waits no longer than the deadline allows."""
+
+    def dial(conn) -> socket.socket:
+        conn.raw = socket.create_connection((ip, port), max(0.001, min(timeout, deadline - time.monotonic())))
+        conn.raw.settimeout(timeout)
+        return conn.raw
 
     class Pinned(http.client.HTTPConnection):
+        raw: socket.socket | None = None
+        cut = False  # set by the watchdog
+
         def connect(self):
-            self.sock = socket.create_connection((ip, port), timeout)
+            self.sock = dial(self)
 
     class PinnedTLS(http.client.HTTPSConnection):
+        raw: socket.socket | None = None
+        cut = False  # set by the watchdog
+
         def connect(self):
-            sock = socket.create_connection((ip, port), timeout)
-            self.sock = self._context.wrap_socket(sock, server_hostname=host)  # type: ignore[attr-defined]
+            self.sock = self._context.wrap_socket(dial(self), server_hostname=host)  # type: ignore[attr-defined]
 
     if scheme == "https":
         return PinnedTLS(host, port, timeout=timeout, context=ssl.create_default_context())
     return Pinned(host, port, timeout=timeout)
+
+
+def _cut(conn) -> None:
+    """The watchdog: shut the connection's socket, so whatever read or handshake waits on it
+    returns at once with an error."""
+    conn.cut = True
+    raw = getattr(conn, "raw", None)
+    if raw is not None:
+        try:
+            raw.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def _short(exc: BaseException) -> str:

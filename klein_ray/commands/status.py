@@ -12,14 +12,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from klein_ray.commands.currency import currency
 from klein_ray.config import StorageConfig
-from klein_ray.intake.manifest import Manifest, ManifestError
 from klein_ray.output.audit import census
 from klein_ray.output.joblog import read_errors, read_progress, read_state
 from klein_ray.output.ledger import Ledger
-from klein_ray.storage import StorageError, open_store
+from klein_ray.storage import open_store
 
 LOOKUP_LIMIT = 2000  # rows outside the checkpoint looked up one by one; more: list the markers
+JUDGE_LIMIT = 2000  # an output of at most this many rows is judged row by row, checkpointed ones too
 
 
 @dataclass(frozen=True)
@@ -33,10 +34,13 @@ class OutputStatus:
     unreadable: int = 0  # markers that commit nothing
     progress: dict | None = None  # the latest run's _job/progress.json (state "running" while it runs)
     requests: str = ""  # how the counts were made: from the checkpoint, or a listing of markers
+    stale: int = 0  # committed rows whose manifest row changed since (the next run renders them)
+    outdated: int = 0  # committed under another setup of their variant (kept unless asked)
 
     def counts(self) -> dict:
         return {"committed": self.committed, "failed": self.failed, "remaining": self.remaining,
-                "foreign": self.foreign, "unreadable": self.unreadable}
+                "foreign": self.foreign, "unreadable": self.unreadable, "stale": self.stale,
+                "outdated": self.outdated}
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -49,17 +53,25 @@ def output_status(uri: str, storage: StorageConfig | None = None) -> OutputStatu
     storage = storage or StorageConfig()
     ledger = Ledger(open_store(uri, storage))
     state = read_state(ledger.store) or {}
-    manifest_ids = _manifest_ids(state.get("manifest"), storage)
-    outside = manifest_ids - set(ledger.done()) if manifest_ids is not None else None
-    found = census(ledger, outside if outside is not None and len(outside) <= LOOKUP_LIMIT else None)
+    done = ledger.done()
+    current = currency(state, done, storage)
+    manifest_ids = current.ids
+    outside = manifest_ids - set(done) if manifest_ids is not None else None
+    few = outside is not None and len(outside) <= LOOKUP_LIMIT
+    # A small output is judged row by row, markers of checkpointed rows included (a marker
+    # swapped or removed behind the checkpoint's back then counts as it is); a large one
+    # trusts its checkpoint for the rows it names (`verify` judges every row).
+    exact = few and len(done) + len(outside or ()) <= JUDGE_LIMIT
+    found = census(ledger, outside if few else None, done, judge_checkpointed=exact)
     foreign = found.committed - manifest_ids if manifest_ids is not None else set()
     committed = found.committed - foreign
     failed = _failed_rows(ledger, committed)
     total = state.get("total")
-    remaining = max(0, total - len(committed) - failed) if total is not None else None
+    # Stale rows are rendered again by the next run: not done, though committed.
+    remaining = max(0, total - len(committed) + len(current.stale) - failed) if total is not None else None
     return OutputStatus(len(committed), failed, remaining, total, state.get("manifest"),
                         len(foreign) if manifest_ids is not None else None, found.unreadable,
-                        read_progress(ledger.store), found.how)
+                        read_progress(ledger.store), found.how, len(current.stale), len(current.outdated))
 
 
 def _failed_rows(ledger: Ledger, committed: set[str]) -> int:
@@ -72,17 +84,3 @@ def _failed_rows(ledger: Ledger, committed: set[str]) -> int:
             for e in errors.select(["id", "manifest_file", "manifest_row"]).to_pylist()
             if e["id"] not in committed}
     return len(rows)
-
-
-def _manifest_ids(uri: str | None, storage: StorageConfig) -> set[str] | None:
-    """The job's manifest ids (the id column only), or None when it cannot be read from here."""
-    if not uri:
-        return None
-    try:
-        with Manifest(uri, storage) as manifest:
-            ids: set[str] = set()
-            for batch in manifest.iter_batches(["id"]):
-                ids.update(i for i in batch.column("id").to_pylist() if isinstance(i, str))
-            return ids
-    except (ManifestError, StorageError, OSError, ValueError):
-        return None

@@ -7,7 +7,8 @@ from pathlib import Path
 from klein_ray.assets.confinement import confine, refusal
 from klein_ray.assets.references import ReferenceError, ReferenceFetcher
 from klein_ray.config import JobConfig
-from klein_ray.intake.manifest import Manifest, id_hash, prescan
+from klein_ray.intake.manifest import Manifest
+from klein_ray.intake.prescan import id_hash, prescan
 from klein_ray.intake.rows import RowValidator, duplicate_id_error
 from klein_ray.model.limits import shape_problem
 from klein_ray.types import RowError, RowSpec
@@ -26,7 +27,7 @@ def validate_manifest(uri: str, config: JobConfig, check_references: bool = Fals
     checked_refs: dict[str, str | None] = {}  # uri -> problem (None: fine)
     problems: list[RowError] = []
     with Manifest(uri, config.storage) as manifest:
-        duplicates, _ = prescan(manifest, config.default_variant)
+        duplicates = prescan(manifest, config.default_variant).duplicates
         validator = RowValidator(config, base_dir=Path.cwd())
         for mf, index, raw in manifest.iter_rows():
             row_id = raw.get("id")

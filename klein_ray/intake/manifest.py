@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -84,7 +82,11 @@ class Manifest:
         raises ``ManifestError`` now, not halfway through a render."""
         for mf in self.files:
             present = [c for c in columns if c in mf.columns]
+            start = 0
             for batch in _batches(mf, batch_size, None if decode_all else present):
+                if decode_all:
+                    _check_text(batch, mf, start)
+                start += batch.num_rows
                 yield batch.select(present)
 
     # -- opening -------------------------------------------------------------------------
@@ -144,38 +146,27 @@ def _batches(mf: ManifestFile, batch_size: int, columns: list[str] | None) -> It
         raise ManifestError(f"manifest {mf.name}: its data cannot be read ({first_line(exc)[:200]})") from None
 
 
+def _check_text(batch: pa.RecordBatch, mf: ManifestFile, start: int) -> None:
+    """Every string in ``batch`` is valid UTF-8, else ManifestError naming file, row and column
+    (decoded later, a bad byte would crash the run where it lies, on every re-run)."""
+    for name, column in zip(batch.schema.names, batch.columns):
+        try:
+            column.validate(full=True)
+        except pa.ArrowInvalid:
+            lo, hi = 0, len(column)  # the first row whose value does not validate
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                try:
+                    column.slice(lo, mid - lo).validate(full=True)
+                    lo = mid
+                except pa.ArrowInvalid:
+                    hi = mid
+            raise ManifestError(f"manifest {mf.name}: row {start + lo}: column {name!r} is not valid "
+                                "UTF-8 text; write the file with UTF-8 strings") from None
+
+
 def id_hash(value: object) -> int:
     return int.from_bytes(hashlib.blake2b(str(value).encode(), digest_size=8).digest(), "big")
-
-
-DoneMask = Callable[[list], list[bool]]  # ids -> committed? (the ledger's DoneSet.mask)
-
-
-def prescan(manifest: Manifest, default_variant: str, done: DoneMask | None = None) -> tuple[set[int], Counter]:
-    """One pass over ``id`` (and ``variant``): duplicate-id hashes and rows pending per variant
-    (rows that ``done`` does not report committed). Every column is decoded on the way, so a
-    damaged file stops the job here, before anything is rendered.
-
-    Ids are kept as 8-byte hashes in numpy arrays, so this stays ~8 bytes a row.
-    """
-    chunks: list[np.ndarray] = []
-    pending: Counter[str] = Counter()
-    for batch in manifest.iter_batches(["id", "variant"], batch_size=16384, decode_all=True):
-        ids = batch.column("id").to_pylist()
-        # Only string ids can collide: a null id must not make the id "None" a duplicate.
-        strings = [v for v in ids if isinstance(v, str)]
-        chunks.append(np.fromiter((id_hash(v) for v in strings), dtype=np.uint64, count=len(strings)))
-        variants = (batch.column("variant").to_pylist() if "variant" in batch.schema.names
-                    else [None] * len(ids))
-        committed = done(ids) if done is not None else [False] * len(ids)
-        for variant, is_done in zip(variants, committed):
-            if not is_done:
-                pending[variant or default_variant] += 1
-    if not chunks:
-        return set(), pending
-    hashes = np.sort(np.concatenate(chunks))
-    dup = hashes[1:][hashes[1:] == hashes[:-1]]
-    return {int(h) for h in np.unique(dup)}, pending
 
 
 def _local_files(uri: str) -> list[tuple[str, Path]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from klein_ray.config import JobConfig
-from klein_ray.intake.schema import KNOWN_COLUMNS
+from klein_ray.intake.schema import KNOWN_COLUMNS, row_digest
 from klein_ray.types import IMAGE_EXTENSIONS, RowError, RowSpec
 from klein_ray.uris import FILE, HTTP, S3, parse
 
@@ -117,6 +117,7 @@ class RowValidator:
             passthrough={k: json_safe(v) for k, v in raw.items() if k not in KNOWN_COLUMNS},
             manifest_file=file,
             manifest_row=index,
+            digest=row_digest(raw),
         )
 
     def _sampling(self, raw: dict[str, Any], bad) -> tuple:

@@ -16,7 +16,11 @@ read as their values; a column of nulls only (type null) is accepted for every c
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import pyarrow as pa
 
@@ -54,6 +58,33 @@ def manifest_schema(passthrough: Iterable[tuple[str, pa.DataType]] = ()) -> pa.S
             raise ValueError(f"{name!r} is a manifest column, not a passthrough one")
         schema = schema.append(pa.field(name, dtype))
     return schema
+
+
+# The columns whose values say what a row's image is (the id names it; passthrough columns
+# only travel into the metadata): a row whose values here change is another render.
+RENDER_COLUMNS = ("prompt", "variant", "references", "width", "height", "steps", "guidance", "seed",
+                  "format", "adapters", "adapter_scales")
+
+
+def row_digest(raw: dict[str, Any]) -> str:
+    """What a manifest row asks to render, as the manifest states it (16 hex digits): the values
+    of ``RENDER_COLUMNS``, absent and null alike. A committed row whose digest differs from its
+    row's now is stale: the row was edited since. Defaults the job config fills in are not here:
+    they are the variant's setup (``output.record.setup_digest``)."""
+    values = [_plain(raw.get(c)) for c in RENDER_COLUMNS]
+    return hashlib.sha256(json.dumps(values, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:
+    """A value as JSON states it the same however Parquet typed it (int32 or int64 widths, a
+    float guidance of 4 or 4.0, a list or a tuple of references)."""
+    if isinstance(value, float) and math.isfinite(value) and value == int(value):
+        return int(value)
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def type_problem(name: str, dtype: pa.DataType) -> str | None:

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
+from klein_ray.output.checkpoint import DoneSet
 from klein_ray.output.ledger import CommittedRow, Ledger, Verdict
 
 log = logging.getLogger(__name__)
@@ -72,17 +73,24 @@ def broken_rows(ledger: Ledger, depth: Depth) -> dict[str, str]:
     return report.repairs
 
 
-def census(ledger: Ledger, lookups: Collection[str] | None) -> Census:
-    """Committed rows, cheaply: the checkpoint names most; the rows outside it are judged one by
-    one, either the ids in ``lookups`` (when the caller knows them and they are few) or every
-    marker the checkpoint does not name (found by listing ``meta/``: a request per 1,000)."""
-    committed = set(ledger.done())
-    if lookups is None:
+def census(ledger: Ledger, lookups: Collection[str] | None, done: DoneSet | None = None,
+           judge_checkpointed: bool = False) -> Census:
+    """Committed rows, cheaply: the checkpoint (``done``, read if not given) names most; the
+    rows outside it are judged one by one, either the ids in ``lookups`` (when the caller knows
+    them and they are few) or every marker the checkpoint does not name (found by listing
+    ``meta/``: a request per 1,000). A damaged checkpoint part means a listing, whatever
+    ``lookups`` says: its rows are not in the checkpoint any more. ``judge_checkpointed``: judge
+    the rows the checkpoint names too (exact whatever happened to their markers since they
+    were committed: a GET and a HEAD each)."""
+    checkpointed = set(ledger.done() if done is None else done)
+    committed = set() if judge_checkpointed else set(checkpointed)
+    if lookups is None or ledger.checkpoint.damaged:
         candidates = sorted(i for i in ledger.marker_ids() if i not in committed)
-        how = "checkpoint + a listing of every marker"
+        how = "a listing of every marker"
     else:
-        candidates = sorted(i for i in lookups if i not in committed)
-        how = f"checkpoint + {len(candidates)} marker lookups"
+        candidates = sorted((set(lookups) | (checkpointed if judge_checkpointed else set())) - committed)
+        how = f"{len(candidates)} marker lookups"
+    how = ("every row judged: " if judge_checkpointed else "checkpoint + ") + how
     unreadable = 0
     for row_id, verdict in ledger.judge_all(candidates):
         if isinstance(verdict, CommittedRow):

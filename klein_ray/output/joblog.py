@@ -4,11 +4,16 @@ contact-sheet entries and ``report.html``. Written by the driver only; read by `
 The results table is the ledger's checkpoint (``_job/results/``, see ``checkpoint.py``). Errors
 of the run are one table, rewritten at the end of each run, since every run retries every row
 that is not committed.
+
+Damaged job files are not fatal: the readers here warn and go on as if the file were absent
+(the state, the progress, the errors table), and a driver (``set_aside``) moves an unreadable
+contact sheet to ``_job/damaged/`` and starts a new one.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -18,6 +23,7 @@ import yaml
 
 from klein_ray.config import JobConfig
 from klein_ray.output import layout
+from klein_ray.output.checkpoint import set_aside
 from klein_ray.output.report import (
     MAX_CONTACT_ENTRIES,
     ContactEntry,
@@ -30,6 +36,8 @@ from klein_ray.storage.tables import get_table, put_table
 from klein_ray.types import RowError, RowResult
 from klein_ray.uris import local_path
 
+log = logging.getLogger(__name__)
+
 ERRORS_SCHEMA = pa.schema([
     ("id", pa.string()), ("stage", pa.string()), ("error_type", pa.string()),
     ("message", pa.string()), ("attempts", pa.int32()), ("column", pa.string()),
@@ -38,8 +46,10 @@ ERRORS_SCHEMA = pa.schema([
 
 
 class JobLog:
-    def __init__(self, store: Store, config: JobConfig, manifest_uri: str, run_id: str):
+    def __init__(self, store: Store, config: JobConfig, manifest_uri: str, run_id: str,
+                 set_aside: bool = False):
         self.store = store
+        self.set_aside = set_aside
         self.run_id = run_id
         self.config = config
         # Absolute, so that `status` run from elsewhere reads the same manifest.
@@ -47,12 +57,16 @@ class JobLog:
         self.contact = self._load_contact()
         self._contact_ids = {e.id for e in self.contact}
 
-    def start(self, total_rows: int) -> None:
+    def start(self, total_rows: int, setups: dict[str, str] | None = None) -> None:
+        """The resolved config and the state: manifest, rows, run, and each variant's setup
+        digest with the default variant (what `status` and `verify` judge rows against)."""
         cfg = self.config.model_dump(mode="json")
         self.store.put(layout.CONFIG, yaml.safe_dump(cfg, sort_keys=False).encode(),
                        content_type="application/yaml")
         self._put_json(layout.STATE, {"manifest": self.manifest_uri, "total": total_rows,
-                                      "run_id": self.run_id, "started_at": _now()})
+                                      "run_id": self.run_id, "started_at": _now(),
+                                      "default_variant": self.config.default_variant,
+                                      "setups": setups or {}})
 
     def add_result(self, result: RowResult) -> None:
         """Keep the first images of the output for the contact sheet (thumbnails are small)."""
@@ -82,6 +96,11 @@ class JobLog:
             return entries_from_parquet_bytes(self.store.get(layout.CONTACT))
         except NotFound:
             return []
+        except Exception as exc:  # noqa: BLE001 - any way the file fails to parse: it is damaged
+            where = set_aside(self.store, layout.CONTACT) if self.set_aside else "its place"
+            log.warning("%s cannot be read (%s): left in %s; the contact sheet starts anew",
+                        layout.CONTACT, type(exc).__name__, where)
+            return []
 
     def put_progress(self, progress: dict) -> None:
         """``_job/progress.json``: what a scheduler or `status` reads while the run goes on."""
@@ -93,24 +112,36 @@ class JobLog:
 
 
 def read_progress(store: Store) -> dict | None:
-    try:
-        return json.loads(store.get(layout.PROGRESS))
-    except (NotFound, ValueError):
-        return None
+    """The latest run's progress, or None (absent or damaged: a person can see it in OUT)."""
+    found = _read_json(store, layout.PROGRESS)
+    return found or None
 
 
 def read_state(store: Store) -> dict | None:
-    try:
-        return json.loads(store.get(layout.STATE))
-    except NotFound:
-        return None
+    """The job's state (manifest, total, run), {} if damaged (warned), None if absent."""
+    return _read_json(store, layout.STATE)
 
 
 def read_errors(store: Store) -> pa.Table | None:
+    """The latest run's errors table, or None (absent, or damaged: warned)."""
     try:
         return get_table(store, layout.ERRORS)
     except NotFound:
         return None
+    except Exception as exc:  # noqa: BLE001 - any way the table fails to parse: it is damaged
+        log.warning("%s cannot be read (%s): counted as no errors recorded", layout.ERRORS, type(exc).__name__)
+        return None
+
+
+def _read_json(store: Store, key: str) -> dict | None:
+    try:
+        found = json.loads(store.get(key))
+    except NotFound:
+        return None
+    except ValueError as exc:  # not JSON, not UTF-8
+        log.warning("%s cannot be read (%s): taken as empty", key, type(exc).__name__)
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def _now() -> str:

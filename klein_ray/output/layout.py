@@ -12,6 +12,7 @@ _job/errors.parquet            rows that failed in the latest run
 _job/summary.json              the summary `render` prints last
 _job/contact.parquet           the contact sheet's entries (thumbnails)
 _job/report.html               the contact sheet
+_job/damaged/                  job files found unreadable, moved aside (never deleted)
 ```
 
 Row ids are checked against the manifest's id pattern before they get here, which is what keeps these keys
@@ -26,6 +27,7 @@ IMAGES = "images/"
 META = "meta/"
 JOB = "_job/"
 RESULTS = f"{JOB}results/"
+DAMAGED = f"{JOB}damaged/"  # job files that could not be read, set aside for a person
 
 CONFIG = f"{JOB}config.yaml"
 STATE = f"{JOB}state.json"

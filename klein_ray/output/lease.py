@@ -6,20 +6,26 @@ two drivers can never both believe they hold it:
 - **take**: create it if absent; a record of ours after a lost reply is recognised by its nonce.
   A held lease is taken over (replaced, ``If-Match``) only when it is released, or stale. Stale
   is judged on the taker's own clock, never by comparing clocks: the same version seen unchanged
-  for the holder's TTL. On the same host, liveness is decided at once where that is provably
-  right: same boot, same PID namespace, and the holder's pid (with its start time) alive or gone.
-  A holder in another container of this host, or on another host, is watched for the TTL.
+  for the holder's TTL, whoever holds it. A holder that is alive but not renewing (stopped with
+  SIGSTOP, hung) is stale like any other: fencing makes taking it over safe. Only a provably
+  dead holder is taken at once: same boot, same PID namespace, and its pid gone, reused by
+  another process, or a zombie. Every taker's record carries the next **epoch** (one more than
+  the record it replaces), which every image and marker its run writes carries too
+  (``output.ledger``): a writer never replaces what a newer epoch wrote.
 - **renew**: every TTL/4, replacing only the version we wrote last. A renewal that finds another
-  holder, or none that it can recreate, loses the lease; so does renewing failing for longer than
-  ``TTL - TTL/4`` (others may take over at TTL). Losing calls ``on_lost`` once, which stops the
-  driver (no new work, exit 75) within one renewal interval. Renewals go through
+  holder, or no lease at all, loses it (a lost lease is never recreated: whoever released or
+  removed it may have finished our work); so does renewing failing for longer than
+  ``TTL - TTL/4`` (others may take over at TTL). ``confirm`` renews at once when the last
+  renewal is older than TTL/4: the driver asks before every write under ``_job/``, so a driver
+  woken from a long pause learns it lost the lease before it writes anything. Losing calls
+  ``on_lost`` once, which stops the driver (no new work, exit 75) within one renewal interval. Renewals go through
   ``renew_store``, a client whose requests give up within about TTL/4 (the driver's; see
   ``StorageConfig.within``): with the job's own retry budget (minutes, for outages) one stuck
   renewal would keep the driver from learning in time that it lost the lease.
 - **release**: replace our version with a released record (fenced), which any driver takes at
-  once; it is deleted only where the store provably honours ``If-Match`` on delete (local
-  outputs). On S3 it stays: Ceph RGW ignores the condition, and a delete landing late could
-  remove a successor's lease.
+  once. It is never deleted: it keeps the epoch, so the next holder's is higher still (and on
+  S3 a delete landing late could remove a successor's lease: Ceph RGW ignores ``If-Match`` on
+  delete).
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ class LeaseRecord:
     ttl: float  # the holder renews well within this, on its own clock
     host: str
     pid: int
+    epoch: int = 0  # one more than the record this one replaced; 0 in records before epochs
     boot_id: str = ""  # these three decide same-host liveness (empty: unknown)
     pid_ns: str = ""
     pid_start: str = ""
@@ -83,7 +90,7 @@ class Lease:
         self.on_lost = on_lost or (lambda reason: None)
         boot_id, pid_ns, pid_start = _identity(os.getpid())
         self.record = LeaseRecord(run_id, uuid.uuid4().hex, 0, ttl, socket.gethostname(),
-                                  os.getpid(), boot_id, pid_ns, pid_start)
+                                  os.getpid(), boot_id=boot_id, pid_ns=pid_ns, pid_start=pid_start)
         self.etag: str | None = None
         self.lost: str | None = None
         self._last_renewed = 0.0  # monotonic
@@ -99,6 +106,7 @@ class Lease:
         watched: tuple[str, float] | None = None  # (version, when we first saw it: our clock)
         while True:
             try:
+                self.record = replace(self.record, epoch=1)
                 self._take(self._write(if_absent=True))
                 return
             except AlreadyExists:
@@ -114,6 +122,7 @@ class Lease:
             watched = self._judge(holder, current.etag, watched)
             if watched is None:  # free to take: replace exactly the version we judged
                 try:
+                    self.record = replace(self.record, epoch=_next_epoch(holder, current.data))
                     self._take(self._write(if_match=current.etag))
                     return
                 except VersionChanged:
@@ -132,16 +141,19 @@ class Lease:
         if liveness == "dead":
             log.info("the output's lease names %s, which is gone (this host): taking it", holder.describe())
             return None
-        if liveness == "alive" or (watched is not None and watched[0] != etag):
+        if watched is not None and watched[0] != etag:
             raise LeaseHeld(f"another klein-ray job ({holder.describe()}) is writing to this output "
                             "and renewing its lease. Wait for it, or stop it.")
         if watched is None:
-            log.warning("the output's lease names %s; waiting up to %.0f s to see it renewed or "
-                        "stale", holder.describe(), holder.ttl)
+            alive = " (its process is alive on this host; it is taken over if it does not renew)" \
+                if liveness == "alive" else ""
+            log.warning("the output's lease names %s%s; waiting up to %.0f s to see it renewed or "
+                        "stale", holder.describe(), alive, holder.ttl)
             return etag, _clock()
         if _clock() - watched[1] >= holder.ttl:
-            log.warning("the output's lease of %s was not renewed for %.0f s: taking it over",
-                        holder.describe(), holder.ttl)
+            log.warning("the output's lease of %s was not renewed for %.0f s: taking it over (safe "
+                        "whoever holds it: what a stale holder writes from now on is fenced by the "
+                        "epoch)", holder.describe(), holder.ttl)
             return None
         return watched
 
@@ -152,6 +164,19 @@ class Lease:
         self._thread.start()
 
     # -- keeping -----------------------------------------------------------------------
+
+    def confirm(self) -> bool:
+        """Whether the lease is still ours, renewing it now when the last renewal is older than
+        a renewal interval (a pause, a slow renewal thread). False once it is lost: then nothing
+        more may be written under ``_job/``."""
+        if self.etag is None:
+            return False
+        if self.lost is None and _clock() - self._last_renewed >= self.renew_every:
+            try:
+                self.renew()
+            except Exception:  # noqa: BLE001 - a failing renewal is the renewal thread's to judge
+                pass
+        return self.renewed_recently()
 
     def renewed_recently(self) -> bool:
         """Held and renewed recently enough that no one else can have taken it over (False
@@ -190,12 +215,10 @@ class Lease:
         """Our version is gone: a lost reply of our own write, a stray delete, or a taker."""
         try:
             current = self.renewals.get_versioned(LEASE)
-        except NotFound:
-            try:  # a late delete removed it (see the module docstring): nobody took it over
-                self.etag = self._write(if_absent=True, store=self.renewals)
-                return True
-            except AlreadyExists:
-                current = self.renewals.get_versioned(LEASE)
+        except NotFound:  # released by a successor who finished, or removed by hand: never recreate
+            self._lose("the lease record is gone (another driver finished here and released it, "
+                       "or it was removed)")
+            return False
         holder = _parse(current.data)
         if self._is_ours(holder):  # only we write our nonce: an earlier write of ours landed
             self.etag = current.etag
@@ -230,11 +253,7 @@ class Lease:
                 log.warning("could not release the output's lease (%s); it goes stale in %.0f s",
                             exc, self.ttl)
                 return
-            if self.store.fenced_delete:  # else a late delete could remove a successor's lease
-                try:
-                    self.store.delete(LEASE, if_match=etag)
-                except (VersionChanged, StorageError):
-                    pass  # a released record is as good as none
+            # Kept, never deleted: its epoch is where the next holder's starts.
 
     def _released_late(self) -> str | None:
         """Our version changed under a release: an earlier write of ours landed late (release
@@ -276,16 +295,41 @@ def _parse(data: bytes) -> LeaseRecord | None:
         return None
 
 
+def newer_epoch(store: Store, epoch: int) -> int:
+    """The lease's epoch if it is newer than ``epoch`` (another run holds or held the output
+    since), else 0. For workers, before they commit for the run that started them."""
+    try:
+        current = _parse(store.get(LEASE))
+    except NotFound:
+        return 0
+    return current.epoch if current is not None and current.epoch > epoch else 0
+
+
+def _next_epoch(holder: LeaseRecord | None, data: bytes) -> int:
+    """The epoch after the record we replace (an unreadable one: after any epoch it mentions)."""
+    if holder is not None:
+        return holder.epoch + 1
+    try:
+        epoch = json.loads(data).get("epoch", 0)
+    except (ValueError, AttributeError):
+        epoch = 0
+    return (epoch if isinstance(epoch, int) else 0) + 1
+
+
 def _liveness(holder: LeaseRecord) -> str:
     """"alive", "dead" or "unknown": only a holder in this kernel's boot and this PID namespace
-    can be judged by its pid (a hostname is not enough: containers share it with host networking)."""
+    can be judged by its pid (a hostname is not enough: containers share it with host networking).
+    "alive" says only that the process exists (it may be stopped or hung): it is never a reason
+    to refuse; "dead" (gone, the pid reused, a zombie) is a reason to take over at once."""
     boot_id, pid_ns, _ = _identity(os.getpid())
     if not (holder.boot_id and holder.pid_ns and holder.pid_start) or \
             (holder.boot_id, holder.pid_ns) != (boot_id, pid_ns):
         return "unknown"
     start = _identity(holder.pid)[2]
     if start:
-        return "alive" if start == holder.pid_start else "dead"  # same pid, another process: dead
+        if start != holder.pid_start or _state(holder.pid) == "Z":  # another process, or a zombie
+            return "dead"
+        return "alive"
     try:  # /proc would not say (hidepid): ask the kernel whether the pid exists at all
         os.kill(holder.pid, 0)
     except ProcessLookupError:
@@ -293,6 +337,16 @@ def _liveness(holder: LeaseRecord) -> str:
     except OSError:
         return "unknown"
     return "unknown"
+
+
+def _state(pid: int) -> str:
+    """The process state letter /proc gives (R, S, T, Z, ...), '' when it cannot tell."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    fields = stat.rsplit(")", 1)[-1].split()
+    return fields[0] if fields else ""
 
 
 def _identity(pid: int) -> tuple[str, str, str]:

@@ -1,12 +1,11 @@
 """The ledger: the only place that decides a row is done, and the commit protocol that makes it so.
 
-**The predicate** (``commit_problem``, the one function every caller asks: the worker's skip
-check, resume, ``status``, ``verify`` and ``render --verify``): a row is committed exactly when
-``meta/{id}.json`` is readable, says it is the row's (its ``id``), names the row's own image key
-(``images/{id}.{ext}``), and that image is stored with the size and sha256 the marker names
-(shallow: the sha256 the image carries in its own metadata; deep: its bytes hashed). Anything
-else commits nothing, whatever the checkpoint says; ``committed_rows`` lists the rows that are
-committed, with their records, from the checkpoint plus the markers outside it.
+**Deciding.** ``judge`` reads a row's marker (and HEADs its image) and asks the one predicate
+(``markers.commit_problem``): readable, the row's own id and image key, the image stored with
+the size and sha256 named. Every caller goes through it: the worker's skip check, resume (rows
+outside the checkpoint), ``status``, ``verify``, ``render --verify``. ``committed_rows`` lists
+the committed rows with their records: the checkpoint's (a cache of markers the predicate
+passed when committed) plus the markers outside it.
 
 **The invariant: once a row's marker exists, the image it names never changes, whoever writes
 late.** Every write of the protocol is conditional, so a write that lands late (a zombie worker
@@ -29,15 +28,15 @@ once the row is committed:
 Races end in a few passes because every pass sees a write that succeeded; ``CommitConflict``
 (retried by the driver as a store error) after that.
 
-What conditional writes cannot close on S3 (no transaction spans two keys): two writers with
-DIFFERENT fingerprints at once, i.e. a zombie of an earlier run whose manifest or config was
-changed for this id, racing this run's writer before its marker lands. Each may replace the
-other's uncommitted image (each at the version it read), and the marker that lands last may
-be repaired to name the zombie's image: the row ends consistent (marker and image agree) but
-may hold the old inputs' render, or, if a writer dies between its image and its marker repair,
-broken; ``verify`` reports the latter and ``render --verify`` repairs it. A fencing epoch per
-lease in every image and marker would close it; not done. Same-input zombies (the usual case:
-a lost worker, a killed run resumed) cannot cause it: they adopt, they never replace.
+**Epochs fence stale writers.** Every image and marker carries the epoch of the lease its
+writer's run held (``output.lease``: each driver that takes the lease gets a higher one). A
+writer never replaces anything a newer epoch wrote, marker, placeholder or image: it stops with
+``Superseded``. So a zombie of an earlier run (a killed driver's worker, a paused driver whose
+lease was taken over) cannot undo what the current run writes, even with DIFFERENT render
+inputs (an edited manifest); the current run replaces what older epochs left, at the version it
+read. What no conditional write can stop is a stale writer creating a key nobody has written
+yet; what it commits then is a render of the row as its run saw it, and the row's ``inputs``
+say so: if the row has changed since, the next run finds it stale and renders it again.
 """
 
 from __future__ import annotations
@@ -53,15 +52,34 @@ from typing import Any
 from klein_ray.output import layout
 from klein_ray.output.checkpoint import Checkpoint, DoneSet
 from klein_ray.output.layout import image_key, meta_key
-from klein_ray.storage import AlreadyExists, ConditionFailed, NotFound, ObjectInfo, Store, VersionChanged, check_key
+from klein_ray.output.markers import (
+    CommittedRow,
+    Verdict,
+    commit_problem,
+    epoch_of,
+    identity_problem,
+    image_epoch,
+    own_image_keys,
+    parse_marker,
+    sha_of,
+)
+from klein_ray.storage import AlreadyExists, ConditionFailed, NotFound, Store, VersionChanged
 from klein_ray.types import IMAGE_EXTENSIONS, RowResult
 
 PASSES = 4  # each failed pass means another writer's write succeeded in between
-REPAIRING = b'{"repairing": true}\n'  # a marker that commits nothing: a repair is under way
+
+
+def placeholder(epoch: int) -> bytes:
+    """A marker that commits nothing: a repair (or a stale row's re-render) is under way."""
+    return json.dumps({"repairing": True, "epoch": epoch}).encode() + b"\n"
 
 
 class CommitConflict(Exception):
     """Other writers kept changing the row while we committed; nothing of ours is final."""
+
+
+class Superseded(CommitConflict):
+    """A newer epoch (a run that took the lease since) wrote this row: ours stops, unwritten."""
 
 
 @dataclass(frozen=True)
@@ -74,73 +92,11 @@ class Receipt:
     adopted: bool = False  # the image is a leftover of an attempt at the same inputs
 
 
-@dataclass(frozen=True)
-class CommittedRow:
-    """A committed row's record: where its marker and image are, and the image's identity."""
-
-    id: str
-    image_key: str
-    sha256: str
-    bytes: int
-    meta_key: str
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """Why a row is not committed, and the version of its marker that was judged ('' if there
-    is none): a repair replaces the row only while the marker is still that version."""
-
-    id: str
-    problem: str
-    marker_version: str = ""
-    present: bool = True  # a marker object exists (readable or not)
-
-
-def own_image_keys(row_id: str) -> set[str]:
-    """The keys a row's image may have: ``images/{id}.{ext}`` for each output format."""
-    return {image_key(row_id, fmt) for fmt in IMAGE_EXTENSIONS}
-
-
-def identity_problem(row_id: str, marker: dict[str, Any]) -> str | None:
-    """Whether a (parsed) marker is the row's own: its id, and an image key of the row's."""
-    named = marker.get("id")
-    if named != row_id:
-        return f"the marker is row {named!r}'s, not this row's" if isinstance(named, str) else \
-            "the marker names no row id"
-    if marker["image"]["key"] not in own_image_keys(row_id):
-        return f"the marker names {marker['image']['key']}, which is not this row's image"
-    return None
-
-
-def commit_problem(row_id: str, marker: dict[str, Any] | None, image: ObjectInfo | None,
-                   data: bytes | None = None) -> str | None:
-    """THE predicate: why ``marker`` (parsed; None if absent or unreadable) does not commit the
-    row ``row_id`` given what is stored at the image key it names (``image``, None if nothing;
-    ``data``: the image's bytes when checking deep), or None when it does."""
-    if marker is None:
-        return "no readable marker naming an image (key, sha256, bytes)"
-    problem = identity_problem(row_id, marker)
-    if problem is not None:
-        return problem
-    named = marker["image"]
-    if image is None:
-        return f"{named['key']} is missing"
-    if image.size != named["bytes"]:
-        return f"{named['key']} is {image.size} bytes, the marker says {named['bytes']}"
-    sha = _sha_of(image)
-    if sha is None:
-        return f"{named['key']} carries no sha256 of its own (written by another tool?)"
-    if sha != named["sha256"]:
-        return f"{named['key']} is another image than the one the marker names (sha256 differs)"
-    if data is not None and hashlib.sha256(data).hexdigest() != named["sha256"]:
-        return f"{named['key']}: its bytes do not hash to the sha256 the marker names"
-    return None
-
-
 class Ledger:
-    def __init__(self, store: Store, run_id: str = ""):
+    def __init__(self, store: Store, run_id: str = "", epoch: int = 0, set_aside: bool = False):
         self.store = store
-        self.checkpoint = Checkpoint(store, run_id)
+        self.epoch = epoch  # the lease epoch every write of this ledger carries (0: none yet)
+        self.checkpoint = Checkpoint(store, run_id, set_aside=set_aside)
 
     # -- deciding ----------------------------------------------------------------------
 
@@ -192,13 +148,15 @@ class Ledger:
             current = self.store.get_versioned(meta_key(row_id))
         except (NotFound, ValueError):  # ValueError: an id that cannot be a key has no marker
             return Verdict(row_id, "no marker (the checkpoint names the row, meta/ does not)", "", present=False)
-        meta = _parse_marker(current.data)
+        meta = parse_marker(current.data)
         problem = (self._problem(row_id, meta, deep) if meta is not None
                    else "marker is not valid JSON naming an image (key, sha256, bytes)")
         if problem is not None:
             return Verdict(row_id, problem, current.etag)
-        image = meta["image"]  # type: ignore[index]
-        return CommittedRow(row_id, image["key"], image["sha256"], image["bytes"], meta_key(row_id))
+        assert meta is not None  # (no problem means the marker parsed)
+        image = meta["image"]
+        return CommittedRow(row_id, image["key"], image["sha256"], image["bytes"], meta_key(row_id),
+                            current.etag, _text(meta, "inputs"), _text(meta, "setup"))
 
     def marker_ids(self) -> Iterator[str]:
         """Ids that have a marker object (readable or not), by listing ``meta/``."""
@@ -210,7 +168,7 @@ class Ledger:
     def read_meta(self, row_id: str) -> dict[str, Any] | None:
         """The row's marker, or None if absent or unreadable (a damaged marker commits nothing)."""
         try:
-            return _parse_marker(self.store.get(meta_key(row_id)))
+            return parse_marker(self.store.get(meta_key(row_id)))
         except (NotFound, ValueError):
             return None
 
@@ -247,7 +205,7 @@ class Ledger:
         """
         sha = hashlib.sha256(image).hexdigest()
         ours = Receipt(image_key(row_id, fmt), meta_key(row_id), sha, len(image))
-        tags = {"sha256": sha, "fingerprint": fingerprint}
+        tags = {"sha256": sha, "fingerprint": fingerprint, "epoch": str(self.epoch)}
         repairing = repair is not None and self._claim(ours.meta_key, repair)
         # Every commit's marker differs from every other's, so that a version (etag: a hash of
         # the content) once replaced never comes back (ABA) to let a late conditional write in.
@@ -259,7 +217,7 @@ class Ledger:
             stored, wrote = placed
             if stored.already:
                 return stored
-            body = _marker_body(meta, stored, content_type, token)
+            body = _marker_body(meta, stored, content_type, token, self.epoch)
             try:
                 self.store.put(ours.meta_key, body, content_type="application/json", if_absent=True)
             except AlreadyExists:
@@ -273,12 +231,13 @@ class Ledger:
         raise CommitConflict(f"{ours.meta_key}: other writers kept changing the row; retry")
 
     def _claim(self, key: str, version: str) -> bool:
-        """Replace the broken marker ``verify`` saw (exactly that version) with a placeholder."""
+        """Replace the marker judged broken or stale (exactly that version) with a placeholder."""
+        body = placeholder(self.epoch)
         try:
             if version:
-                self.store.put(key, REPAIRING, content_type="application/json", if_match=version)
+                self.store.put(key, body, content_type="application/json", if_match=version)
             else:
-                self.store.put(key, REPAIRING, content_type="application/json", if_absent=True)
+                self.store.put(key, body, content_type="application/json", if_absent=True)
         except ConditionFailed:
             return False
         return True
@@ -295,7 +254,8 @@ class Ledger:
         info = self.store.head(ours.image_key)
         if info is None:
             return None  # removed since: create again
-        stored_sha = _sha_of(info)
+        self._fence(image_epoch(info), ours.image_key)
+        stored_sha = sha_of(info)
         if not repair:  # (a repair rewrites even identical-looking bytes: they may be damaged)
             if stored_sha == ours.sha256:
                 return ours, False  # our own write landed (its reply was lost), or the same bytes
@@ -318,7 +278,8 @@ class Ledger:
             current = self.store.get_versioned(stored.meta_key)
         except NotFound:
             return None  # removed since: create again
-        named = _parse_marker(current.data)
+        self._fence(epoch_of(current.data), stored.meta_key)
+        named = parse_marker(current.data)
         if named and (named["image"]["key"], named["image"]["sha256"]) == (stored.image_key, stored.sha256):
             # Our bytes: this row's commit is ours (an earlier attempt of this run whose marker
             # landed, e.g. on a worker lost before it answered). An adopted leftover whose marker
@@ -332,9 +293,15 @@ class Ledger:
             self.store.put(stored.meta_key, body, content_type="application/json", if_match=current.etag)
         except VersionChanged:
             return None
-        if named and named["image"]["key"] != stored.image_key:
-            self._drop(named["image"]["key"])
+        if named and named["image"]["key"] in own_image_keys(_row_of(stored)) - {stored.image_key}:
+            self._drop(named["image"]["key"])  # the row's own image in another format; never another row's
         return stored
+
+    def _fence(self, written_in: int, key: str) -> None:
+        """Never replace what a newer epoch wrote: the run that wrote it owns the row now."""
+        if written_in > self.epoch:
+            raise Superseded(f"{key} was written by a newer run (epoch {written_in}; this writer's "
+                             f"is {self.epoch}): it is that run's row now")
 
     def _drop_other_formats(self, row_id: str, kept: str) -> None:
         """A format change between runs must not leave two images for one id: leftovers of
@@ -354,37 +321,9 @@ class Ledger:
                 pass  # changed since we looked: not ours to remove
 
 
-def _parse_marker(raw: bytes) -> dict[str, Any] | None:
-    """The marker if it is JSON naming an image we could have written (a key under images/, a
-    sha256, a size), else None: such a marker commits nothing."""
-    try:
-        meta = json.loads(raw)
-    except ValueError:
-        return None
-    image = meta.get("image") if isinstance(meta, dict) else None
-    if not isinstance(image, dict) or not {"key", "sha256", "bytes"} <= image.keys():
-        return None
-    key, sha, size = image["key"], image["sha256"], image["bytes"]
-    if not (isinstance(key, str) and key.startswith(layout.IMAGES) and _safe(key)):
-        return None
-    if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
-        return None
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        return None
-    return meta
-
-
-def _safe(key: str) -> bool:
-    try:
-        check_key(key)
-    except ValueError:
-        return False
-    return True
-
-
-def _marker_body(meta: dict[str, Any], stored: Receipt, content_type: str, token: str) -> bytes:
+def _marker_body(meta: dict[str, Any], stored: Receipt, content_type: str, token: str, epoch: int) -> bytes:
     # The marker is the row's own whatever ``meta`` says: its id is the one the key names.
-    record = dict(meta, commit=token, id=_row_of(stored))
+    record = dict(meta, commit=token, id=_row_of(stored), epoch=epoch)
     record["image"] = {"key": stored.image_key, "sha256": stored.sha256, "bytes": stored.bytes,
                        "content_type": content_type}
     if stored.adopted:
@@ -398,9 +337,10 @@ def _theirs(ours: Receipt, named: dict[str, Any]) -> Receipt:
     return Receipt(image["key"], ours.meta_key, image["sha256"], image["bytes"], already=True)
 
 
-def _sha_of(info: ObjectInfo) -> str | None:
-    return info.content_sha256 or (info.metadata or {}).get("sha256")
-
-
 def _row_of(receipt: Receipt) -> str:
     return layout.id_of_meta_key(receipt.meta_key) or ""
+
+
+def _text(meta: dict[str, Any], field: str) -> str | None:
+    value = meta.get(field)
+    return value if isinstance(value, str) and value else None

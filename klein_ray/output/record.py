@@ -53,10 +53,26 @@ class RenderFacts:
     warnings: list[str] = field(default_factory=list)
 
 
-def row_metadata(unit: WorkUnit, row: RowSpec, model: ModelFacts, render: RenderFacts) -> dict[str, Any]:
-    """The row's marker, before the ledger adds the image it commits."""
+def setup_digest(config: JobConfig, variant: str, source: str) -> str:
+    """The variant's setup (16 hex digits): what the job config adds to a row's own values when
+    it renders (``source``, normalised: the model; its pipeline, dtype, weights file and
+    precision; default steps and guidance; the text length; the output's encoding and default
+    format). A row committed under another setup is *outdated*: ``status`` and ``verify`` report
+    it; it is rendered again only when asked (``render --rerender-outdated``)."""
+    vcfg = config.variants[variant]
+    fields = vcfg.model_dump(include={"pipeline", "dtype", "transformer", "precision", "steps",
+                                      "guidance", "max_sequence_length"})
+    setup = {"source": redact(source), "variant": fields, "output": config.output.model_dump()}
+    return hashlib.sha256(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def row_metadata(unit: WorkUnit, row: RowSpec, model: ModelFacts, render: RenderFacts,
+                 setup: str = "") -> dict[str, Any]:
+    """The row's marker, before the ledger adds the image it commits (and the epoch)."""
     return {
         "id": row.id,
+        "inputs": row.digest,  # the manifest row it was rendered from (stale when that changes)
+        "setup": setup,  # the variant's setup it was rendered under (outdated when that changes)
         "prompt": row.prompt,
         "variant": row.variant,
         "model": {"source": redact(model.source), "pipeline": model.pipeline,

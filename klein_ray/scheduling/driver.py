@@ -1,12 +1,13 @@
 """The driver: the only place that schedules. It renders nothing itself.
 
-A run is two steps. ``prepare`` (under the output lease) merges what killed runs left in the
-checkpoint, reads the done set and prescans the manifest: a ``ResumePlan``. ``execute`` streams
-the rows the plan leaves, plans work units, keeps every worker fed with a bounded number of
+A run is two steps. ``prepare`` (under the output lease; ``resume.prepare``) reads where the
+output stands and prescans the manifest: a ``ResumePlan``. ``execute`` streams the rows the
+plan leaves (``resume.rows``), plans work units, keeps every worker fed with a bounded number of
 units through an ``Executor`` (it knows only that interface), applies the retry policy
 (``policy.settle``) to every outcome, and writes the job log. Whether a row is done is the
 ledger's decision, never the driver's. A run can stop early (``stopping``): an interrupt, an
-``abort`` from another thread, or an output store that is unreachable (exit 75).
+``abort`` from another thread, the lease lost, or an output store that is unreachable (exit 75).
+Nothing is written under ``_job/`` unless the lease is confirmed ours at that moment.
 """
 
 from __future__ import annotations
@@ -14,26 +15,26 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter, defaultdict, deque
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from itertools import chain
-from pathlib import Path
 
 from klein_ray.assets import modelsource
 from klein_ray.assets.confinement import confine
 from klein_ray.config import JobConfig
 from klein_ray.executors.base import Executor, Outcome, Pool, WorkerLost
-from klein_ray.intake.manifest import Manifest, id_hash, prescan
+from klein_ray.intake.manifest import Manifest
 from klein_ray.intake.planner import Planner, look_ahead
-from klein_ray.intake.rows import RowValidator, duplicate_id_error
-from klein_ray.output.audit import Depth, broken_rows
-from klein_ray.output.checkpoint import DoneSet
+from klein_ray.output.audit import Depth
 from klein_ray.output.joblog import JobLog, new_run_id
 from klein_ray.output.lease import Lease
 from klein_ray.output.ledger import Ledger
 from klein_ray.scheduling.policy import settle
 from klein_ray.scheduling.pools import check_sources, start_pools, worker_specs
+from klein_ray.scheduling.resume import ResumePlan, Tally
+from klein_ray.scheduling.resume import prepare as prepare_resume
+from klein_ray.scheduling.resume import rows as resume_rows
 from klein_ray.scheduling.stopping import (  # the exit codes are the driver's API too
     EXIT_INTERRUPTED,
     EXIT_INVALID,
@@ -56,6 +57,7 @@ from klein_ray.scheduling.telemetry import Progress, RunWatch, Silent, counts
 from klein_ray.storage import StorageError, open_store
 from klein_ray.storage.base import StorageUnavailable
 from klein_ray.types import RowError, RowSpec, UnitOutcome, WorkUnit, first_line
+from klein_ray.uris import scrub
 
 log = logging.getLogger(__name__)
 
@@ -78,26 +80,7 @@ class RenderJob:
     output: str
     config: JobConfig
     verify_first: Depth | None = None  # "shallow" or "deep": audit OUT first, render broken rows again
-
-
-@dataclass
-class ResumePlan:
-    """What a run starts from, read from storage under the lease."""
-
-    manifest: Manifest
-    done: DoneSet  # rows the checkpoint knows committed
-    duplicates: set[int]  # id hashes that occur more than once (every such row is rejected)
-    pending: Counter  # rows left to render, per variant
-    output_was_empty: bool  # no marker and no image in OUT: workers skip the marker check
-    log: JobLog
-    repair: dict[str, str] = field(default_factory=dict)  # broken row -> its marker's version then
-
-
-@dataclass
-class _Tally:
-    committed: int = 0
-    skipped: int = 0
-    errors: list[RowError] = field(default_factory=list)
+    rerender_outdated: bool = False  # render rows committed under another setup of their variant again
 
 
 class Driver:
@@ -115,8 +98,8 @@ class Driver:
             "references": confine(job.config.references, job.manifest, job.output)})
         self.store = open_store(job.output, self.cfg.storage)
         self.run_id = new_run_id()
-        self.ledger = Ledger(self.store, self.run_id)
-        self.tally = _Tally()
+        self.ledger = Ledger(self.store, self.run_id, set_aside=True)
+        self.tally = Tally()
         self.interrupted = False
         self._stops = Stops()
         self.sources = check_sources(self.cfg)
@@ -124,6 +107,7 @@ class Driver:
         self._progress = progress or (lambda total: Silent())
         # False while the lease may have been taken over (after a long pause, until renewed).
         self._may_issue: Callable[[], bool] = lambda: True
+        self._lease: Lease | None = None
 
     def run(self) -> tuple[dict, int]:
         """Render the job; returns (summary, exit code). Raises LeaseHeld if OUT is in use."""
@@ -132,9 +116,10 @@ class Driver:
             ttl = self.cfg.run.lease_ttl_s
             quick = open_store(self.store.uri, self.cfg.storage.within(ttl / 4))  # renewals fail fast
             lease = Lease(self.store, self.run_id, ttl, on_lost=self._lost_lease, renew_store=quick)
-            self._may_issue = lease.renewed_recently
+            self._may_issue, self._lease = lease.renewed_recently, lease
             try:  # taken inside: an interrupt at any instant after the create still releases it
                 lease.acquire()
+                self.ledger.epoch = self.ledger.checkpoint.epoch = lease.record.epoch
                 summary = self._run_leased(manifest, started)
             except StorageUnavailable as exc:  # the driver's own reads and writes of OUT
                 self._unreachable(f"storage unreachable: {first_line(exc)}")
@@ -160,8 +145,9 @@ class Driver:
                                                         "exit_code": exit_code})
 
     def _lost_lease(self, why: str) -> None:
-        self.abort(f"{why}. Another driver is writing to this output; this one stopped and wrote "
-                   "nothing more under _job/ (rows it committed are safe)", EXIT_TEMPFAIL, write_log=False)
+        self.abort(f"{why}; this driver stopped and wrote nothing more under _job/ (rows it "
+                   "committed are safe; anything it writes late is fenced by the lease's epoch)",
+                   EXIT_TEMPFAIL, write_log=False)
 
     @property
     def stopped(self) -> Stop | None:
@@ -170,29 +156,27 @@ class Driver:
 
     def _run_leased(self, manifest: Manifest, started: float) -> dict:
         plan = self.prepare(manifest)
-        log.info("run %s: %d rows, %d committed already, %d to render", self.run_id,
-                 manifest.total_rows, len(plan.done), sum(plan.pending.values()),
+        scan = plan.scan
+        again = " (rendered again)" if plan.rerender_outdated else " (kept; --rerender-outdated renders them)"
+        changed = "".join([f", {scan.stale} of them edited since (rendered again)" if scan.stale else "",
+                           f", {scan.outdated} rendered under another setup of their variant{again}"
+                           if scan.outdated else ""])
+        log.info("run %s (epoch %d): %d rows, %d committed already, %d to render%s", self.run_id,
+                 self.ledger.epoch, manifest.total_rows, scan.done + scan.stale + scan.outdated,
+                 scan.to_render, changed,
                  extra={"event": "run_start", "run_id": self.run_id, "rows": manifest.total_rows})
         self.execute(plan)
         summary = self._summary(manifest.total_rows, started)
         if self._writes_log():
             noise = any(modelsource.is_test_model(s) for s in self.sources.values())
-            plan.log.finish(self.tally.errors, summary, len(plan.done) + self.tally.committed, noise)
+            plan.log.finish(self.tally.errors, summary, plan.kept + self.tally.committed, noise)
         return summary
 
     def prepare(self, manifest: Manifest) -> ResumePlan:
         """Where this run starts (call it holding the lease): a few requests, not a listing."""
-        self.ledger.checkpoint.compact(keep=64)  # killed runs never compacted at their end
-        done = self.ledger.done()
-        empty = not len(done) and self.ledger.output_is_empty()
-        depth = self.job.verify_first
-        repair = broken_rows(self.ledger, depth) if depth and not empty else {}
-        done = done.without(frozenset(repair))
-        duplicates, pending = prescan(manifest, self.cfg.default_variant, done.mask)
-        joblog = JobLog(self.store, self.cfg, self.job.manifest, self.run_id)
-        if self._writes_log():  # not if the lease was lost meanwhile (a long --verify audit)
-            joblog.start(manifest.total_rows)
-        return ResumePlan(manifest, done, duplicates, pending, empty, joblog, repair)
+        joblog = JobLog(self.store, self.cfg, self.job.manifest, self.run_id, set_aside=True)
+        return prepare_resume(self.ledger, manifest, self.cfg, self.sources, joblog,
+                              self.job.verify_first, self.job.rerender_outdated, self._writes_log)
 
     def execute(self, plan: ResumePlan) -> None:
         """Render what ``plan`` leaves; rows found bad on the way are recorded, never rendered."""
@@ -217,23 +201,8 @@ class Driver:
     # -- rows and units --------------------------------------------------------------------
 
     def rows(self, plan: ResumePlan) -> Iterator[RowSpec]:
-        """The plan's valid rows that are not done, streamed; skips and bad rows are tallied."""
-        validator = RowValidator(self.cfg, base_dir=Path.cwd())
-        for mf, start, batch in plan.manifest.iter_row_batches():
-            committed = plan.done.mask([raw.get("id") for raw in batch])
-            for offset, (raw, is_done) in enumerate(zip(batch, committed)):
-                if is_done:
-                    self.tally.skipped += 1
-                    continue
-                row_id, index = raw.get("id"), start + offset
-                if plan.duplicates and isinstance(row_id, str) and id_hash(row_id) in plan.duplicates:
-                    self.tally.errors.append(duplicate_id_error(row_id, mf.name, index))
-                    continue
-                checked = validator.validate(raw, mf.name, index)
-                if isinstance(checked, list):
-                    self.tally.errors.append(checked[0])
-                    continue
-                yield replace(checked, repair=plan.repair[checked.id]) if checked.id in plan.repair else checked
+        """The plan's valid rows that are to render, streamed; skips and bad rows are tallied."""
+        return resume_rows(plan, self.cfg, self.tally)
 
     def units(self, plan: ResumePlan, rows: Iterable[RowSpec] | None = None) -> Iterator[WorkUnit]:
         """The plan's rows (or ``rows``) grouped into work units, planned lazily as consumed."""
@@ -248,14 +217,14 @@ class Driver:
         rows = self.rows(plan)
         ahead, sizes = look_ahead(rows)  # what compiling workers warm up for, while they load
         specs = worker_specs(self.cfg, executor, sorted(plan.pending), self.store.uri, self.sources,
-                             plan.output_was_empty, sizes)
+                             plan.output_was_empty, sizes, self.ledger.epoch, plan.rerender_outdated)
         pools, failed_variants = start_pools(executor, specs, self.cfg.run,
                                              lambda: self.stopped is not None)
         units = self.units(plan, chain(ahead, rows))
         queues: dict[str, deque[WorkUnit]] = defaultdict(deque)
         bar = self._progress(sum(plan.pending.values()))
         watch = OutageWatch(self.cfg.run.unreachable_after_s)
-        self._watch = RunWatch(self.run_id, plan.manifest.total_rows, len(plan.done), plan.pending,
+        self._watch = RunWatch(self.run_id, plan.manifest.total_rows, plan.kept, plan.pending,
                                self._progress_writer(plan.log), executor.metrics(),
                                errors=lambda: len(self.tally.errors))
         try:
@@ -374,8 +343,12 @@ class Driver:
         return write
 
     def _writes_log(self) -> bool:
-        """Whether the job log and the checkpoint may still be written (see ``abort``)."""
-        return self.stopped is None or self.stopped.write_log
+        """Whether the job log and the checkpoint may still be written (see ``abort``): never
+        once a stop says not, and only while the lease is confirmed ours (a driver woken from a
+        long pause renews first, and learns then that it lost the lease)."""
+        if self.stopped is not None and not self.stopped.write_log:
+            return False
+        return self._lease is None or self._lease.etag is None or self._lease.confirm()
 
     def _let_go(self, lease: Lease) -> None:
         """Release the lease; with the store unreachable, in the background, so that it cannot
@@ -395,7 +368,7 @@ class Driver:
                 "failed": len(errors), "output": self.store.uri,
                 "seconds": round(time.monotonic() - started, 3), "run_id": self.run_id,
                 "interrupted": self.interrupted,
-                "stopped": None if stop in (None, INTERRUPT) else stop.reason}
+                "stopped": None if stop in (None, INTERRUPT) else scrub(stop.reason)}
 
     def _exit_code(self) -> int:
         if self.stopped is not None:

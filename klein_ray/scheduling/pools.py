@@ -22,7 +22,8 @@ Specs = dict[str, tuple[WorkerSpec, int, float, float]]
 
 
 def worker_specs(cfg: JobConfig, executor: Executor, variants: list[str], output_uri: str,
-                 sources: dict[str, str], output_was_empty: bool, sizes: dict[str, tuple] | None = None) -> Specs:
+                 sources: dict[str, str], output_was_empty: bool, sizes: dict[str, tuple] | None = None,
+                 epoch: int = 0, rerender_outdated: bool = False) -> Specs:
     """What the workers of each of ``variants`` (those the config knows) need and reserve.
     CPU actors without cpus_per_actor reserve none and split the node's cores between them
     (torch threads). ``sizes``: each variant's planned sizes, for the compile warm-up."""
@@ -37,7 +38,7 @@ def worker_specs(cfg: JobConfig, executor: Executor, variants: list[str], output
         cpus = vcfg.cpus_per_actor if vcfg.cpus_per_actor is not None else (1 if vcfg.gpus_per_actor else 0)
         threads = int(cpus) if cpus else shared_threads
         spec = WorkerSpec(variant, cfg, output_uri, sources[variant], threads, output_was_empty,
-                          tuple((sizes or {}).get(variant, ())))
+                          tuple((sizes or {}).get(variant, ())), epoch, rerender_outdated)
         specs[variant] = (spec, vcfg.actors, cpus, vcfg.gpus_per_actor)
     return specs
 

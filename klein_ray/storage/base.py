@@ -111,6 +111,11 @@ class Store(ABC):
         """Copy ``key`` into the local file ``dest``, streamed (never whole in memory);
         NotFound if missing. ``dest`` may be left partial on failure: write beside, then rename."""
 
+    def sweep(self) -> int:
+        """Remove what writers killed mid-write left behind (local temporaries); how many.
+        Only while no one else writes (under the output's lease). S3 leaves nothing."""
+        return 0
+
     def url_of(self, key: str) -> str:
         return f"{self.uri.rstrip('/')}/{key}"
 

@@ -3,24 +3,32 @@
 Writes go beside the target and are renamed into place, so a reader never sees half a file.
 - A version (etag) is the sha256 of the content: no state beside the file can disagree with it.
 - ``if_absent`` is an atomic hard link; ``if_match`` and fenced deletes compare and swap under
-  an advisory lock (``fcntl.flock``) on a per-key dot-file, so they are atomic between processes
-  on this host (a local output is written from one host).
+  an advisory lock (``fcntl.flock``) on the key's directory itself (no lock file is left
+  behind), so they are atomic between processes on this host (a local output is written from
+  one host).
 - User metadata lives in a dot-file named after the content's sha256
   (``.{name}.{sha256}.meta``), written BEFORE the content appears: metadata can never be read
   for other content than it was written with, which is what S3 gives by storing both in one
   object (a sidecar named after the key, written after the content, could describe the wrong
   bytes after a crash or a race).
-Listings skip every dot-file (temporaries, locks, metadata).
+Listings skip every dot-file (temporaries, metadata).
+
+The disk's own failures (full, read-only, permission denied, I/O error) are ``StorageUnavailable``
+naming the path, like an S3 server that will not serve: the driver stops with exit 75 and the
+lease released, instead of failing every row. A write that fails leaves no temporary behind;
+``sweep`` removes what a killed process left (the driver calls it under the lease).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,6 +36,7 @@ from klein_ray.storage.base import (
     AlreadyExists,
     NotFound,
     ObjectInfo,
+    StorageUnavailable,
     Store,
     TooLarge,
     VersionChanged,
@@ -51,14 +60,18 @@ class LocalStore(Store):
 
     def put(self, key, data, *, content_type=None, metadata=None, if_absent=False, if_match=None):
         path = self._path(key)
+        with _disk_errors(path):
+            return self._put(key, path, data, metadata, if_absent, if_match)
+
+    def _put(self, key: str, path: Path, data: bytes, metadata, if_absent: bool, if_match: str | None) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         etag = _etag(data)
         if metadata:  # first, so the content never appears without its metadata
             _write_atomic(_meta_path(path, etag), json.dumps(metadata, sort_keys=True).encode())
         # Write beside the target and rename, so a reader never sees half a file.
         tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-        tmp.write_bytes(data)
         try:
+            tmp.write_bytes(data)
             if if_absent:
                 self._create(tmp, path, key, etag)
             elif if_match is not None:
@@ -71,6 +84,9 @@ class LocalStore(Store):
             else:
                 os.replace(tmp, path)
         except (AlreadyExists, VersionChanged):
+            _forget_meta(path, etag, keep=_file_etag(path))
+            raise
+        except OSError:  # nothing half-written stays: neither the temporary nor unused metadata
             _forget_meta(path, etag, keep=_file_etag(path))
             raise
         finally:
@@ -123,7 +139,7 @@ class LocalStore(Store):
 
     def delete(self, key, if_match=None):
         path = self._path(key)
-        with _locked(path) if path.parent.is_dir() else _nothing():
+        with _disk_errors(path), _locked(path) if path.parent.is_dir() else _nothing():
             current = _file_etag(path)
             if if_match is not None and current != if_match:
                 if current is None:
@@ -132,6 +148,17 @@ class LocalStore(Store):
             path.unlink(missing_ok=True)
         if current is not None:
             _forget_meta(path, current, keep=None)
+
+    def sweep(self) -> int:
+        """Remove the temporaries that processes killed mid-write left under the root; the
+        number removed. Call it only while no one else writes here (under the output's lease)."""
+        removed = 0
+        for directory, _, names in os.walk(self.root):
+            for name in names:
+                if name.startswith(".") and name.endswith(".tmp"):
+                    Path(directory, name).unlink(missing_ok=True)
+                    removed += 1
+        return removed
 
     def download(self, key, dest):
         try:
@@ -158,8 +185,11 @@ def _file_etag(path: Path) -> str | None:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.parent / f"{path.name}.{uuid.uuid4().hex}.tmp"
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _meta_path(path: Path, etag: str) -> Path:
@@ -180,15 +210,29 @@ def _forget_meta(path: Path, etag: str | None, keep: str | None) -> None:
 
 
 @contextmanager
-def _locked(path: Path):
-    """An exclusive advisory lock for ``path``'s conditional operations (between processes)."""
-    lock = path.parent / f".{path.name}.lock"
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock for the conditional operations on keys of ``path``'s directory
+    (between processes): held on the directory itself, so nothing is left behind."""
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+# The disk's own failures: nothing is wrong with the request, the storage will not take it.
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+@contextmanager
+def _disk_errors(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in DISK_ERRNOS:
+            raise StorageUnavailable(f"{exc.filename or path}: {exc.strerror}") from exc
+        raise
 
 
 @contextmanager

@@ -28,9 +28,10 @@ from typing import Any
 from klein_ray.assets import modelsource
 from klein_ray.assets.compilecache import CompileCache
 from klein_ray.assets.references import Reference, ReferenceError, ReferenceFetcher
-from klein_ray.output.layout import meta_key
+from klein_ray.output.lease import newer_epoch
 from klein_ray.output.ledger import Ledger
-from klein_ray.output.record import ModelFacts, RenderFacts, fingerprint, row_metadata
+from klein_ray.output.markers import CommittedRow
+from klein_ray.output.record import ModelFacts, RenderFacts, fingerprint, row_metadata, setup_digest
 from klein_ray.storage import StorageError, open_store
 from klein_ray.types import CONTENT_TYPES, RowError, RowResult, RowSpec, UnitOutcome, WorkUnit
 from klein_ray.worker.encode import encode_image, make_thumbnail
@@ -52,7 +53,8 @@ class RenderWorker:
         self.spec, self.model = spec, model
         self._model_thread = thread or ModelThread(f"klein-ray-model-{spec.variant}")
         self.load_seconds, self.warmup, self.test_model = load_seconds, warmup or {}, test_model
-        self.ledger = Ledger(open_store(spec.output_uri, spec.config.storage))
+        self.ledger = Ledger(open_store(spec.output_uri, spec.config.storage), epoch=spec.epoch)
+        self.setup = setup_digest(spec.config, spec.variant, spec.source)  # what its rows are rendered under
         self.fetcher = ReferenceFetcher(spec.config.references, spec.config.storage)
         self.name = f"{socket.gethostname()}:{os.getpid()}" + (f"@node:{node}" if node else "")
         self._encoders = encoder_pool(spec.threads, f"klein-ray-encode-{spec.variant}")
@@ -113,7 +115,14 @@ class RenderWorker:
             if not unit.rows:
                 return outcome
 
-        # 1. References, once for the whole unit (its rows share them).
+        # 1. A run that took the output's lease since this worker's run started owns the rows
+        #    now: render nothing more for the old one (its writes would be refused anyway).
+        newer = self._newer_run()
+        if newer:
+            outcome.errors = [RowError.for_row(r, "store", "Superseded", newer, unit.attempt) for r in unit.rows]
+            return outcome
+
+        # 2. References, once for the whole unit (its rows share them).
         t0 = time.perf_counter()
         try:
             refs = [self.fetcher.fetch(uri) for uri in unit.references]
@@ -122,7 +131,7 @@ class RenderWorker:
             return outcome
         timings["fetch"] = time.perf_counter() - t0
 
-        # 2. Render the unit in one call, on the model thread. The other units in this worker
+        # 3. Render the unit in one call, on the model thread. The other units in this worker
         #    (in_flight_per_actor calls at once) fetch, encode or upload meanwhile, and their
         #    renders queue behind this one.
         request = RenderRequest(
@@ -138,7 +147,7 @@ class RenderWorker:
             return outcome
         timings["render"] = seconds / unit.size  # per image, time queued for the thread excluded
 
-        # 3. Encode every row on the pool at once (the model thread is free for the next unit
+        # 4. Encode every row on the pool at once (the model thread is free for the next unit
         #    already), then commit each as its bytes are ready.
         encoded = [self._encoders.submit(self._encode, image, row.format)
                    for row, image in zip(unit.rows, rendered.images)]
@@ -150,6 +159,17 @@ class RenderWorker:
             else:
                 outcome.results.append(result)
         return outcome
+
+    def _newer_run(self) -> str:
+        """Why this worker's run no longer owns the output ('' while it does): the lease names
+        a newer epoch. One small read per unit; a read that fails says nothing."""
+        if not self.spec.epoch:
+            return ""
+        try:
+            newer = newer_epoch(self.ledger.store, self.spec.epoch)
+        except StorageError:
+            return ""
+        return f"a newer run (epoch {newer}) took the output's lease; this worker's run is over" if newer else ""
 
     def _render(self, request):
         """On the model thread: the model call and its duration."""
@@ -165,20 +185,26 @@ class RenderWorker:
         return data, seconds, make_thumbnail(image)
 
     def _drop_committed(self, unit: WorkUnit) -> tuple[WorkUnit, list[RowResult]]:
+        """Rows whose marker commits them (the ledger's predicate: marker AND image) with the
+        values the row has now are done: never rendered again. A committed row whose values
+        changed since (stale), or rendered under another setup when the job asks for it
+        (outdated), is rendered again, replacing that commit at the marker's version judged."""
         todo, done = [], []
         for row in unit.rows:
-            # Marker AND image: a marker whose image is missing or another is not done.
-            meta = None if row.repair is not None else self.ledger.committed(row.id)
-            if meta is None:
+            verdict = None if row.repair is not None else self.ledger.judge(row.id)
+            if not isinstance(verdict, CommittedRow):
                 todo.append(row)
                 continue
-            image = meta["image"]
+            stale = verdict.inputs is not None and verdict.inputs != row.digest
+            outdated = verdict.setup is not None and verdict.setup != self.setup
+            if stale or (outdated and self.spec.rerender_outdated):
+                todo.append(replace(row, repair=verdict.marker_version))
+                continue
             done.append(RowResult(
-                id=row.id, variant=row.variant, image_key=image["key"], meta_key=meta_key(row.id),
-                sha256=image["sha256"], bytes=image["bytes"], width=meta.get("width", 0),
-                height=meta.get("height", 0), seed=meta.get("seed", row.seed), prompt=row.prompt,
-                timings={}, worker=self.name, already=True,
-            ))
+                id=row.id, variant=row.variant, image_key=verdict.image_key, meta_key=verdict.meta_key,
+                sha256=verdict.sha256, bytes=verdict.bytes, width=0, height=0, seed=row.seed,
+                prompt=row.prompt, timings={}, worker=self.name, already=True,
+                inputs=verdict.inputs or "", setup=verdict.setup or ""))
         return replace(unit, rows=tuple(todo)), done
 
     def _prompt_warnings(self, unit: WorkUnit, counts: list[int]) -> list[list[str]]:
@@ -198,7 +224,7 @@ class RenderWorker:
             width=image.width, height=image.height, steps=unit.steps or self.model.default_steps(),
             references=[{"uri": r.uri, "sha256": r.sha256, "bytes": r.bytes, "width": r.width,
                          "height": r.height} for r in refs],
-            timings=timings, worker=self.name, warnings=warnings))
+            timings=timings, worker=self.name, warnings=warnings), self.setup)
         try:
             receipt = self.ledger.commit(
                 row.id, row.format, data, CONTENT_TYPES[row.format], meta,
@@ -211,7 +237,7 @@ class RenderWorker:
             id=row.id, variant=row.variant, image_key=receipt.image_key, meta_key=receipt.meta_key,
             sha256=receipt.sha256, bytes=receipt.bytes, width=image.width, height=image.height,
             seed=row.seed, prompt=row.prompt, timings=timings, worker=self.name,
-            thumbnail=thumbnail, already=receipt.already,
+            thumbnail=thumbnail, already=receipt.already, inputs=row.digest, setup=self.setup,
         )
 
     def _facts(self) -> ModelFacts:

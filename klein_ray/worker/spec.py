@@ -26,3 +26,7 @@ class WorkerSpec:
     # The job's most common planned (width, height, references) for this variant, most common
     # first: what a compiling worker warms up at load (see klein_ray.model.accel.warmup_plan).
     warmup_sizes: tuple[tuple[int, int, int], ...] = ()
+    # The lease epoch of the run that started the worker: every image and marker it writes
+    # carries it, and it never replaces what a newer epoch wrote (output.ledger).
+    epoch: int = 0
+    rerender_outdated: bool = False  # replace rows committed under another setup of the variant
