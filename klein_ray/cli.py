@@ -166,6 +166,8 @@ def configure_logging(level: int = logging.INFO, fmt: str | None = None) -> None
         handler = logging.StreamHandler(sys.stderr)
         handler._klein_ray = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
+    elif isinstance(handler, logging.StreamHandler) and handler.stream is not sys.stderr:
+        handler.setStream(sys.stderr)  # called again (embedded use, tests): today's stderr
     handler.setFormatter(JsonLines() if fmt == "json" else logging.Formatter("klein-ray: %(message)s"))
     if not any(isinstance(f, Scrubbed) for f in handler.filters):
         handler.addFilter(Scrubbed())

@@ -105,6 +105,19 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+@pytest.fixture(autouse=True)
+def _cli_logging_undone():
+    """A test that calls the CLI in-process leaves klein_ray's log handler on the stream pytest
+    captured for it (closed once the test ends): undo it, so the next test logs as usual."""
+    yield
+    import logging
+
+    logger = logging.getLogger("klein_ray")
+    for handler in [h for h in logger.handlers if getattr(h, "_klein_ray", False)]:
+        logger.removeHandler(handler)
+    logger.propagate = True
+
+
 @pytest.fixture(scope="session")
 def chromium():
     """``open_in_chromium`` (tests/browser.py); fails, never skips, without the browser."""

@@ -119,6 +119,7 @@ class Driver:
             self._may_issue, self._lease = lease.renewed_recently, lease
             try:  # taken inside: an interrupt at any instant after the create still releases it
                 lease.acquire()
+                self.store.reserve()  # room to release the lease if the output's disk fills up
                 self.ledger.epoch = self.ledger.checkpoint.epoch = lease.record.epoch
                 summary = self._run_leased(manifest, started)
             except StorageUnavailable as exc:  # the driver's own reads and writes of OUT
@@ -351,13 +352,16 @@ class Driver:
         return self._lease is None or self._lease.etag is None or self._lease.confirm()
 
     def _let_go(self, lease: Lease) -> None:
-        """Release the lease; with the store unreachable, in the background, so that it cannot
-        hold the exit (unreleased, it expires, or on this host is taken over once we are gone)."""
+        """Release the lease; with the store unreachable, on a thread given a few seconds, so
+        that it cannot hold the exit (unreleased, it expires, or on this host is taken over
+        once we are gone)."""
         if not self._offline:
             lease.release()
             return
-        threading.Thread(target=quietly, args=(lease.release,), name="klein-ray-lease-release",
-                         daemon=True).start()
+        release = threading.Thread(target=quietly, args=(lease.release,), name="klein-ray-lease-release",
+                                   daemon=True)
+        release.start()
+        release.join(STOP_GRACE_S)
 
     def _summary(self, total: int, started: float) -> dict:
         errors = self.tally.errors

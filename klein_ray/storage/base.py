@@ -111,6 +111,11 @@ class Store(ABC):
         """Copy ``key`` into the local file ``dest``, streamed (never whole in memory);
         NotFound if missing. ``dest`` may be left partial on failure: write beside, then rename."""
 
+    def reserve(self) -> None:
+        """Set aside room for the writes a run must make even when its storage is full (the
+        lease's release): local outputs keep a small reserve file, spent on the first write
+        that finds the disk full. S3 needs none."""
+
     def sweep(self) -> int:
         """Remove what writers killed mid-write left behind (local temporaries); how many.
         Only while no one else writes (under the output's lease). S3 leaves nothing."""

@@ -16,7 +16,9 @@ Listings skip every dot-file (temporaries, metadata).
 The disk's own failures (full, read-only, permission denied, I/O error) are ``StorageUnavailable``
 naming the path, like an S3 server that will not serve: the driver stops with exit 75 and the
 lease released, instead of failing every row. A write that fails leaves no temporary behind;
-``sweep`` removes what a killed process left (the driver calls it under the lease).
+``sweep`` removes what a killed process left (the driver calls it under the lease). ``reserve``
+keeps 64 KiB aside, spent on the first write that finds the disk full, so that a run stopping
+on a full disk can still release its lease.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from klein_ray.storage.base import (
 from klein_ray.uris import local_path
 
 _CHUNK = 1024 * 1024
+RESERVE, RESERVE_BYTES = ".klein-ray-reserve", 64 * 1024  # room for the lease's release on a full disk
 
 
 class LocalStore(Store):
@@ -61,7 +64,26 @@ class LocalStore(Store):
     def put(self, key, data, *, content_type=None, metadata=None, if_absent=False, if_match=None):
         path = self._path(key)
         with _disk_errors(path):
-            return self._put(key, path, data, metadata, if_absent, if_match)
+            try:
+                return self._put(key, path, data, metadata, if_absent, if_match)
+            except OSError as exc:  # the disk is full: spend the reserve on this write, once
+                if exc.errno != errno.ENOSPC or not self._spend_reserve():
+                    raise
+                return self._put(key, path, data, metadata, if_absent, if_match)
+
+    def reserve(self) -> None:
+        try:
+            with open(self.root / RESERVE, "wb") as fh:
+                fh.write(b"\0" * RESERVE_BYTES)
+        except OSError:
+            (self.root / RESERVE).unlink(missing_ok=True)  # no room even for that: nothing kept
+
+    def _spend_reserve(self) -> bool:
+        try:
+            (self.root / RESERVE).unlink()
+        except FileNotFoundError:
+            return False
+        return True
 
     def _put(self, key: str, path: Path, data: bytes, metadata, if_absent: bool, if_match: str | None) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
