@@ -230,6 +230,7 @@ def test_reset_after_forwarding_lands_the_put(moto_url, direct, bucket):
     assert direct.get_object(Bucket=bucket, Key="raw")["Body"].read() == b"raw landed"
 
 
+@pytest.mark.slow  # waits out client timeouts
 def test_stall_times_the_client_out_then_closes(moto_url, direct, bucket):
     with FaultProxy(moto_url, rate=1.0, faults=["stall"], stall_seconds=STALL) as proxy:
         s3 = _client(proxy.url, total_max_attempts=1)

@@ -23,7 +23,7 @@ from klein_ray.output.lease import Lease, LeaseHeld, LeaseRecord, _identity
 from klein_ray.storage import AlreadyExists, LocalStore, StorageError, Store, open_store
 
 
-@pytest.fixture(params=["local", "moto"])
+@pytest.fixture(params=["local", pytest.param("moto", marks=pytest.mark.slow)])  # (moto: TTL waits, slow tier)
 def store(request, tmp_path):
     if request.param == "local":
         return LocalStore(tmp_path / "out")
@@ -288,6 +288,7 @@ def test_a_renewal_that_raises_anything_loses_the_lease_in_time(tmp_path):
     assert lost.wait(5) and "could not renew" in lease.lost
 
 
+@pytest.mark.slow  # waits out client timeouts
 def test_a_renewal_stuck_in_the_network_does_not_stall_the_lease(moto_s3, s3_env):
     """The job's storage client rides out outages (long timeouts, minutes of retries); a renewal
     sent through it that the network swallows kept the lease thread waiting for all of that, so

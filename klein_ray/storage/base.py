@@ -115,6 +115,7 @@ class Store(ABC):
         """Set aside room for the writes a run must make even when its storage is full (the
         lease's release): local outputs keep a small reserve file, spent on the first write
         that finds the disk full. S3 needs none."""
+        return None
 
     def sweep(self) -> int:
         """Remove what writers killed mid-write left behind (local temporaries); how many.
