@@ -82,7 +82,7 @@ def test_bad_rows_are_error_records_and_good_rows_render(tmp_path, tiny_models, 
     assert not list(tmp_path.glob("escape*"))
     status = run_cli("status", str(out))
     assert last_json(status.stdout) == {"committed": 2, "failed": len(rows) - 2, "remaining": 0,
-                                      "foreign": 0, "unreadable": 0}
+                                      "foreign": 0, "unreadable": 0, "stale": 0, "outdated": 0}
 
 
 @pytest.mark.subprocess

@@ -141,7 +141,7 @@ def test_rerun_renders_and_changes_nothing(job, rgw):
     status = run_cli("status", f"s3://{job['bucket']}/out", env=rgw.env())
     assert status.returncode == 0, status.stderr
     assert last_json(status.stdout) == {"committed": len(job["rows"]), "failed": 0, "remaining": 0,
-                                      "foreign": 0, "unreadable": 0}
+                                      "foreign": 0, "unreadable": 0, "stale": 0, "outdated": 0}
 
 
 @pytest.mark.parametrize("row_id", ["t2i-a", "edit-s3", "multi", "base-t2i"])

@@ -133,4 +133,4 @@ def test_status_counts_from_storage(hostile):
     proc = run_cli("status", str(hostile.out))
     good = sum(c.good for c in hostile.cases)
     assert last_json(proc.stdout) == {"committed": good, "failed": len(hostile.cases) - good, "remaining": 0,
-                                      "foreign": 0, "unreadable": 0}
+                                      "foreign": 0, "unreadable": 0, "stale": 0, "outdated": 0}
