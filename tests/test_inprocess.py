@@ -312,3 +312,16 @@ def test_render_with_the_local_executor_needs_no_ray(tmp_path, tiny_models):
     assert last_json(run_cli(*args, "--executor", "local").stdout)["skipped"] == 4  # resumes
     refused = run_cli(*args, "--executor", "local", "--address", "127.0.0.1:6379")
     assert refused.returncode == 2 and "--address" in refused.stderr
+
+
+def test_tasks_run_beside_the_workers_in_order_with_their_errors():
+    """``map_tasks``: what exports and sharded verifies run through the executor seam."""
+    executor = InProcessExecutor()
+    try:
+        assert list(executor.map_tasks(lambda n: n * n, range(20), in_flight=3)) == [n * n for n in range(20)]
+        results = executor.map_tasks(lambda n: 1 // n, [1, 0, 2], in_flight=2)
+        assert next(results) == 1
+        with pytest.raises(ZeroDivisionError):
+            next(results)
+    finally:
+        executor.shutdown([])

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,6 +142,16 @@ class Executor(ABC):
     @abstractmethod
     def shutdown_pool(self, pool: Pool) -> None:
         """Stop the pool's workers (their units in flight are abandoned)."""
+
+    def map_tasks(self, fn: Callable[[Any], Any], items: Iterable[Any], in_flight: int = 8,
+                  num_cpus: float = 1.0) -> Iterator[Any]:
+        """``fn(item)`` for each item as an independent task (not on a render worker: a shard
+        of an export, a slice of a verify), at most ``in_flight`` at once, results in the order
+        of ``items``. An exception in a task is raised here, for that item. ``fn`` and the items
+        must be picklable for executors that run tasks elsewhere. This base runs them here, one
+        after another."""
+        for item in items:
+            yield fn(item)
 
     def metrics(self) -> RunMetrics:
         """Where the run's metrics go (this base: nowhere)."""

@@ -26,6 +26,7 @@ import os
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ThreadPoolExecutor, wait
 
@@ -56,6 +57,17 @@ class InProcessExecutor(PoolExecutor):
 
     def cluster_cpus(self) -> float:
         return float(os.cpu_count() or 1)
+
+    def map_tasks(self, fn, items, in_flight: int = 8, num_cpus: float = 1.0):
+        """Tasks on a thread pool of this process, ``in_flight`` submitted ahead, in order."""
+        with ThreadPoolExecutor(max(1, in_flight), thread_name_prefix="klein-ray-task") as pool:
+            pending: deque[Future] = deque()
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= in_flight:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
 
     def _launch(self, spec: WorkerSpec, num_cpus: float, num_gpus: float) -> Future:
         return self._loader.submit(self._factory, spec)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections import deque
 from collections.abc import Hashable
 from typing import Any
 
@@ -104,6 +105,23 @@ class RayExecutor(PoolExecutor):
 
     def cluster_cpus(self) -> float:
         return float(self._ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+
+    def map_tasks(self, fn, items, in_flight: int = 8, num_cpus: float = 1.0):
+        """Ray tasks, anywhere on the cluster, ``in_flight`` at once, results in order."""
+        remote = self._ray.remote(num_cpus=num_cpus, max_retries=2)(fn)
+        pending: deque = deque()
+        for item in items:
+            pending.append(remote.remote(item))
+            if len(pending) >= in_flight:
+                yield self._task_result(pending.popleft())
+        while pending:
+            yield self._task_result(pending.popleft())
+
+    def _task_result(self, ref):
+        try:
+            return self._ray.get(ref)
+        except self._ray.exceptions.RayTaskError as exc:
+            raise _unwrap(exc) from None
 
     def metrics(self) -> RayMetrics:
         if self._metrics is None:
