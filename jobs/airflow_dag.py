@@ -14,8 +14,10 @@ and turns klein-ray's exit code into Airflow's terms:
 Deploy: copy this file and ``jobs/submit.py`` into the dags folder (or set KLEIN_RAY_SUBMIT);
 the worker's Python needs ``ray[default]`` (KLEIN_RAY_PYTHON picks another interpreter), and
 KLEIN_RAY_DASHBOARD names the cluster's dashboard. With token authentication on the cluster,
-give the worker RAY_AUTH_TOKEN (e.g. from an Airflow connection or a secret backend).
-Written for Airflow 2.7+ and 3.
+give the worker both RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (e.g. from an Airflow connection or
+a secret backend): Ray's client sends the token only in token mode, and without it every
+attempt fails for good with exit 2. Written for Airflow 2.7+ and 3 (3.3: the exceptions come
+from ``airflow.sdk.exceptions``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ import sys
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from airflow.exceptions import AirflowException, AirflowFailException
+try:  # Airflow 3: the task SDK's own exceptions (airflow.exceptions' are deprecated in 3.3)
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+except ImportError:  # Airflow 2
+    from airflow.exceptions import AirflowException, AirflowFailException
 
 try:
     from airflow.sdk import dag, task  # Airflow 3

@@ -5,6 +5,7 @@ exit with klein-ray's own exit code, so a scheduler (Airflow, Argo, cron) can ac
     0 every row committed      1 some rows failed (OUT/_job/errors.parquet)
     2 invalid input: fix it, do not retry
     75 temporary: storage or the cluster unreachable, the lease lost: retry later
+    (an exit code klein-ray never gives, 126, 127 or a signal, is 2: not retried)
     130 stopped (SIGTERM/Ctrl-C here, or `ray job stop`): re-run to resume
 
 Usage (needs only ``ray[default]``, not klein-ray itself, on the submitting machine):
@@ -179,6 +180,16 @@ def wait_terminal(client, submission_id: str, timeout: float | None = None):
         time.sleep(POLL_S)
 
 
+def _unknown_exit(code: int) -> str:
+    if code == 127:
+        return "command not found: is klein-ray installed where the job runs?"
+    if code == 126:
+        return "command not executable"
+    if code < 0 or code > 128:
+        return f"killed by signal {-code if code < 0 else code - 128}"
+    return "not an exit code klein-ray gives"
+
+
 def exit_code(info) -> tuple[int, str]:
     """klein-ray's exit code for a finished job, and why, for schedulers that act on it."""
     from ray.job_submission import JobStatus
@@ -191,9 +202,11 @@ def exit_code(info) -> tuple[int, str]:
     if info.status == JobStatus.STOPPED:
         return EXIT_INTERRUPTED, "the job was stopped (`ray job stop`); re-run to resume"
     if code is not None:
-        # Killed (OOM killer, a signal) or crashed outside klein-ray's own handling: nothing
-        # committed is lost and a re-run resumes, so it is worth retrying later.
-        return EXIT_TEMPFAIL, f"the driver exited {code} (killed or crashed); retry to resume"
+        # A code klein-ray never gives: the command could not run (126: not executable, 127:
+        # not found: klein-ray is not installed on the head), or the driver was killed by a
+        # signal (negative, or 128 + the signal). None of these passes by itself, so it is a
+        # failure to look at, not "try later": a retry would fail the same way, with backoff.
+        return EXIT_INVALID, f"the driver exited {code} ({_unknown_exit(code)}); see the job's log"
     error = str(getattr(info.error_type, "value", info.error_type) or "")
     if error in ("RUNTIME_ENV_SETUP_FAILURE", "JOB_ENTRYPOINT_COMMAND_START_ERROR"):
         return EXIT_INVALID, f"the job could not start ({error}): {info.message}"

@@ -1,7 +1,29 @@
-"""`python -m klein_ray`: the same CLI as the `klein-ray` script."""
+"""`python -m klein_ray` and the `klein-ray` script: the CLI, with SIGTERM owned from the first
+line. A scheduler may stop a job while Python is still importing the CLI's libraries (torch,
+pyarrow, pydantic take seconds): that stop is an interrupt like any other, exit 130, with the
+summary line `render` promises (nothing had started yet), never a bare 143."""
 
+import signal
 import sys
 
-from klein_ray.cli import main
+from klein_ray.startup import interrupted_before_start
 
-sys.exit(main())
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def entry() -> int:
+    try:
+        signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # not the main thread: embedded use keeps its own handlers
+        pass
+    try:
+        from klein_ray.cli import main
+    except KeyboardInterrupt:
+        return interrupted_before_start(sys.argv[1:])
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(entry())

@@ -23,6 +23,7 @@ from klein_ray.intake.manifest import ManifestError
 from klein_ray.output.lease import LeaseHeld
 from klein_ray.scheduling.driver import EXIT_INTERRUPTED, EXIT_INVALID, EXIT_TEMPFAIL, RenderJob
 from klein_ray.scheduling.stopping import TRY_LATER
+from klein_ray.startup import interrupted_before_start
 from klein_ray.storage import StorageError
 from klein_ray.storage.base import StorageUnavailable
 from klein_ray.uris import scrub
@@ -212,10 +213,13 @@ def _run(args) -> int:
 
 
 def cmd_render(args) -> int:
-    config = load_config(args.config)
-    job = RenderJob(args.manifest, args.output, config, verify_first=args.verify,
-                    rerender_outdated=args.rerender_outdated)
-    summary, code = render(job, args.executor, args.address, progress=not args.no_progress)
+    try:
+        config = load_config(args.config)
+        job = RenderJob(args.manifest, args.output, config, verify_first=args.verify,
+                        rerender_outdated=args.rerender_outdated)
+        summary, code = render(job, args.executor, args.address, progress=not args.no_progress)
+    except KeyboardInterrupt:  # before the driver ran (its run() turns later ones into a summary)
+        return interrupted_before_start(["render"])
     print(json.dumps(summary), flush=True)
     return code
 
@@ -246,7 +250,8 @@ def cmd_status(args) -> int:
     if st.progress:
         p = st.progress
         eta = f", ETA {p['eta_seconds']:.0f} s" if p.get("eta_seconds") is not None else ""
-        print(f"last run:  {p['run_id']} {p['state']} (updated {p['updated_at']}): "
+        why = f" ({p['why']})" if p.get("why") else ""
+        print(f"last run:  {p['run_id']} {p['state']}{why} (updated {p['updated_at']}): "
               f"{p['committed_this_run']} committed, {p['in_flight']} in flight, "
               f"{p['rows_per_second']} rows/s{eta}")
     print(f"counted:   {st.requests}")
@@ -281,7 +286,7 @@ def cmd_demo(args) -> int:
     from klein_ray.commands import demo
 
     output = str(Path(args.output).absolute())
-    os.chdir(demo.REPO)  # the sample's reference paths are relative to the repository root
+    os.chdir(demo.REPO)  # jobs/demo.yaml names the tiny models relative to the repository root
     demo.ensure_tiny_models(demo.REPO)
     manifest = demo.REPO / "manifests" / "example.parquet"
     if not manifest.is_file():

@@ -7,6 +7,7 @@ surprise. Real jobs name their variants in YAML (see ``jobs/``).
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Literal
@@ -229,6 +230,12 @@ class RunConfig(_Strict):
         "unreachable (after every storage retry), seconds without any successful commit before "
         "the run stops with exit 75; nothing is lost, re-run later to resume."
     )
+    ray_join_timeout_s: float = Field(
+        120.0, gt=0, description="Seconds to join the Ray cluster (--address, RAY_ADDRESS, or the "
+        "one `ray start` recorded on this node) or start a local one; past it the run ends with "
+        "exit 2 and a message naming the address, what chose it, and how to use a fresh local "
+        "Ray instead (--address local)."
+    )
     lease_ttl_s: float = Field(
         60.0, ge=2, description="The output lease's time to live: the driver renews it every "
         "quarter of this; another driver takes it over only after seeing it unchanged this long "
@@ -291,6 +298,22 @@ def load_config(path: str | Path | None) -> JobConfig:
         return JobConfig.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(x) for x in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()
+            f"{'.'.join(str(x) for x in e['loc']) or '(top)'}: {e['msg']}{_suggestion(e)}" for e in exc.errors()
         )
         raise ConfigError(f"config {p}: {problems}") from None
+
+
+def _suggestion(error) -> str:
+    """For an unknown key, the known key it most likely meant (a typo more often than intent)."""
+    if error.get("type") != "extra_forbidden" or not error["loc"]:
+        return ""
+    *parents, key = error["loc"]
+    sections: dict[str, type[BaseModel]] = {"storage": StorageConfig, "output": OutputConfig,
+                                            "references": ReferenceConfig, "run": RunConfig}
+    model: type[BaseModel] = JobConfig
+    if parents and parents[0] == "variants":
+        model = VariantConfig
+    elif parents:
+        model = sections.get(str(parents[0]), JobConfig)
+    close = difflib.get_close_matches(str(key), list(model.model_fields), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(model.model_fields)})"

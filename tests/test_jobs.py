@@ -231,7 +231,9 @@ def _info(status: str, code=None, error=None):
     ("SUCCEEDED", 0, None, 0),
     ("FAILED", 1, None, 1), ("FAILED", 2, None, 2), ("FAILED", 75, None, 75), ("FAILED", 130, None, 130),
     ("STOPPED", None, None, 130),                      # `ray job stop`, or our own stop
-    ("FAILED", 137, None, 75), ("FAILED", -9, None, 75),  # killed: a re-run resumes
+    # Codes klein-ray never gives fail for good: klein-ray missing on the head (127, before:
+    # retried four times with backoff), not executable (126), killed by a signal.
+    ("FAILED", 127, None, 2), ("FAILED", 126, None, 2), ("FAILED", 137, None, 2), ("FAILED", -9, None, 2),
     ("FAILED", None, "RUNTIME_ENV_SETUP_FAILURE", 2),   # the job as submitted cannot start
     ("FAILED", None, "JOB_SUPERVISOR_ACTOR_DIED", 75),  # the cluster's trouble
 ])

@@ -59,7 +59,8 @@ def local_target(uri: str, roots: list[str] | None) -> Path:
             return real_path
     shown = ", ".join(roots or ()) or "none"
     raise Refused(f"reference {uri} is outside references.local_roots (in effect: {shown}; "
-                  f"{LOCAL_DEFAULT}; symlinks are followed); add its directory to "
+                  f"{LOCAL_DEFAULT}; symlinks are followed; relative paths in a manifest are taken "
+                  "from its directory): if this file is meant to be read, add its directory to "
                   "references.local_roots in the job config")
 
 

@@ -216,7 +216,10 @@ def _read_file(path: Path, uri: str, limit: int) -> bytes:
     # Regular files only: opening a FIFO would wait for a writer, and a device (/dev/zero,
     # /dev/stdin) never ends or blocks. O_NONBLOCK makes the open itself return at once.
     # O_NOFOLLOW: the path was resolved when checked; a link put there since is not followed.
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:  # inside the allowed roots (checked first): simply not there
+        raise ReferenceError(f"reference {uri} not found ({path} does not exist)") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise ReferenceError(f"reference {uri} is not a regular file")

@@ -46,7 +46,7 @@ def _ref_images() -> dict[str, Image.Image]:
     return shapes
 
 
-def example_rows(ref_dir: str = "manifests/refs") -> list[dict]:
+def example_rows(ref_dir: str = "refs") -> list[dict]:
     """The sample rows: every mode, both variants, all formats, given and derived seeds."""
     r = lambda name: f"{ref_dir}/{name}.png"
     base: dict[str, object] = dict(variant=None, references=None, width=None, height=None, steps=None,

@@ -17,14 +17,14 @@ from klein_ray.scheduling.driver import Driver, Progress, RenderJob
 EXECUTORS = ("ray", "local")
 
 
-def executor_factory(kind: str, address: str | None = None) -> Callable[[], Executor]:
+def executor_factory(kind: str, address: str | None = None, join_timeout: float = 120.0) -> Callable[[], Executor]:
     """A constructor for the chosen executor, called only when there is something to render
     (a resumed job with nothing left never starts Ray)."""
     if kind == "ray":
         def make() -> Executor:
             from klein_ray.executors.ray_cluster import RayExecutor  # the only module importing ray
 
-            return RayExecutor(address)
+            return RayExecutor(address, join_timeout=join_timeout)
         return make
     if kind == "local":
         if address:
@@ -59,5 +59,6 @@ def units_left_running() -> bool:
 def render(job: RenderJob, executor: str = "ray", address: str | None = None,
            progress: bool = True) -> tuple[dict, int]:
     """Render ``job``; returns (summary, exit code)."""
-    driver = Driver(job, executor_factory(executor, address), progress_bar(progress))
+    driver = Driver(job, executor_factory(executor, address, job.config.run.ray_join_timeout_s),
+                    progress_bar(progress))
     return driver.run()

@@ -16,6 +16,7 @@ from klein_ray.commands.currency import currency
 from klein_ray.config import StorageConfig
 from klein_ray.output.audit import census
 from klein_ray.output.joblog import read_errors, read_progress, read_state
+from klein_ray.output.lease import holder_gone
 from klein_ray.output.ledger import Ledger
 from klein_ray.storage import open_store
 
@@ -71,7 +72,18 @@ def output_status(uri: str, storage: StorageConfig | None = None) -> OutputStatu
     remaining = max(0, total - len(committed) + len(current.stale) - failed) if total is not None else None
     return OutputStatus(len(committed), failed, remaining, total, state.get("manifest"),
                         len(foreign) if manifest_ids is not None else None, found.unreadable,
-                        read_progress(ledger.store), found.how, len(current.stale), len(current.outdated))
+                        _progress(ledger.store), found.how, len(current.stale), len(current.outdated))
+
+
+def _progress(store) -> dict | None:
+    """The latest run's progress, its state corrected when the run is not running any more
+    although its last word said so (killed, or its machine gone): "interrupted", with why."""
+    progress = read_progress(store)
+    if progress and progress.get("state") in ("running", "loading"):
+        gone = holder_gone(store, str(progress.get("run_id")))
+        if gone:
+            progress = dict(progress, state="interrupted", why=gone)
+    return progress
 
 
 def _failed_rows(ledger: Ledger, committed: set[str]) -> int:

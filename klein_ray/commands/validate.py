@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from klein_ray.assets.confinement import confine, refusal
 from klein_ray.assets.references import ReferenceError, ReferenceFetcher
 from klein_ray.config import JobConfig
@@ -28,7 +26,7 @@ def validate_manifest(uri: str, config: JobConfig, check_references: bool = Fals
     problems: list[RowError] = []
     with Manifest(uri, config.storage) as manifest:
         duplicates = prescan(manifest, config.default_variant).duplicates
-        validator = RowValidator(config, base_dir=Path.cwd())
+        validator = RowValidator(config, base_dir=manifest.base_dir)
         for mf, index, raw in manifest.iter_rows():
             row_id = raw.get("id")
             if isinstance(row_id, str) and id_hash(row_id) in duplicates:

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+import threading
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from klein_ray.config import ConfigError
@@ -47,25 +51,90 @@ def _actor_class(worker: type[RenderWorker]):
     return ray.remote(RenderWorkerActor)
 
 
-def connect(ray, address: str | None) -> None:
-    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else the one `ray start` runs on
-    this node (as Ray's own tools do), else start a local Ray sized to this machine."""
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    recorded = None if address else _recorded_cluster()
-    if recorded is not None and not _answers(recorded):
-        raise ConfigError(
-            f"`ray start` left a record of a Ray cluster at {recorded} on this node, but nothing "
-            "answers there (the cluster is gone). Run `ray stop` to clear the record, or pass "
-            "--address (or set RAY_ADDRESS) to join another cluster.")
-    address = address or recorded
-    kwargs: dict[str, Any] = dict(address=address, log_to_driver=False, configure_logging=True,
+@dataclass(frozen=True)
+class ClusterAddress:
+    """Where a run joins Ray, and what chose it (for every message about it)."""
+
+    address: str | None  # None: start a fresh local Ray
+    source: str
+
+
+def resolve_address(address: str | None) -> ClusterAddress:
+    """``--address`` first, then ``RAY_ADDRESS``, then the cluster `ray start` recorded on this
+    node (as Ray's own tools do), else a fresh local Ray; ``local`` asks for one explicitly."""
+    if address:
+        return ClusterAddress(None if address == "local" else address, f"--address {address}")
+    env = os.environ.get("RAY_ADDRESS")
+    if env:
+        return ClusterAddress(None if env == "local" else env, f"RAY_ADDRESS={env}")
+    recorded = _recorded_cluster()
+    if recorded:
+        return ClusterAddress(recorded, "the record `ray start` left on this node")
+    return ClusterAddress(None, "no address given: a local Ray")
+
+
+def connect(ray, address: str | None, join_timeout: float = 120.0) -> None:
+    """Join the cluster ``resolve_address`` names, or start a local Ray sized to this machine,
+    within ``join_timeout`` seconds: past it, a join that still waits (an unreachable or
+    token-protected cluster can hold ``ray.init`` for minutes) ends the process with exit 2 and
+    a message naming the address, what chose it and what to do. Our SIGTERM/SIGINT handlers
+    stay in place throughout (Ray's init would replace SIGTERM's with an exit 15)."""
+    where = resolve_address(address)
+    if where.address is not None and not where.address.startswith("ray://") and not _answers(where.address):
+        gone = ("the cluster is gone. Run `ray stop` to clear the record, or pass --address (or set "
+                "RAY_ADDRESS) to join another cluster, or --address local for a fresh local Ray"
+                if where.source.startswith("the record") else "nothing answers there")
+        raise ConfigError(f"`ray start` left a record of a Ray cluster at {where.address} on this node, but "
+                          f"nothing answers there ({gone})" if where.source.startswith("the record")
+                          else f"no Ray cluster answers at {where.address} (from {where.source}); "
+                          "pass --address local for a fresh local Ray")
+    kwargs: dict[str, Any] = dict(address=where.address, log_to_driver=False, configure_logging=True,
                                   logging_level="ERROR")
-    if address is None:  # a new local Ray: num_cpus is only allowed when starting one
-        kwargs.update(include_dashboard=False, num_cpus=os.cpu_count() or 1)
+    if where.address is None:  # a new local Ray: num_cpus is only allowed when starting one
+        kwargs.update(address="local", include_dashboard=False, num_cpus=os.cpu_count() or 1)
+    watchdog = threading.Timer(join_timeout, _give_up, args=(_join_failed(where, join_timeout),))
+    watchdog.daemon = True
+    watchdog.start()
     try:
-        ray.init(**kwargs)
-    except (ConnectionError, TimeoutError) as exc:
-        raise ConfigError(f"could not join the Ray cluster at {address}: {first_line(exc)}") from None
+        with _our_signal_handlers(ray):
+            ray.init(**kwargs)
+    except (ConnectionError, TimeoutError, RuntimeError) as exc:
+        raise ConfigError(_join_failed(where, join_timeout, first_line(exc))) from None
+    finally:
+        watchdog.cancel()
+
+
+def _join_failed(where: ClusterAddress, timeout: float, why: str = "") -> str:
+    target = f"the Ray cluster at {where.address} (from {where.source})" if where.address else "a local Ray"
+    return (f"could not join {target}" + (f": {why}" if why else f" within {timeout:g} s (run.ray_join_timeout_s)")
+            + ". If the cluster uses token authentication, give this process its token (RAY_AUTH_MODE=token "
+            "and RAY_AUTH_TOKEN); to render on a fresh local Ray instead, pass --address local"
+            + (" (or run `ray stop` to clear the record)" if where.source.startswith("the record") else ""))
+
+
+def _give_up(message: str) -> None:
+    """The join timed out: ``ray.init`` cannot be interrupted from here, so end the process
+    (exit 2: a configuration to fix). The output's lease, if taken, goes stale (on this host
+    the next driver takes it at once: this process is gone)."""
+    sys.stderr.write(f"klein-ray: {message}\n")
+    sys.stderr.flush()
+    os._exit(2)
+
+
+@contextmanager
+def _our_signal_handlers(ray) -> Iterator[None]:
+    """Keep Ray's init from installing its SIGTERM handler (``sys.exit(15)``: no summary, no
+    lease released) over ours, for as long as the init runs."""
+    utils: Any = getattr(getattr(ray, "_private", None), "utils", None)
+    original = getattr(utils, "set_sigterm_handler", None)
+    if original is None:
+        yield
+        return
+    utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        utils.set_sigterm_handler = original
 
 
 def _recorded_cluster() -> str | None:
@@ -91,7 +160,8 @@ class RayExecutor(PoolExecutor):
     """Workers are Ray actors running ``worker`` (``RenderWorker``; tests subclass it to inject
     faults). A worker's handle is its actor; the handle on its load, a ``describe`` call."""
 
-    def __init__(self, address: str | None = None, worker: type[RenderWorker] = RenderWorker):
+    def __init__(self, address: str | None = None, worker: type[RenderWorker] = RenderWorker,
+                 join_timeout: float = 120.0):
         import ray
 
         super().__init__()
@@ -99,7 +169,7 @@ class RayExecutor(PoolExecutor):
         # Only a Ray this executor started is shut down by it (tests and notebooks share theirs).
         self.owns_ray = not ray.is_initialized()
         if self.owns_ray:
-            connect(ray, address)
+            connect(ray, address, join_timeout)
         self._actor_cls = _actor_class(worker)
         self._metrics: RayMetrics | None = None
 

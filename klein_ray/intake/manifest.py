@@ -8,6 +8,7 @@ Objects under ``s3://`` are first copied to a private temporary directory, strea
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import tempfile
 from collections.abc import Iterator
@@ -56,6 +57,17 @@ class Manifest:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+    @property
+    def base_dir(self) -> Path:
+        """What relative paths in the manifest (references) are taken from: the manifest's
+        directory (a directory manifest: itself), as its default allowed root is; for a manifest
+        in S3, this process's working directory (an S3 manifest allows no local reference by
+        default)."""
+        if is_s3(self.uri):
+            return Path.cwd()
+        path = local_path(self.uri)
+        return path if path.is_dir() else path.parent
 
     @property
     def total_rows(self) -> int:
@@ -129,7 +141,10 @@ class Manifest:
         schema = pf.schema_arrow
         for column in REQUIRED:
             if column not in schema.names:
-                raise ManifestError(f"manifest {name}: missing required column {column!r}")
+                close = difflib.get_close_matches(column, schema.names, n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ManifestError(f"manifest {name}: missing required column {column!r} (the file has "
+                                    f"{', '.join(map(repr, schema.names)) or 'no columns'}){hint}")
         for field in schema:
             problem = type_problem(field.name, field.type)
             if problem is not None:

@@ -94,7 +94,12 @@ def type_problem(name: str, dtype: pa.DataType) -> str | None:
         is_list = pa.types.is_list(dtype) or pa.types.is_large_list(dtype)
         if pa.types.is_null(dtype) or (is_list and _type_ok(dtype.value_type, _STRING)):
             return None
-        return f"column 'references' has type {dtype}, expected list<string>"
+        hint = ""
+        if _type_ok(dtype, _STRING):  # one URI per row, written as a plain string
+            hint = ("; write each row's references as a list, even of one: with pyarrow "
+                    "pa.array([[uri] for uri in uris], pa.list_(pa.string())), with pandas "
+                    "df['references'] = df['references'].map(lambda uri: [uri])")
+        return f"column 'references' has type {dtype}, expected list<string>{hint}"
     if name in COLUMN_TYPES and not _type_ok(dtype, COLUMN_TYPES[name][1]):
         return f"column {name!r} has type {dtype}, expected {COLUMN_TYPES[name][0]}"
     return None

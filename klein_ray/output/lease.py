@@ -295,6 +295,29 @@ def _parse(data: bytes) -> LeaseRecord | None:
         return None
 
 
+def holder_gone(store: Store, run_id: str) -> str | None:
+    """Why the run ``run_id`` no longer holds the output's lease, or None if it may (for
+    ``status``: a run whose progress says "running" is interrupted when its lease is released,
+    held by another run, or its holder is provably dead on this host; or, judged by the
+    holder's own wall clock, not renewed for two TTLs)."""
+    try:
+        record = _parse(store.get(LEASE))
+    except NotFound:
+        return "no lease is held"
+    if record is None:
+        return None
+    if record.run_id != run_id:
+        return f"the lease is run {record.run_id}'s now"
+    if record.released:
+        return "its lease was released"
+    if _liveness(record) == "dead":
+        return f"its driver (pid {record.pid}) is gone"
+    age = time.time() - record.written_at
+    if record.written_at and age > 2 * record.ttl:
+        return f"its lease was last renewed {age:.0f} s ago (TTL {record.ttl:.0f} s)"
+    return None
+
+
 def newer_epoch(store: Store, epoch: int) -> int:
     """The lease's epoch if it is newer than ``epoch`` (another run holds or held the output
     since), else 0. For workers, before they commit for the run that started them."""

@@ -110,30 +110,44 @@ class Driver:
         self._lease: Lease | None = None
 
     def run(self) -> tuple[dict, int]:
-        """Render the job; returns (summary, exit code). Raises LeaseHeld if OUT is in use."""
+        """Render the job; returns (summary, exit code). Raises LeaseHeld if OUT is in use.
+        An interrupt at any instant (the CLI turns SIGTERM into one until the render loop's own
+        handler takes over) still ends with a summary, and with the lease released."""
         started = time.monotonic()
-        with Manifest(self.job.manifest, self.cfg.storage) as manifest:
-            ttl = self.cfg.run.lease_ttl_s
-            quick = open_store(self.store.uri, self.cfg.storage.within(ttl / 4))  # renewals fail fast
-            lease = Lease(self.store, self.run_id, ttl, on_lost=self._lost_lease, renew_store=quick)
-            self._may_issue, self._lease = lease.renewed_recently, lease
-            try:  # taken inside: an interrupt at any instant after the create still releases it
-                lease.acquire()
-                self.store.reserve()  # room to release the lease if the output's disk fills up
-                self.ledger.epoch = self.ledger.checkpoint.epoch = lease.record.epoch
-                summary = self._run_leased(manifest, started)
-            except StorageUnavailable as exc:  # the driver's own reads and writes of OUT
-                self._unreachable(f"storage unreachable: {first_line(exc)}")
-                summary = self._summary(manifest.total_rows, started)
-            finally:
-                self._let_go(lease)
-        log.info("run %s %s: %d committed, %d skipped, %d failed in %.1f s", self.run_id,
+        try:
+            with Manifest(self.job.manifest, self.cfg.storage) as manifest:
+                self.tally.total = manifest.total_rows
+                self._run_with_lease(manifest, started)
+        except KeyboardInterrupt:
+            self.interrupted = True
+            self._stops.request(INTERRUPT)
+        summary = self._summary(started)
+        log.info("run %s %s: %d committed, %d skipped, %d failed, %s remaining in %.1f s", self.run_id,
                  "stopped" if self.stopped else "finished", summary["committed"], summary["skipped"],
-                 summary["failed"], summary["seconds"],
+                 summary["failed"], summary["remaining"], summary["seconds"],
                  extra={"event": "run_finish", "run_id": self.run_id, **counts(summary)})
+        if summary["failed"]:
+            where = self.store.url_of("_job/")
+            log.error("%d row(s) failed: their reasons are in %serrors.parquet and %sreport.html",
+                      summary["failed"], where, where)
         if self.stopped not in (None, INTERRUPT):
             log.error("%s", self.stopped.reason)  # the last line: what to do now
-        return summary, self._exit_code()
+        return summary, self._exit_code(summary)
+
+    def _run_with_lease(self, manifest: Manifest, started: float) -> None:
+        ttl = self.cfg.run.lease_ttl_s
+        quick = open_store(self.store.uri, self.cfg.storage.within(ttl / 4))  # renewals fail fast
+        lease = Lease(self.store, self.run_id, ttl, on_lost=self._lost_lease, renew_store=quick)
+        self._may_issue, self._lease = lease.renewed_recently, lease
+        try:  # taken inside: an interrupt at any instant after the create still releases it
+            lease.acquire()
+            self.store.reserve()  # room to release the lease if the output's disk fills up
+            self.ledger.epoch = self.ledger.checkpoint.epoch = lease.record.epoch
+            self._run_leased(manifest, started)
+        except StorageUnavailable as exc:  # the driver's own reads and writes of OUT
+            self._unreachable(f"storage unreachable: {first_line(exc)}")
+        finally:
+            self._let_go(lease)
 
     def abort(self, reason: str, exit_code: int, write_log: bool = True) -> None:
         """Stop the run from any thread: no more work is issued, units in flight get a short
@@ -155,8 +169,9 @@ class Driver:
         """Why the run stopped early (the first stop asked for), or None."""
         return self._stops.first
 
-    def _run_leased(self, manifest: Manifest, started: float) -> dict:
+    def _run_leased(self, manifest: Manifest, started: float) -> None:
         plan = self.prepare(manifest)
+        self.tally.kept = plan.kept
         scan = plan.scan
         again = " (rendered again)" if plan.rerender_outdated else " (kept; --rerender-outdated renders them)"
         changed = "".join([f", {scan.stale} of them edited since (rendered again)" if scan.stale else "",
@@ -167,11 +182,10 @@ class Driver:
                  scan.to_render, changed,
                  extra={"event": "run_start", "run_id": self.run_id, "rows": manifest.total_rows})
         self.execute(plan)
-        summary = self._summary(manifest.total_rows, started)
+        summary = self._summary(started)
         if self._writes_log():
             noise = any(modelsource.is_test_model(s) for s in self.sources.values())
             plan.log.finish(self.tally.errors, summary, plan.kept + self.tally.committed, noise)
-        return summary
 
     def prepare(self, manifest: Manifest) -> ResumePlan:
         """Where this run starts (call it holding the lease): a few requests, not a listing."""
@@ -213,21 +227,26 @@ class Driver:
     # -- rendering -------------------------------------------------------------------------
 
     def _render(self, plan: ResumePlan) -> None:
+        # "loading" from the first second (joining Ray, loading models take a while): a
+        # scheduler polling progress.json sees the run before its workers are ready.
+        self._watch = RunWatch(self.run_id, plan.manifest.total_rows, plan.kept, plan.pending,
+                               self._progress_writer(plan.log), errors=lambda: len(self.tally.errors),
+                               refused=lambda: self.tally.refused)
+        self._watch.tick(force=True)
         executor = self._make_executor()
-        trap_signals(self._on_signal)  # again: ray.init installs its own SIGTERM handler
+        trap_signals(self._on_signal)  # again, should anything in the executor have replaced it
+        self._watch.metrics = executor.metrics()
         rows = self.rows(plan)
         ahead, sizes = look_ahead(rows)  # what compiling workers warm up for, while they load
         specs = worker_specs(self.cfg, executor, sorted(plan.pending), self.store.uri, self.sources,
                              plan.output_was_empty, sizes, self.ledger.epoch, plan.rerender_outdated)
         pools, failed_variants = start_pools(executor, specs, self.cfg.run,
                                              lambda: self.stopped is not None)
+        self._watch.state = "running"
         units = self.units(plan, chain(ahead, rows))
         queues: dict[str, deque[WorkUnit]] = defaultdict(deque)
         bar = self._progress(sum(plan.pending.values()))
         watch = OutageWatch(self.cfg.run.unreachable_after_s)
-        self._watch = RunWatch(self.run_id, plan.manifest.total_rows, plan.kept, plan.pending,
-                               self._progress_writer(plan.log), executor.metrics(),
-                               errors=lambda: len(self.tally.errors))
         try:
             exhausted = False
             while self.stopped is None and (not exhausted or any(queues.values()) or executor.in_flight):
@@ -283,6 +302,7 @@ class Driver:
                 self.ledger.record(result)
             if result.already:
                 self.tally.skipped += 1
+                self.tally.already += 1
             else:
                 self.tally.committed += 1
                 joblog.add_result(result)
@@ -363,21 +383,24 @@ class Driver:
         release.start()
         release.join(STOP_GRACE_S)
 
-    def _summary(self, total: int, started: float) -> dict:
+    def _summary(self, started: float) -> dict:
         errors = self.tally.errors
         if self._offline:  # rows that could not be stored are not failed, only not done yet
             errors = [e for e in errors if not unreachable(e)]
         stop = self.stopped
-        return {"total": total, "committed": self.tally.committed, "skipped": self.tally.skipped,
-                "failed": len(errors), "output": self.store.uri,
-                "seconds": round(time.monotonic() - started, 3), "run_id": self.run_id,
-                "interrupted": self.interrupted,
+        return {"total": self.tally.total, "committed": self.tally.committed, "skipped": self.tally.skipped,
+                "failed": len(errors), "remaining": self.tally.remaining(len(errors)),
+                "output": self.store.uri, "seconds": round(time.monotonic() - started, 3),
+                "run_id": self.run_id, "interrupted": self.interrupted,
                 "stopped": None if stop in (None, INTERRUPT) else scrub(stop.reason)}
 
-    def _exit_code(self) -> int:
-        if self.stopped is not None:
-            return self.stopped.exit_code
-        return EXIT_ROWS_FAILED if self.tally.errors else EXIT_OK
+    def _exit_code(self, summary: dict) -> int:
+        """The stop's code; but an interrupt that came when nothing was left to do changes
+        nothing: the run ends as if it had not come (0, or 1 with failed rows)."""
+        settled = EXIT_ROWS_FAILED if summary["failed"] else EXIT_OK
+        if self.stopped is None or (self.stopped is INTERRUPT and summary["remaining"] == 0):
+            return settled
+        return self.stopped.exit_code
 
 
 def _describe(outcome: Outcome) -> str:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 from klein_ray.assets import modelsource
-from klein_ray.config import ConfigError, JobConfig, RunConfig
+from klein_ray.config import DEFAULT_TINY_MODEL, ConfigError, JobConfig, RunConfig
 from klein_ray.executors.base import Executor, Pool
 from klein_ray.worker.spec import WorkerSpec
 
@@ -75,11 +76,24 @@ def start_pools(executor: Executor, specs: Specs, run: RunConfig,
 
 
 def check_sources(cfg: JobConfig) -> dict[str, str]:
-    """Every variant's model source, normalised; a bad one is a ConfigError naming the variant."""
+    """Every variant's model source, normalised; a bad one is a ConfigError naming the variant.
+    A local source written relative to the working directory (the default job's tiny model is
+    one) must be there: from another directory every row would fail to load, so say so now,
+    with what to do. An absolute one may exist only on the workers' nodes: not checked here."""
     sources = {}
     for name, vcfg in cfg.variants.items():
         try:
             sources[name] = modelsource.normalise(vcfg.source)
         except (modelsource.ModelSourceError, ValueError) as exc:
             raise ConfigError(f"variant {name!r}: {exc}") from None
+        relative = modelsource.classify(vcfg.source) == "local" and not Path(vcfg.source).expanduser().is_absolute() \
+            and not vcfg.source.startswith("file://")
+        if relative and not (Path(sources[name]) / "model_index.json").is_file():
+            default = vcfg.source == DEFAULT_TINY_MODEL
+            raise ConfigError(
+                f"variant {name!r}: no model at {sources[name]} ({vcfg.source!r} is taken from the working "
+                f"directory {Path.cwd()}). " + (
+                    "Without --config a job renders with the tiny test model: run `klein-ray "
+                    f"make-tiny-model {DEFAULT_TINY_MODEL}` in this directory, or pass --config with your "
+                    "variants." if default else "Run from the directory it is relative to, or make it absolute."))
     return sources

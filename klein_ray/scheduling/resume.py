@@ -15,9 +15,9 @@ module's.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from klein_ray.config import JobConfig
@@ -40,8 +40,19 @@ class Tally:
     """What a run did with its rows so far."""
 
     committed: int = 0
-    skipped: int = 0
+    skipped: int = 0  # rows committed before: in the checkpoint, or found by the workers
     errors: list[RowError] = field(default_factory=list)
+    total: int = 0  # the manifest's rows
+    kept: int | None = None  # rows the checkpoint names, current, kept (known once prepared)
+    already: int = 0  # rows the workers found committed (outside the checkpoint)
+    refused: Counter[str] = field(default_factory=Counter)  # per variant: invalid or duplicate rows
+
+    def remaining(self, failed: int) -> int | None:
+        """Rows neither committed (before or now) nor failed: what a re-run would render;
+        None before the run knew what was done."""
+        if self.kept is None:
+            return None
+        return max(0, self.total - self.kept - self.already - self.committed - failed)
 
 
 @dataclass
@@ -94,7 +105,7 @@ def prepare(ledger: Ledger, manifest: Manifest, cfg: JobConfig, sources: dict[st
 
 def rows(plan: ResumePlan, cfg: JobConfig, tally: Tally) -> Iterator[RowSpec]:
     """The plan's valid rows that are to render, streamed; skips and bad rows are tallied."""
-    validator = RowValidator(cfg, base_dir=Path.cwd())
+    validator = RowValidator(cfg, base_dir=plan.manifest.base_dir)
     check = len(plan.done) > 0
     for mf, start, batch in plan.manifest.iter_row_batches():
         for offset, raw in enumerate(batch):
@@ -105,9 +116,11 @@ def rows(plan: ResumePlan, cfg: JobConfig, tally: Tally) -> Iterator[RowSpec]:
             row_id, index = raw.get("id"), start + offset
             if plan.scan.duplicates and isinstance(row_id, str) and id_hash(row_id) in plan.scan.duplicates:
                 tally.errors.append(duplicate_id_error(row_id, mf.name, index))
+                tally.refused[raw.get("variant") or cfg.default_variant] += 1
                 continue
             checked = validator.validate(raw, mf.name, index)
             if isinstance(checked, list):
                 tally.errors.append(checked[0])
+                tally.refused[raw.get("variant") or cfg.default_variant] += 1
                 continue
             yield replace(checked, repair=plan.repair[checked.id]) if checked.id in plan.repair else checked

@@ -47,12 +47,14 @@ class RunWatch:
 
     def __init__(self, run_id: str, total: int, done_before: int, pending: Counter,
                  write: Callable[[dict], None], metrics: RunMetrics | None = None,
-                 errors: Callable[[], int] | None = None, clock: Callable[[], float] = time.monotonic):
+                 errors: Callable[[], int] | None = None, clock: Callable[[], float] = time.monotonic,
+                 refused: Callable[[], Counter] | None = None):
         self.run_id, self.total, self.done_before = run_id, total, done_before
         self.pending = Counter(pending)  # rows to render at the start, per variant
         self.write, self.metrics, self.clock = write, metrics or RunMetrics(), clock
         # Rows failed in this run, those refused before rendering (invalid, duplicate) included.
         self.errors = errors or (lambda: sum(self.failed.values()))
+        self.refused = refused or Counter  # per variant: rows refused before rendering
         self.started = clock()
         self.started_at = _now()
         self.committed: Counter = Counter()
@@ -61,6 +63,7 @@ class RunWatch:
         self.in_flight: dict[str, int] = defaultdict(int)  # rows
         self._units: dict[str, int] = defaultdict(int)
         self._written = -float("inf")
+        self.state = "loading"  # until every variant has a worker ready; then "running"
 
     def submitted(self, unit: WorkUnit) -> None:
         self.in_flight[unit.variant] += unit.size
@@ -95,7 +98,12 @@ class RunWatch:
         now = self.clock()
         if force or now - self._written >= PROGRESS_EVERY_S:
             self._written = now
-            self.write(self.snapshot("running"))
+            self.write(self.snapshot(self.state))
+
+    def _left(self, variant: str) -> int:
+        """The variant's rows still to settle (``pending``): what a re-run would render."""
+        settled = self.committed[variant] + self.skipped[variant] + self.failed[variant] + self.refused()[variant]
+        return max(0, self.pending[variant] - settled)
 
     def finish(self, state: str) -> None:
         self.write(self.snapshot(state))
@@ -114,9 +122,10 @@ class RunWatch:
             "in_flight": sum(self.in_flight.values()), "remaining": left,
             "rows_per_second": round(rate, 3),
             "eta_seconds": round(left / rate, 1) if rate > 0 and state == "running" else None,
-            "variants": {v: {"pending": self.pending[v], "committed": self.committed[v],
-                             "skipped": self.skipped[v], "failed": self.failed[v],
-                             "in_flight": self.in_flight[v]} for v in sorted(self.pending)},
+            "variants": {v: {"to_render": self.pending[v], "pending": self._left(v),
+                             "committed": self.committed[v], "skipped": self.skipped[v],
+                             "failed": self.failed[v], "in_flight": self.in_flight[v]}
+                         for v in sorted(self.pending)},
             "started_at": self.started_at, "updated_at": _now(),
         }
 

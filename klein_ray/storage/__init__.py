@@ -11,6 +11,7 @@ from klein_ray.config import StorageConfig
 from klein_ray.storage.base import (
     AlreadyExists,
     ConditionFailed,
+    Misconfigured,
     NotFound,
     ObjectInfo,
     StorageError,
@@ -27,6 +28,7 @@ __all__ = [
     "AlreadyExists",
     "ConditionFailed",
     "LocalStore",
+    "Misconfigured",
     "NotFound",
     "ObjectInfo",
     "StorageError",

@@ -22,6 +22,10 @@ class StorageUnavailable(StorageError):
     throttling), for longer than every retry: nothing is wrong with the request; try later."""
 
 
+class Misconfigured(StorageError):
+    """The storage endpoint never answered at all: a setting to fix, not an outage to wait out."""
+
+
 class NotFound(StorageError):
     pass
 

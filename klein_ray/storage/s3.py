@@ -9,15 +9,19 @@ build our own messages from the operation and key rather than echoing request de
 
 from __future__ import annotations
 
+import logging
+import os
 import random
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from klein_ray.config import StorageConfig
 from klein_ray.storage.base import (
     AlreadyExists,
+    Misconfigured,
     NotFound,
     ObjectInfo,
     StorageError,
@@ -30,6 +34,7 @@ from klein_ray.storage.base import (
 )
 from klein_ray.uris import split_s3
 
+log = logging.getLogger(__name__)
 _CHUNK = 1024 * 1024
 T = TypeVar("T")
 # Worth another try after botocore gave up: throttling, server errors, a conflicting
@@ -41,6 +46,32 @@ TRANSIENT_CODES = {
 
 
 _clients: dict[tuple, object] = {}
+_answered: set[str] = set()  # endpoints that answered at least once in this process
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where S3 requests go, and which setting chose it (for messages)."""
+
+    url: str
+    chosen_by: str
+
+    def never_answered(self, exc: Exception) -> str:
+        return (f"the S3 endpoint {self.url} never answered ({_describe(exc)}); it was chosen by "
+                f"{self.chosen_by}. Check storage.endpoint_url in the job config (or "
+                "AWS_ENDPOINT_URL_S3) and the network; if it is right and merely down, run again "
+                "once it answers")
+
+
+def endpoint_of(cfg: StorageConfig) -> Endpoint:
+    if cfg.endpoint_url:
+        return Endpoint(cfg.endpoint_url, "storage.endpoint_url in the job config")
+    env = os.environ.get("AWS_ENDPOINT_URL_S3")
+    if env:
+        return Endpoint(env, "the AWS_ENDPOINT_URL_S3 environment variable")
+    region = cfg.region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
+    return Endpoint(f"AWS S3 ({region})", "default: neither storage.endpoint_url nor AWS_ENDPOINT_URL_S3 "
+                    "is set, so requests go to AWS itself")
 _clients_lock = threading.Lock()
 
 
@@ -83,17 +114,32 @@ class S3Store(Store):
         self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self.client = s3_client(cfg)
         self.retry_seconds = cfg.outer_retry_seconds
+        self.endpoint = endpoint_of(cfg)
 
     def _retrying(self, fn: Callable[[], T]) -> T:
-        """botocore's retries, plus ours with backoff: its retry budget runs dry in a long outage."""
+        """botocore's retries, plus ours with backoff: its retry budget runs dry in a long outage.
+        The first failure is logged at once with what is retried and for how long; an endpoint
+        that never answered at all in this process (no connection was ever made: a wrong or
+        missing endpoint, no route) is a configuration problem, not an outage: ``Misconfigured``
+        after botocore's own retries, naming the endpoint and the settings that chose it."""
         deadline = time.monotonic() + self.retry_seconds
-        delay = 0.5
+        delay, told = 0.5, False
         while True:
             try:
-                return fn()
+                result = fn()
+                _answered.add(self.endpoint.url)
+                return result
             except Exception as exc:
+                if _connected(exc):
+                    _answered.add(self.endpoint.url)
+                elif _unreachable_endpoint(exc) and self.endpoint.url not in _answered:
+                    raise Misconfigured(self.endpoint.never_answered(exc)) from exc
                 if not _transient(exc) or time.monotonic() + delay > deadline:
                     raise
+                if not told:
+                    told = True
+                    log.warning("storage: %s did not answer (%s); retrying for up to %.0f s",
+                                self.endpoint.url, _describe(exc), max(0.0, deadline - time.monotonic()))
             time.sleep(random.uniform(0, delay))  # full jitter, like botocore
             delay = min(delay * 2, 20.0)
 
@@ -247,6 +293,22 @@ def _failure(exc: Exception) -> type[StorageError]:
     else:  # resets, timeouts, refused connections; not e.g. NoCredentialsError
         unreachable = isinstance(exc, (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError))
     return StorageUnavailable if unreachable else StorageError
+
+
+def _connected(exc: Exception) -> bool:
+    """The server answered (an HTTP error), or at least accepted a connection (then reset it,
+    or was slow to answer): something is there."""
+    from botocore.exceptions import ClientError, ConnectionClosedError, ReadTimeoutError
+
+    return isinstance(exc, (ClientError, ConnectionClosedError, ReadTimeoutError))
+
+
+def _unreachable_endpoint(exc: Exception) -> bool:
+    """No connection could be made at all: the name does not resolve, nothing listens, no
+    route, or the connection timed out."""
+    from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError
+
+    return isinstance(exc, (EndpointConnectionError, ConnectTimeoutError))
 
 
 def _transient(exc: Exception) -> bool:

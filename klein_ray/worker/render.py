@@ -152,6 +152,10 @@ class RenderWorker:
         encoded = [self._encoders.submit(self._encode, image, row.format)
                    for row, image in zip(unit.rows, rendered.images)]
         warnings = self._prompt_warnings(unit, rendered.prompt_tokens)
+        sized = _size_warning(unit, refs, rendered.images[0]) if rendered.images else None
+        if sized:
+            log.info("unit %d: %s", unit.unit_id, sized)
+            warnings = [w + [sized] for w in warnings]
         for row, image, job, warning in zip(unit.rows, rendered.images, encoded, warnings):
             result = self._commit_row(unit, row, image, job, refs, dict(timings), warning)
             if isinstance(result, RowError):
@@ -245,6 +249,19 @@ class RenderWorker:
         return ModelFacts(source=self.spec.source, pipeline=info.pipeline_class, distilled=info.distilled,
                           dtype=info.dtype, device=info.device, settings=self.model.settings,
                           versions=info.versions, test_model=self.test_model)
+
+
+def _size_warning(unit: WorkUnit, refs: list[Reference], image) -> str | None:
+    """A row that gives no size takes its first reference's; the pipeline makes it fit (sides
+    floored to multiples of 16, about a megapixel at most). Say so when that changed it."""
+    if unit.width is not None or unit.height is not None or not refs:
+        return None
+    first = refs[0]
+    if (image.width, image.height) == (first.width, first.height):
+        return None
+    return (f"size taken from the first reference ({first.width}x{first.height}) and rendered at "
+            f"{image.width}x{image.height}: sides are floored to multiples of 16 and large references "
+            "scaled to about 1 megapixel; give width and height to choose the size")
 
 
 def warm_up(spec: WorkerSpec, model) -> dict:
