@@ -12,6 +12,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import write_config
 from localrun import job, manifest, render, rows, shared_worker
 
 from klein_ray.cli import main
@@ -70,7 +71,7 @@ def test_a_config_that_is_not_utf8_is_exit_2(tmp_path, capsys):
     assert code == 2 and "not UTF-8" in err and "Traceback" not in err
 
 
-def test_invalid_utf8_in_any_column_is_exit_2_before_anything_renders(tmp_path, capsys):
+def test_invalid_utf8_in_any_column_is_exit_2_before_anything_renders(tmp_path, tiny_models, capsys):
     good = [b"a shelf", b"a lamp", b"a mug"]
     bad = [b"SKU-1", b"SKU-\xff2", b"SKU-3"]  # a passthrough column, its second row broken
     table = pa.table({"id": ["a", "b", "c"],
@@ -78,8 +79,9 @@ def test_invalid_utf8_in_any_column_is_exit_2_before_anything_renders(tmp_path, 
                       "sku": pa.Array.from_buffers(pa.string(), 3, pa.array(bad, pa.binary()).buffers())})
     path = tmp_path / "m.parquet"
     pq.write_table(table, path)
+    config = str(write_config(tmp_path / "job.yaml", tiny_models))
     for command in (["validate", str(path)], ["render", str(path), "--output", str(tmp_path / "out"),
-                                               "--executor", "local", "--no-progress"]):
+                                               "--config", config, "--executor", "local", "--no-progress"]):
         code, _, err = _cli(capsys, *command)
         assert code == 2, err
         assert "row 1" in err and "'sku'" in err and "UTF-8" in err and "Traceback" not in err

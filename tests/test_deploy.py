@@ -68,7 +68,7 @@ def test_the_manifest_runs_the_image_the_dockerfile_builds_with_the_pinned_ray()
 
 def test_the_entrypoint_is_a_render_our_cli_accepts():
     argv = shlex.split(_docs()["RayJob"]["spec"]["entrypoint"])
-    assert argv[0] == "klein-ray" and _pyproject()["project"]["scripts"]["klein-ray"] == "klein_ray.cli:main"
+    assert argv[0] == "klein-ray" and _pyproject()["project"]["scripts"]["klein-ray"] == "klein_ray.__main__:entry"
     args = _parser().parse_args(argv[1:])
     assert args.command == "render" and args.no_progress
     assert args.address is None  # the driver joins the job's cluster through RAY_ADDRESS

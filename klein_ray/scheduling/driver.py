@@ -232,6 +232,7 @@ class Driver:
         self._watch = RunWatch(self.run_id, plan.manifest.total_rows, plan.kept, plan.pending,
                                self._progress_writer(plan.log), errors=lambda: len(self.tally.errors),
                                refused=lambda: self.tally.refused)
+        self._watch.state = "loading"
         self._watch.tick(force=True)
         executor = self._make_executor()
         trap_signals(self._on_signal)  # again, should anything in the executor have replaced it

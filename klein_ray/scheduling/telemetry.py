@@ -63,7 +63,7 @@ class RunWatch:
         self.in_flight: dict[str, int] = defaultdict(int)  # rows
         self._units: dict[str, int] = defaultdict(int)
         self._written = -float("inf")
-        self.state = "loading"  # until every variant has a worker ready; then "running"
+        self.state = "running"  # the driver says "loading" until every variant has a worker ready
 
     def submitted(self, unit: WorkUnit) -> None:
         self.in_flight[unit.variant] += unit.size
