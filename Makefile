@@ -11,7 +11,7 @@ BIN        := $(VENV)/bin
 APT_PKGS   := radosgw ceph-mon ceph-osd chromium chromium-driver curl g++
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv demo test test-fast lint lint-imports system-deps tiny-model example-manifest image image-check clean
+.PHONY: venv airflow-venv demo test test-fast lint lint-imports system-deps tiny-model example-manifest image image-check clean
 
 venv: $(VENV)/.installed
 
@@ -21,6 +21,20 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q "$(TORCH_SPEC)" 2>&1 | grep -v '^WARNING: Location' || true
 	$(BIN)/pip install -q -e '.[test,bench]' 2>&1 | grep -v '^WARNING: Location' || true
 	$(BIN)/python -c "import klein_ray, torch, diffusers, ray, boto3, selenium, moto, importlinter, ruff, mypy"
+	touch $@
+
+# Airflow for the scheduler test (tests/test_jobs.py runs jobs/airflow_dag.py with `airflow dags
+# test`), in a venv of its own: its pins are not the renderer's.
+AIRFLOW_SPEC ?= apache-airflow==3.3.2
+AIRFLOW_VENV ?= .venv-airflow
+
+airflow-venv: $(AIRFLOW_VENV)/.installed
+
+$(AIRFLOW_VENV)/.installed:
+	$(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+	$(AIRFLOW_VENV)/bin/pip install -q "$(AIRFLOW_SPEC)" 2>&1 | grep -v '^WARNING: Location' || true
+	$(AIRFLOW_VENV)/bin/airflow version >/dev/null
 	touch $@
 
 # The real S3 server (Ceph RADOS Gateway), the browser and the C++ compiler (torch.compile on CPU)
@@ -42,7 +56,7 @@ SLOW_TIERS := ray or ceph or browser or subprocess or slow
 
 # Lint, type-check and the import contracts; then the fast tier, so a broken unit fails in
 # seconds; then every other test.
-test: venv system-deps lint
+test: venv airflow-venv system-deps lint
 	KLEIN_RAY_TEST_TIER=fast $(BIN)/pytest -q -x -m "not ($(SLOW_TIERS))"
 	$(BIN)/pytest -q -m "$(SLOW_TIERS)"
 
@@ -79,4 +93,4 @@ image-check:
 	  print('torch', v['torch'], '| ray', v['ray'], '| CUDA runtime:', any(n.startswith('nvidia-cuda-runtime') for n in v))"
 
 clean:
-	rm -rf demo-output .pytest_cache
+	rm -rf demo-output .pytest_cache $(AIRFLOW_VENV)

@@ -11,6 +11,7 @@ way a job can end to an exit code."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import secrets
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
-from helpers import last_json, row, snapshot, stop_ray_under, write_config, write_manifest
+from helpers import assert_done, last_json, row, snapshot, stop_ray_under, write_config, write_manifest
 from refgate import REFERENCES, RefGate
 
 from klein_ray.cli import _parser
@@ -151,6 +152,54 @@ def test_failed_rows_exit_1_an_invalid_manifest_2_and_a_wrong_token_2(head, tmp_
     refused = _submit(head, str(tmp_path / "bad.parquet"), "--output", str(tmp_path / "out3"),
                       env=dict(head.env, RAY_AUTH_TOKEN=secrets.token_hex(32)), timeout=60)
     assert refused.returncode == 2 and "refused our credentials" in refused.stderr, refused.stderr[-2000:]
+
+
+AIRFLOW = REPO / ".venv-airflow" / "bin" / "airflow"  # make airflow-venv (make test builds it)
+
+
+def _airflow_dags_test(tmp_path: Path, head: Head, config: str, day: str) -> subprocess.CompletedProcess:
+    """The real Airflow (from the package index, in its own venv) running jobs/airflow_dag.py
+    as deployed (the DAG and submit.py side by side in a dags folder) for one day."""
+    if not AIRFLOW.is_file():
+        pytest.fail(f"{AIRFLOW} is missing: run `make airflow-venv` (make test does)")
+    dags = tmp_path / "dags"
+    dags.mkdir(exist_ok=True)
+    for name in ("airflow_dag.py", "submit.py"):
+        shutil.copy(REPO / "jobs" / name, dags / name)
+    home = tmp_path / "airflow-home"
+    env = dict(head.env, AIRFLOW_HOME=str(home), AIRFLOW__CORE__DAGS_FOLDER=str(dags),
+               AIRFLOW__CORE__LOAD_EXAMPLES="False", KLEIN_RAY_PYTHON=sys.executable,
+               KLEIN_RAY_DASHBOARD=head.address, KLEIN_RAY_CONFIG=config)
+    if not home.exists():
+        migrated = subprocess.run([str(AIRFLOW), "db", "migrate"], env=env, capture_output=True, text=True,
+                                  timeout=300)
+        assert migrated.returncode == 0, migrated.stderr[-3000:]
+    conf = json.dumps({"manifest_root": str(tmp_path / "manifests"), "output_root": str(tmp_path / "renders")})
+    return subprocess.run([str(AIRFLOW), "dags", "test", "klein_ray_render", day, "-c", conf], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_the_airflow_dag_renders_then_resumes_and_fails_for_good_on_a_bad_manifest(head, tmp_path, tiny_models):
+    config = str(write_config(tmp_path / "job.yaml", tiny_models))
+    write_manifest(tmp_path / "manifests" / "2026-12-01" / "m.parquet", _rows(2))
+    first = _airflow_dags_test(tmp_path, head, config, "2026-12-01")
+    log = first.stdout + first.stderr
+    assert first.returncode == 0, log[-4000:]
+    assert '"committed": 2' in log, log[-4000:]  # the summary is the task's return value
+    assert not [line for line in log.splitlines() if "Deprecat" in line and "airflow_dag" in line]
+    for i in range(2):
+        assert_done(LocalStore(tmp_path / "renders" / "2026-12-01"), f"r{i:03d}")
+    again = _airflow_dags_test(tmp_path, head, config, "2026-12-01")
+    assert again.returncode == 0 and '"committed": 0' in again.stdout + again.stderr
+
+    (tmp_path / "manifests" / "2026-12-02").mkdir()
+    (tmp_path / "manifests" / "2026-12-02" / "m.parquet").write_bytes(b"PAR1 not parquet")
+    bad = _airflow_dags_test(tmp_path, head, config, "2026-12-02")
+    log = bad.stdout + bad.stderr
+    assert bad.returncode != 0 and "AirflowFailException: exit 2" in log, log[-4000:]
+    assert "up_for_retry" not in log  # failed for good: no retry of what cannot pass by itself
 
 
 def _wait_for(predicate, what: str, timeout: float = 120) -> None:
