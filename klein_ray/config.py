@@ -15,7 +15,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from klein_ray.uris import FILE, HF, S3, UriError, parse
+from klein_ray.uris import FILE, HF, S3, UriError, kind_of, local_path, parse
 
 DEFAULT_TINY_MODEL = ".cache/tiny-klein"
 
@@ -27,6 +27,28 @@ class ConfigError(ValueError):
 class _Strict(BaseModel):
     # Unknown keys are typos more often than intent: reject them loudly.
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AdapterConfig(_Strict):
+    source: str = Field(
+        description="The LoRA: a local .safetensors file or a directory holding one, an s3:// "
+        "key or prefix (copied once per node into cache_dir), or a Hugging Face repo id. Local "
+        "paths are made absolute on the driver (workers may run elsewhere)."
+    )
+    scale: float = Field(1.0, ge=-10, le=10, description="The adapter's weight when a row names "
+                         "it without a scale of its own (the manifest's adapter_scales).")
+    weight_name: str | None = Field(
+        None, description="The file inside a directory, prefix or repo when it holds several "
+        "(diffusers' weight_name); unset: the one .safetensors file there."
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _absolute(cls, source: str) -> str:
+        source = source.strip()
+        if kind_of(source) == FILE and (source.startswith(("/", ".", "~", "file://")) or Path(source).exists()):
+            return str(local_path(source))
+        return source
 
 
 class VariantConfig(_Strict):
@@ -89,6 +111,28 @@ class VariantConfig(_Strict):
         "per node into cache_dir) or hf://org/repo/file.safetensors. Quantized weights are "
         "dequantized to `dtype` when loaded.",
     )
+
+    adapters: dict[str, AdapterConfig] = Field(
+        default_factory=dict,
+        description="LoRA adapters this variant's actors load once, with the model: name -> "
+        "source, scale, weight_name. Rows choose among them (the manifest's adapters column); "
+        "switching between units reloads no weights.",
+    )
+    always: list[str] = Field(
+        default_factory=list,
+        description="Adapters (names from `adapters`) applied to every row of the variant, fused "
+        "into the weights at load (no cost per row). Rows cannot turn them off.",
+    )
+
+    @model_validator(mode="after")
+    def _adapter_names(self) -> VariantConfig:
+        for name in self.adapters:
+            if not name or not all(c.isalnum() or c in "._-" for c in name):
+                raise ValueError(f"adapter name {name!r} must be letters, digits, '.', '_' or '-'")
+        unknown = [n for n in self.always if n not in self.adapters]
+        if unknown:
+            raise ValueError(f"always names {unknown}, which adapters does not define (it has {sorted(self.adapters)})")
+        return self
 
     @field_validator("transformer")
     @classmethod

@@ -34,7 +34,7 @@ def check_units(units: list[WorkUnit], rows: list[RowSpec], batch_sizes: dict[st
     for u in units:
         assert 1 <= u.size <= batch_sizes[u.variant]
         for r in u.rows:
-            assert unit_key(r) == (u.variant, u.width, u.height, u.steps, u.guidance, u.references)
+            assert unit_key(r) == (u.variant, u.width, u.height, u.steps, u.guidance, u.references, u.adapters)
     # Within a group, rows keep their manifest order.
     by_key: dict[tuple, list[int]] = {}
     for u in units:

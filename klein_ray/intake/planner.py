@@ -1,7 +1,8 @@
 """Planning: groups a stream of validated rows into work units of compatible rows.
 
 Rows are compatible when one diffusers call can render them together: same variant, output
-size, steps, guidance and reference set (``image=`` is one reference set for the whole call).
+size, steps, guidance, reference set (``image=`` is one reference set for the whole call) and
+LoRA adapters with their scales (one adapter set is active per call).
 Grouping is streaming and bounded: a group is emitted when full, and when too many rows wait in
 open groups the oldest group is emitted part-full, so memory stays flat however long the
 manifest is and however scattered its rows.
@@ -19,7 +20,7 @@ GroupKey = tuple
 
 
 def unit_key(row: RowSpec) -> GroupKey:
-    return (row.variant, row.width, row.height, row.steps, row.guidance, row.references)
+    return (row.variant, row.width, row.height, row.steps, row.guidance, row.references, row.adapters)
 
 
 class Planner:
@@ -66,8 +67,9 @@ class Planner:
     def _emit(self, key: GroupKey) -> WorkUnit:
         rows = self._groups.pop(key)
         self._pending -= len(rows)
-        variant, width, height, steps, guidance, references = key
-        unit = WorkUnit(self._next_id, variant, width, height, steps, guidance, references, tuple(rows))
+        variant, width, height, steps, guidance, references, adapters = key
+        unit = WorkUnit(self._next_id, variant, width, height, steps, guidance, references, tuple(rows),
+                        adapters=adapters)
         self._next_id += 1
         return unit
 

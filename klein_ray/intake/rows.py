@@ -7,6 +7,7 @@ what keeps every output key (``output.layout``) inside OUT.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import math
 import re
@@ -92,6 +93,9 @@ class RowValidator:
         # 4. References: count and scheme here; size, content and address when fetched.
         references = self._references(raw.get("references"), bad)
 
+        # 5. LoRA adapters: names the variant defines, one scale each.
+        adapters = _adapters(raw.get("adapters"), raw.get("adapter_scales"), vcfg, bad) if vcfg else ()
+
         if problems or vcfg is None or not isinstance(row_id, str) or not isinstance(prompt, str):
             return [
                 RowError(str(label), "validate", "InvalidRow", reason, 1, file, index, column)
@@ -118,6 +122,7 @@ class RowValidator:
             manifest_file=file,
             manifest_row=index,
             digest=row_digest(raw),
+            adapters=adapters,
         )
 
     def _sampling(self, raw: dict[str, Any], bad) -> tuple:
@@ -164,6 +169,42 @@ class RowValidator:
             except ValueError as exc:
                 bad("references", f"reference {i}: {exc}")
         return tuple(out)
+
+
+def _adapters(names: Any, scales: Any, vcfg, bad) -> tuple[tuple[str, float], ...]:
+    """The row's adapters as (name, scale): names the variant defines (not its ``always`` ones,
+    applied to every row already), no name twice, scales finite and one per name (unset: each
+    adapter's configured scale)."""
+    if scales is not None and (isinstance(scales, (str, bytes, dict)) or not hasattr(scales, "__iter__")):
+        bad("adapter_scales", "adapter_scales must be a list of numbers, one per adapter")
+        return ()
+    if names is None:
+        if scales is not None and len(list(scales)):
+            bad("adapter_scales", "adapter_scales given without adapters")
+        return ()
+    if isinstance(names, (str, bytes, dict)) or not hasattr(names, "__iter__"):
+        bad("adapters", "adapters must be a list of adapter names")
+        return ()
+    names = list(names)
+    scales = list(scales) if scales is not None else [None] * len(names)
+    if len(scales) != len(names):
+        bad("adapter_scales", f"{len(scales)} adapter_scales for {len(names)} adapters: give one per adapter")
+        return ()
+    out: list[tuple[str, float]] = []
+    for name, scale in zip(names, scales):
+        if not isinstance(name, str) or name not in vcfg.adapters:
+            close = difflib.get_close_matches(str(name), list(vcfg.adapters), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            bad("adapters", f"unknown adapter {name!r}; the variant has {sorted(vcfg.adapters) or 'none'}{hint}")
+        elif name in vcfg.always:
+            bad("adapters", f"adapter {name!r} is applied to every row of the variant (always): leave it out")
+        elif any(name == seen for seen, _ in out):
+            bad("adapters", f"adapter {name!r} is named twice")
+        elif scale is not None and not (_is_number(scale) and -10 <= scale <= 10):
+            bad("adapter_scales", f"adapter {name!r}: scale must be a finite number in [-10, 10], got {scale!r}")
+        else:
+            out.append((name, float(vcfg.adapters[name].scale if scale is None else scale)))
+    return tuple(sorted(out))  # the order names are given in changes nothing: one batch
 
 
 def _is_int(value: Any) -> bool:

@@ -9,6 +9,8 @@ sample, and what tools building manifests should write) and the types it accepts
 | ``width``, ``height``, ``steps`` | int32 | any integer | no |
 | ``guidance`` | float64 | any integer or float | no |
 | ``seed`` | int64 | any integer | no |
+| ``adapters`` | list<string> | list<string>, or all null | no |
+| ``adapter_scales`` | list<float64> | list of integers or floats, or all null | no |
 
 Any other column is passed through into each row's metadata. Dictionary-encoded columns are
 read as their values; a column of nulls only (type null) is accepted for every column.
@@ -30,6 +32,7 @@ MANIFEST_SCHEMA = pa.schema([
     ("id", pa.string()), ("prompt", pa.string()), ("variant", pa.string()),
     ("references", pa.list_(pa.string())), ("width", pa.int32()), ("height", pa.int32()),
     ("steps", pa.int32()), ("guidance", pa.float64()), ("seed", pa.int64()), ("format", pa.string()),
+    ("adapters", pa.list_(pa.string())), ("adapter_scales", pa.list_(pa.float64())),
 ])
 KNOWN_COLUMNS = tuple(MANIFEST_SCHEMA.names)
 
@@ -100,6 +103,13 @@ def type_problem(name: str, dtype: pa.DataType) -> str | None:
                     "pa.array([[uri] for uri in uris], pa.list_(pa.string())), with pandas "
                     "df['references'] = df['references'].map(lambda uri: [uri])")
         return f"column 'references' has type {dtype}, expected list<string>{hint}"
+    if name in ("adapters", "adapter_scales"):
+        wanted = "list<string>" if name == "adapters" else "list<float>"
+        checks = _STRING if name == "adapters" else _NUMBER
+        is_list = pa.types.is_list(dtype) or pa.types.is_large_list(dtype)
+        if pa.types.is_null(dtype) or (is_list and _type_ok(dtype.value_type, checks)):
+            return None
+        return f"column {name!r} has type {dtype}, expected {wanted}"
     if name in COLUMN_TYPES and not _type_ok(dtype, COLUMN_TYPES[name][1]):
         return f"column {name!r} has type {dtype}, expected {COLUMN_TYPES[name][0]}"
     return None
