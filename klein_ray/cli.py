@@ -110,6 +110,14 @@ def _setup_parsers(sub) -> None:
                       help="a KV checkpoint: model_index.json names Flux2KleinKVPipeline, like BFL's 9B-KV")
     m.add_argument("--seed", type=int, default=0)
 
+    lora = sub.add_parser("make-tiny-lora", help="write a random LoRA for the tiny model",
+                          description="Write a random LoRA adapter for the tiny model at MODEL_DIR, as "
+                          "diffusers' save_lora_weights writes one, into LORA_DIR. Its effect is plain "
+                          "and meaningless: it exists to test adapters.")
+    lora.add_argument("model_dir")
+    lora.add_argument("lora_dir")
+    lora.add_argument("--seed", type=int, default=0)
+
 
 def _terminate_like_interrupt() -> None:
     """SIGTERM (a scheduler stopping the job) is Ctrl-C from the first instant: whatever is held
@@ -306,8 +314,17 @@ def cmd_make_tiny_model(args) -> int:
     return 0
 
 
+def cmd_make_tiny_lora(args) -> int:
+    from klein_ray.model.tiny import make_tiny_lora
+
+    path = make_tiny_lora(args.model_dir, args.lora_dir, seed=args.seed)
+    print(f"wrote a tiny random LoRA to {path} (for the tiny model: its effect is noise too)")
+    return 0
+
+
 _COMMANDS = {"render": cmd_render, "validate": cmd_validate, "status": cmd_status,
-             "verify": cmd_verify, "demo": cmd_demo, "make-tiny-model": cmd_make_tiny_model}
+             "verify": cmd_verify, "demo": cmd_demo, "make-tiny-model": cmd_make_tiny_model,
+             "make-tiny-lora": cmd_make_tiny_lora}
 
 if __name__ == "__main__":
     sys.exit(main())

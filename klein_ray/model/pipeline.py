@@ -14,6 +14,8 @@ from typing import Any
 
 from klein_ray.model import accel
 from klein_ray.model.accel import GPUSettings, WarmupShape
+from klein_ray.model.adapters import Adapter, AdapterError, AdapterSwitch
+from klein_ray.model.adapters import load as load_adapters
 from klein_ray.model.limits import shape_problem, side_problem
 from klein_ray.model.text import PromptEncoder
 from klein_ray.types import RenderOOM
@@ -39,6 +41,7 @@ class RenderRequest:
     guidance: float
     references: list[Any] = field(default_factory=list)  # PIL images, RGB
     max_sequence_length: int = 512
+    adapters: tuple[tuple[str, float], ...] = ()  # LoRA adapters (name, scale) active for the call
 
 
 @dataclass
@@ -65,7 +68,8 @@ class KleinModel:
     """
 
     def __init__(self, pipe, *, source: str, device: str | None = None, prompt_cache: int = 1024,
-                 settings: GPUSettings | None = None, file_scales: dict[str, float] | None = None):
+                 settings: GPUSettings | None = None, file_scales: dict[str, float] | None = None,
+                 adapters: tuple[Adapter, ...] = (), always: tuple[str, ...] = ()):
         import diffusers
         import torch
         import transformers
@@ -78,6 +82,12 @@ class KleinModel:
         # 2. Placement and accelerator settings (klein_ray.model.accel), then the trimmed,
         #    cached text encoder. ``file_scales``: layers a float8 checkpoint gave (kept as is).
         self.settings = accel.resolve(settings or GPUSettings(), self.device, bool(file_scales))
+        self.adapters = AdapterSwitch(pipe)
+        if adapters:  # before placement and compile: LoRA layers move and compile with the blocks
+            if self.settings.get("precision") == "fp8":
+                raise AdapterError("LoRA adapters need the transformer in bf16 (precision: bf16): "
+                                   "float8 layers cannot carry them")
+            load_adapters(pipe, list(adapters), list(always))
         self.accel_report = accel.apply(self.pipe, self.device, self.settings, file_scales)
         self.pipe.set_progress_bar_config(disable=True)
         self.encoder = PromptEncoder(self.pipe.text_encoder, self.pipe.tokenizer, cache_size=prompt_cache)
@@ -99,12 +109,14 @@ class KleinModel:
     def from_pretrained(cls, source: str, pipeline: str = "auto", dtype: str = "auto",
                         device: str | None = None, threads: int | None = None,
                         prompt_cache: int = 1024, settings: GPUSettings | None = None,
-                        transformer_file: str | None = None) -> KleinModel:
+                        transformer_file: str | None = None, adapters: tuple[Adapter, ...] = (),
+                        always: tuple[str, ...] = ()) -> KleinModel:
         """Load ``source`` (a local diffusers directory or a Hub repo id) with diffusers'
         ``from_pretrained``; ``pipeline`` 'base'/'distilled' override the checkpoint's flag,
         'kv' loads it as ``Flux2KleinKVPipeline``, 'auto' as its model_index.json says.
         ``transformer_file``: a local BFL-layout single file (bf16, fp8, nvfp4) whose weights
-        replace ``source``'s transformer (see ``klein_ray.model.quantized``)."""
+        replace ``source``'s transformer (see ``klein_ray.model.quantized``). ``adapters``:
+        local LoRA files loaded once (``always``: fused), chosen per call (``klein_ray.model.adapters``)."""
         import diffusers
         import torch
         import transformers
@@ -132,7 +144,7 @@ class KleinModel:
             kwargs["transformer"], file_scales = loaded.model, loaded.fp8_scales
         pipe = pipe_cls.from_pretrained(source, **kwargs)
         return cls(pipe, source=source, device=device, prompt_cache=prompt_cache, settings=settings,
-                   file_scales=file_scales)
+                   file_scales=file_scales, adapters=adapters, always=always)
 
     @classmethod
     def from_pipe(cls, pipe, source: str = "(in memory)", device: str | None = None,
@@ -186,7 +198,9 @@ class KleinModel:
         prompts = req.prompts[:1] if same_prompt else list(req.prompts)
         embeds, tokens = self.encoder.encode(prompts, req.max_sequence_length)
 
-        # 3. One CPU generator per image: noise independent of batch position and device.
+        # 3. The call's LoRA adapters (switched only when they differ from the last call's), and
+        #    one CPU generator per image: noise independent of batch position and device.
+        self.adapters.apply(req.adapters)
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in req.seeds]
 
         # 4. Call the pipeline.

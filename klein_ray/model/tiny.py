@@ -138,6 +138,41 @@ def make_tiny_model(directory: str | Path, seed: int = 0, distilled: bool = True
     return out
 
 
+# The transformer's linear layers a tiny LoRA adapts: every attention projection and MLP.
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                "to_add_out", "to_qkv_mlp_proj", "linear_in", "linear_out"]
+
+
+def make_tiny_lora(model_dir: str | Path, lora_dir: str | Path, seed: int = 0, rank: int = 4,
+                   strength: float = 0.8) -> Path:
+    """A random LoRA for the tiny model at ``model_dir``, written as diffusers'
+    ``save_lora_weights`` writes one (``pipe.load_lora_weights(lora_dir)`` finds it): rank
+    ``rank`` on every attention projection and MLP, weights drawn at ``strength``, so its effect
+    on the tiny model's images is plain (tens of levels of 255), never a rounding difference.
+    Like the model, it is noise; it exists to test adapters end to end."""
+    import torch
+    from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    transformer = Flux2Transformer2DModel.from_pretrained(str(model_dir), subfolder="transformer")
+    present = [t for t in LORA_TARGETS if any(n.endswith(t) for n, _ in transformer.named_modules())]
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=present,
+                                       init_lora_weights=False), adapter_name="tiny")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * strength)
+    out = Path(lora_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    Flux2KleinPipeline.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(
+        transformer, adapter_name="tiny"))
+    (out / "README.md").write_text(
+        "# a tiny random LoRA\n\nRandom weights for the tiny test model, written by `klein-ray "
+        f"make-tiny-lora` (seed {seed}). Its effect on images is plain and meaningless.\n")
+    return out
+
+
 def is_tiny_model(directory: str | Path) -> bool:
     return (Path(directory) / TEST_MODEL_MARKER).is_file()
 
