@@ -48,6 +48,7 @@ class RowSpec:
     manifest_file: str = ""
     manifest_row: int = -1  # 0-based row index within manifest_file
     digest: str = ""  # what the manifest row asks to render (intake.schema.row_digest)
+    adapters: tuple[tuple[str, float], ...] = ()  # LoRA adapters (name, scale) the row asks for
     # `render --verify` found the row broken: its marker's version then ('' if none), which the
     # repair replaces only if it is still that (None: an ordinary row).
     repair: str | None = None
@@ -55,7 +56,8 @@ class RowSpec:
 
 @dataclass(frozen=True)
 class WorkUnit:
-    """Rows that share one diffusers call: same variant, size, steps, guidance and references.
+    """Rows that share one diffusers call: same variant, size, steps, guidance, references and
+    adapters (with their scales).
 
     A retried unit is a subset of an earlier one's rows (units are split, never merged), so its
     rows share one history: ``attempt`` (this is their n-th submission in this run), and how
@@ -73,6 +75,7 @@ class WorkUnit:
     attempt: int = 1
     failures: int = 0
     losses: int = 0
+    adapters: tuple[tuple[str, float], ...] = ()  # the rows' LoRA adapters (name, scale), shared
 
     @property
     def size(self) -> int:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from klein_ray.commands.currency import currency
 from klein_ray.config import StorageConfig
 from klein_ray.output.audit import census
-from klein_ray.output.joblog import read_errors, read_progress, read_state
+from klein_ray.output.joblog import read_config, read_errors, read_progress, read_state
 from klein_ray.output.lease import holder_gone
 from klein_ray.output.ledger import Ledger
 from klein_ray.storage import open_store
@@ -55,7 +55,7 @@ def output_status(uri: str, storage: StorageConfig | None = None) -> OutputStatu
     ledger = Ledger(open_store(uri, storage))
     state = read_state(ledger.store) or {}
     done = ledger.done()
-    current = currency(state, done, storage)
+    current = currency(state, done, storage, read_config(ledger.store))
     manifest_ids = current.ids
     outside = manifest_ids - set(done) if manifest_ids is not None else None
     few = outside is not None and len(outside) <= LOOKUP_LIMIT

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from klein_ray.commands.currency import Currency, currency
 from klein_ray.config import StorageConfig
 from klein_ray.output.audit import AuditReport, audit
-from klein_ray.output.joblog import read_state
+from klein_ray.output.joblog import read_config, read_state
 from klein_ray.output.ledger import Ledger
 from klein_ray.storage import open_store
 
@@ -39,4 +39,5 @@ def verify_output(uri: str, deep: bool = False, storage: StorageConfig | None = 
     storage = storage or StorageConfig()
     ledger = Ledger(open_store(uri, storage))
     report = audit(ledger, deep=deep)
-    return Verification(report, currency(read_state(ledger.store) or {}, ledger.done(), storage))
+    return Verification(report, currency(read_state(ledger.store) or {}, ledger.done(), storage,
+                                          read_config(ledger.store)))

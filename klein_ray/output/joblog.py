@@ -34,7 +34,7 @@ from klein_ray.output.report import (
 from klein_ray.storage import NotFound, Store
 from klein_ray.storage.tables import get_table, put_table
 from klein_ray.types import RowError, RowResult
-from klein_ray.uris import local_path
+from klein_ray.uris import local_path, redact
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ class JobLog:
         self.contact = self._load_contact()
         self._contact_ids = {e.id for e in self.contact}
 
-    def start(self, total_rows: int, setups: dict[str, str] | None = None) -> None:
+    def start(self, total_rows: int, setups: dict[str, str] | None = None, adapters: dict | None = None,
+              sources: dict[str, str] | None = None) -> None:
         """The resolved config and the state: manifest, rows, run, and each variant's setup
         digest with the default variant (what `status` and `verify` judge rows against)."""
         cfg = self.config.model_dump(mode="json")
@@ -66,7 +67,8 @@ class JobLog:
         self._put_json(layout.STATE, {"manifest": self.manifest_uri, "total": total_rows,
                                       "run_id": self.run_id, "started_at": _now(),
                                       "default_variant": self.config.default_variant,
-                                      "setups": setups or {}})
+                                      "setups": setups or {}, "adapters": adapters or {},
+                                      "sources": {v: redact(s) for v, s in (sources or {}).items()}})
 
     def add_result(self, result: RowResult) -> None:
         """Keep the first images of the output for the contact sheet (thumbnails are small)."""
@@ -130,6 +132,18 @@ def read_errors(store: Store) -> pa.Table | None:
         return None
     except Exception as exc:  # noqa: BLE001 - any way the table fails to parse: it is damaged
         log.warning("%s cannot be read (%s): counted as no errors recorded", layout.ERRORS, type(exc).__name__)
+        return None
+
+
+def read_config(store: Store) -> JobConfig | None:
+    """The job config the latest run resolved, or None (absent, damaged or from another
+    version: whoever asks falls back to the state's digests)."""
+    try:
+        return JobConfig.model_validate(yaml.safe_load(store.get(layout.CONFIG)))
+    except NotFound:
+        return None
+    except Exception as exc:  # noqa: BLE001 - not YAML, not a config: it is damaged
+        log.warning("%s cannot be read (%s)", layout.CONFIG, type(exc).__name__)
         return None
 
 

@@ -5,7 +5,8 @@ worker only supplies the facts.
 
 The marker's fields (docs/operations.md lists them for users): id, prompt, variant, model (source,
 pipeline, distilled, dtype, device, settings), width, height, steps, guidance, seed, seed source,
-format, references (uri, sha256, bytes, width, height), batch (size, position, ids: what a
+format, references (uri, sha256, bytes, width, height), adapters (name, scale, sha256,
+always), batch (size, position, ids: what a
 bitwise re-render needs), timings, attempt, worker, created_at, versions, manifest (file, row),
 passthrough, generated_by_test_model, warnings; the ledger adds ``image`` and ``commit`` when it
 commits.
@@ -51,19 +52,46 @@ class RenderFacts:
     timings: dict[str, float]
     worker: str
     warnings: list[str] = field(default_factory=list)
+    adapters: list[dict[str, Any]] = field(default_factory=list)  # per adapter: name, scale, sha256, always
 
 
-def setup_digest(config: JobConfig, variant: str, source: str) -> str:
+def setup_digest(config: JobConfig, variant: str, source: str, identities: dict[str, str] | None = None) -> str:
     """The variant's setup (16 hex digits): what the job config adds to a row's own values when
     it renders (``source``, normalised: the model; its pipeline, dtype, weights file and
     precision; default steps and guidance; the text length; the output's encoding and default
-    format). A row committed under another setup is *outdated*: ``status`` and ``verify`` report
-    it; it is rendered again only when asked (``render --rerender-outdated``)."""
+    format; the adapters fused into every row, ``always``, each by its file's identity from
+    ``identities``). A row committed under another setup is *outdated*: ``status`` and
+    ``verify`` report it; it is rendered again only when asked (``render --rerender-outdated``).
+    A row's own adapters extend it (``row_setup``)."""
     vcfg = config.variants[variant]
     fields = vcfg.model_dump(include={"pipeline", "dtype", "transformer", "precision", "steps",
                                       "guidance", "max_sequence_length"})
-    setup = {"source": redact(source), "variant": fields, "output": config.output.model_dump()}
+    ids = identities or {}
+    fused = [[name, vcfg.adapters[name].scale, ids.get(name, "")] for name in vcfg.always]
+    setup: dict[str, Any] = {"source": redact(source), "variant": fields, "output": config.output.model_dump()}
+    if fused:  # (only when set: the setups of rows rendered before adapters existed stay)
+        setup["always"] = fused
     return hashlib.sha256(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def row_setup(base: str, adapters: tuple[tuple[str, float], ...], identities: dict[str, str]) -> str:
+    """A row's setup: its variant's (``base``) and the adapters it uses, each by name, scale and
+    file identity; ``base`` itself for a row without adapters."""
+    if not adapters:
+        return base
+    terms = sorted(f"{name}@{scale!r}={identities.get(name, '')}" for name, scale in adapters)
+    return hashlib.sha256(json.dumps([base, terms]).encode()).hexdigest()[:16]
+
+
+def resolve_adapters(names: object, scales: object, defaults: dict[str, float]) -> tuple[tuple[str, float], ...]:
+    """A raw manifest row's adapters as (name, scale), scales defaulting to the configured ones;
+    () for anything the row validator would refuse (that row never renders)."""
+    if not isinstance(names, (list, tuple)) or not names:
+        return ()
+    given = list(scales) if isinstance(scales, (list, tuple)) else [None] * len(names)
+    if len(given) != len(names) or any(n not in defaults for n in names):
+        return ()
+    return tuple(sorted((n, float(defaults[n] if s is None else s)) for n, s in zip(names, given)))
 
 
 def row_metadata(unit: WorkUnit, row: RowSpec, model: ModelFacts, render: RenderFacts,
@@ -86,6 +114,7 @@ def row_metadata(unit: WorkUnit, row: RowSpec, model: ModelFacts, render: Render
         "seed_source": row.seed_source,
         "format": row.format,
         "references": render.references,
+        "adapters": render.adapters,
         # What a bitwise re-render needs: the batch it was rendered in.
         "batch": {"size": unit.size, "position": unit.rows.index(row), "ids": [r.id for r in unit.rows]},
         "timings": {k: round(v, 4) for k, v in render.timings.items()},
@@ -117,5 +146,7 @@ def fingerprint(meta: dict[str, Any], config: JobConfig) -> str:
         inputs["transformer"] = redact(vcfg.transformer)
     if model.get("settings", {}).get("precision") == "fp8":
         inputs["precision"] = "fp8"
+    if meta.get("adapters"):
+        inputs["adapters"] = [[a["name"], a["scale"], a["sha256"]] for a in meta["adapters"]]
     canonical = json.dumps(inputs, sort_keys=True, default=str).encode()
     return hashlib.sha256(canonical).hexdigest()[:32]

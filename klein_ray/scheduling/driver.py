@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain
 
-from klein_ray.assets import modelsource
+from klein_ray.assets import adapters, modelsource
 from klein_ray.assets.confinement import confine
 from klein_ray.config import JobConfig
 from klein_ray.executors.base import Executor, Outcome, Pool, WorkerLost
@@ -103,6 +103,7 @@ class Driver:
         self.interrupted = False
         self._stops = Stops()
         self.sources = check_sources(self.cfg)
+        self.identities = adapters.identities(self.cfg)
         self._make_executor = executor
         self._progress = progress or (lambda total: Silent())
         # False while the lease may have been taken over (after a long pause, until renewed).
@@ -191,7 +192,8 @@ class Driver:
         """Where this run starts (call it holding the lease): a few requests, not a listing."""
         joblog = JobLog(self.store, self.cfg, self.job.manifest, self.run_id, set_aside=True)
         return prepare_resume(self.ledger, manifest, self.cfg, self.sources, joblog,
-                              self.job.verify_first, self.job.rerender_outdated, self._writes_log)
+                              self.job.verify_first, self.job.rerender_outdated, self._writes_log,
+                              self.identities)
 
     def execute(self, plan: ResumePlan) -> None:
         """Render what ``plan`` leaves; rows found bad on the way are recorded, never rendered."""
@@ -240,7 +242,8 @@ class Driver:
         rows = self.rows(plan)
         ahead, sizes = look_ahead(rows)  # what compiling workers warm up for, while they load
         specs = worker_specs(self.cfg, executor, sorted(plan.pending), self.store.uri, self.sources,
-                             plan.output_was_empty, sizes, self.ledger.epoch, plan.rerender_outdated)
+                             plan.output_was_empty, sizes, self.ledger.epoch, plan.rerender_outdated,
+                             self.identities)
         pools, failed_variants = start_pools(executor, specs, self.cfg.run,
                                              lambda: self.stopped is not None)
         self._watch.state = "running"

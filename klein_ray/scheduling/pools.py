@@ -24,7 +24,8 @@ Specs = dict[str, tuple[WorkerSpec, int, float, float]]
 
 def worker_specs(cfg: JobConfig, executor: Executor, variants: list[str], output_uri: str,
                  sources: dict[str, str], output_was_empty: bool, sizes: dict[str, tuple] | None = None,
-                 epoch: int = 0, rerender_outdated: bool = False) -> Specs:
+                 epoch: int = 0, rerender_outdated: bool = False,
+                 identities: dict[str, dict[str, str]] | None = None) -> Specs:
     """What the workers of each of ``variants`` (those the config knows) need and reserve.
     CPU actors without cpus_per_actor reserve none and split the node's cores between them
     (torch threads). ``sizes``: each variant's planned sizes, for the compile warm-up."""
@@ -39,7 +40,8 @@ def worker_specs(cfg: JobConfig, executor: Executor, variants: list[str], output
         cpus = vcfg.cpus_per_actor if vcfg.cpus_per_actor is not None else (1 if vcfg.gpus_per_actor else 0)
         threads = int(cpus) if cpus else shared_threads
         spec = WorkerSpec(variant, cfg, output_uri, sources[variant], threads, output_was_empty,
-                          tuple((sizes or {}).get(variant, ())), epoch, rerender_outdated)
+                          tuple((sizes or {}).get(variant, ())), epoch, rerender_outdated,
+                          tuple(sorted((identities or {}).get(variant, {}).items())))
         specs[variant] = (spec, vcfg.actors, cpus, vcfg.gpus_per_actor)
     return specs
 

@@ -29,7 +29,7 @@ from klein_ray.output.audit import Depth, broken_rows
 from klein_ray.output.checkpoint import DONE, OUTDATED, DoneSet
 from klein_ray.output.joblog import JobLog
 from klein_ray.output.ledger import Ledger
-from klein_ray.output.record import setup_digest
+from klein_ray.output.record import resolve_adapters, row_setup, setup_digest
 from klein_ray.types import RowError, RowSpec
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,8 @@ class ResumePlan:
 
 def prepare(ledger: Ledger, manifest: Manifest, cfg: JobConfig, sources: dict[str, str],
             joblog: JobLog, verify_first: Depth | None = None, rerender_outdated: bool = False,
-            may_write: Callable[[], bool] = lambda: True) -> ResumePlan:
+            may_write: Callable[[], bool] = lambda: True,
+            identities: dict[str, dict[str, str]] | None = None) -> ResumePlan:
     """The plan (call it holding the lease): a few requests, not a listing."""
     swept = ledger.store.sweep()  # temporaries of writers killed mid-write (local outputs)
     if swept:
@@ -92,14 +93,18 @@ def prepare(ledger: Ledger, manifest: Manifest, cfg: JobConfig, sources: dict[st
     if repair and may_write():  # out of the checkpoint before any is claimed for repair
         ledger.checkpoint.revoke(repair)
         done = done.without(repair)
-    setups = {v: setup_digest(cfg, v, sources[v]) for v in cfg.variants}
+    ids = identities or {}
+    setups = {v: setup_digest(cfg, v, sources[v], ids.get(v)) for v in cfg.variants}
+    defaults = {v: {n: a.scale for n, a in c.adapters.items()} for v, c in cfg.variants.items()}
 
     def standing(raw: dict[str, Any], variant: str) -> str | None:
-        return done.standing(raw.get("id"), lambda: row_digest(raw), setups.get(variant, ""))
+        adapters = resolve_adapters(raw.get("adapters"), raw.get("adapter_scales"), defaults.get(variant, {}))
+        setup = row_setup(setups.get(variant, ""), adapters, ids.get(variant, {}))
+        return done.standing(raw.get("id"), lambda: row_digest(raw), setup)
 
     scan = prescan(manifest, cfg.default_variant, standing if len(done) else None, rerender_outdated)
     if may_write():  # not if the lease was lost meanwhile (a long --verify audit)
-        joblog.start(manifest.total_rows, setups)
+        joblog.start(manifest.total_rows, setups, {"identities": ids, "scales": defaults}, sources)
     return ResumePlan(manifest, done, scan, empty, joblog, standing, rerender_outdated, repair)
 
 

@@ -25,13 +25,15 @@ from concurrent.futures import Future
 from dataclasses import replace
 from typing import Any
 
+from klein_ray.assets import adapters as adapter_files
 from klein_ray.assets import modelsource
+from klein_ray.assets.adapters import AdapterFile
 from klein_ray.assets.compilecache import CompileCache
 from klein_ray.assets.references import Reference, ReferenceError, ReferenceFetcher
 from klein_ray.output.lease import newer_epoch
 from klein_ray.output.ledger import Ledger
 from klein_ray.output.markers import CommittedRow
-from klein_ray.output.record import ModelFacts, RenderFacts, fingerprint, row_metadata, setup_digest
+from klein_ray.output.record import ModelFacts, RenderFacts, fingerprint, row_metadata, row_setup, setup_digest
 from klein_ray.storage import StorageError, open_store
 from klein_ray.types import CONTENT_TYPES, RowError, RowResult, RowSpec, UnitOutcome, WorkUnit
 from klein_ray.worker.encode import encode_image, make_thumbnail
@@ -49,12 +51,15 @@ class RenderWorker:
 
     def __init__(self, spec: WorkerSpec, model: Any, *, thread: ModelThread | None = None,
                  load_seconds: float = 0.0, warmup: dict | None = None, test_model: bool = False,
-                 node: str = ""):
+                 node: str = "", adapters: dict[str, AdapterFile] | None = None):
         self.spec, self.model = spec, model
         self._model_thread = thread or ModelThread(f"klein-ray-model-{spec.variant}")
         self.load_seconds, self.warmup, self.test_model = load_seconds, warmup or {}, test_model
         self.ledger = Ledger(open_store(spec.output_uri, spec.config.storage), epoch=spec.epoch)
-        self.setup = setup_digest(spec.config, spec.variant, spec.source)  # what its rows are rendered under
+        self.adapter_files = adapters or {}  # the variant's LoRA files, as loaded (for the records)
+        self.identities = dict(spec.adapter_identities)
+        # What its rows are rendered under: the variant's setup, extended by a row's adapters.
+        self.setup = setup_digest(spec.config, spec.variant, spec.source, self.identities)
         self.fetcher = ReferenceFetcher(spec.config.references, spec.config.storage)
         self.name = f"{socket.gethostname()}:{os.getpid()}" + (f"@node:{node}" if node else "")
         self._encoders = encoder_pool(spec.threads, f"klein-ray-encode-{spec.variant}")
@@ -67,6 +72,7 @@ class RenderWorker:
         # Imported here, not at the top: the driver's process imports this module (to define
         # the Ray actor) and should not pay for torch and diffusers.
         from klein_ray.model.accel import GPUSettings
+        from klein_ray.model.adapters import Adapter
         from klein_ray.model.pipeline import KleinModel
 
         # 1. Where the weights are: a local directory (an s3:// source synced once per node).
@@ -75,6 +81,9 @@ class RenderWorker:
         local = modelsource.resolve(spec.source, spec.config.run.cache_dir, spec.config.storage)
         transformer = vcfg.transformer and modelsource.resolve_file(
             vcfg.transformer, spec.config.run.cache_dir, spec.config.storage)
+        known = dict(spec.adapter_identities)  # what the driver read: every row's setup names it
+        files = {name: adapter_files.resolve(name, acfg, spec.config.run.cache_dir, spec.config.storage,
+                                             known.get(name)) for name, acfg in vcfg.adapters.items()}
 
         # 2. Loaded on the thread that will make every render call, so that the process has one
         #    thread with torch's CPU threads behind it (set_num_threads is per thread, too).
@@ -83,12 +92,14 @@ class RenderWorker:
         thread = ModelThread(f"klein-ray-model-{spec.variant}")
         model = thread.run(KleinModel.from_pretrained, local, pipeline=vcfg.pipeline, dtype=vcfg.dtype,
                            threads=spec.threads, prompt_cache=vcfg.prompt_cache, settings=settings,
-                           transformer_file=transformer)
+                           transformer_file=transformer, always=tuple(vcfg.always),
+                           adapters=tuple(Adapter(f.name, f.path, f.scale) for f in files.values()))
 
         # 3. Compiled for the job's sizes before the first unit, then described in the log.
         warmup = thread.run(warm_up, spec, model)
         worker = cls(spec, model, thread=thread, load_seconds=time.perf_counter() - started,
-                     warmup=warmup, test_model=modelsource.is_test_model(spec.source), node=node)
+                     warmup=warmup, test_model=modelsource.is_test_model(spec.source), node=node,
+                     adapters=files)
         log_loaded(worker.describe())  # (on Ray, the executor logs it where the driver's log goes)
         return worker
 
@@ -139,6 +150,7 @@ class RenderWorker:
             width=unit.width, height=unit.height, steps=unit.steps, guidance=unit.guidance,
             references=[r.image for r in refs],
             max_sequence_length=self.spec.config.variants[unit.variant].max_sequence_length,
+            adapters=unit.adapters,
         )
         try:
             rendered, seconds = self._model_thread.run(self._render, request)
@@ -200,7 +212,7 @@ class RenderWorker:
                 todo.append(row)
                 continue
             stale = verdict.inputs is not None and verdict.inputs != row.digest
-            outdated = verdict.setup is not None and verdict.setup != self.setup
+            outdated = verdict.setup is not None and verdict.setup != self._setup_of(row.adapters)
             if stale or (outdated and self.spec.rerender_outdated):
                 todo.append(replace(row, repair=verdict.marker_version))
                 continue
@@ -228,7 +240,8 @@ class RenderWorker:
             width=image.width, height=image.height, steps=unit.steps or self.model.default_steps(),
             references=[{"uri": r.uri, "sha256": r.sha256, "bytes": r.bytes, "width": r.width,
                          "height": r.height} for r in refs],
-            timings=timings, worker=self.name, warnings=warnings), self.setup)
+            timings=timings, worker=self.name, warnings=warnings, adapters=self._adapter_records(unit)),
+            self._setup_of(unit.adapters))
         try:
             receipt = self.ledger.commit(
                 row.id, row.format, data, CONTENT_TYPES[row.format], meta,
@@ -241,8 +254,21 @@ class RenderWorker:
             id=row.id, variant=row.variant, image_key=receipt.image_key, meta_key=receipt.meta_key,
             sha256=receipt.sha256, bytes=receipt.bytes, width=image.width, height=image.height,
             seed=row.seed, prompt=row.prompt, timings=timings, worker=self.name,
-            thumbnail=thumbnail, already=receipt.already, inputs=row.digest, setup=self.setup,
+            thumbnail=thumbnail, already=receipt.already, inputs=row.digest,
+            setup=self._setup_of(unit.adapters),
         )
+
+    def _setup_of(self, adapters: tuple[tuple[str, float], ...]) -> str:
+        return row_setup(self.setup, adapters, self.identities)
+
+    def _adapter_records(self, unit: WorkUnit) -> list[dict]:
+        """Each adapter a row was rendered with: its own (name, scale), then the variant's
+        fused ``always`` ones, with the sha256 of the file loaded."""
+        vcfg = self.spec.config.variants[unit.variant]
+        used = [(n, s, False) for n, s in unit.adapters] + [(n, vcfg.adapters[n].scale, True) for n in vcfg.always]
+        return [{"name": n, "scale": s, "always": fused,
+                 "sha256": self.adapter_files[n].sha256 if n in self.adapter_files else None}
+                for n, s, fused in used]
 
     def _facts(self) -> ModelFacts:
         info = self.model.info

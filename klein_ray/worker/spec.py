@@ -30,3 +30,6 @@ class WorkerSpec:
     # carries it, and it never replaces what a newer epoch wrote (output.ledger).
     epoch: int = 0
     rerender_outdated: bool = False  # replace rows committed under another setup of the variant
+    # The identity of each of the variant's LoRA files (name, identity), read once by the driver
+    # so that every worker's setup digests agree with the driver's (assets.adapters.identity).
+    adapter_identities: tuple[tuple[str, str], ...] = ()
