@@ -1,4 +1,5 @@
-"""Command line: `klein-ray render | validate | status | verify | demo | make-tiny-model`.
+"""Command line: `klein-ray render | validate | status | verify | expand | demo |
+make-tiny-model`.
 
 Each command parses its arguments, calls one function of ``klein_ray.commands``, and turns
 known failures into a clear one-line message and its documented exit code (no tracebacks for user
@@ -37,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _render_parser(sub)
     _audit_parsers(sub)
+    _catalog_parsers(sub)
     _setup_parsers(sub)
     return p
 
@@ -91,6 +93,18 @@ def _audit_parsers(sub) -> None:
     f.add_argument("output")
     f.add_argument("--deep", action="store_true", help="download and hash every image")
     f.add_argument("--config", "-c", help="job config (for storage settings)")
+
+
+def _catalog_parsers(sub) -> None:
+    """The catalog loop: expand a catalog into a manifest."""
+    e = sub.add_parser("expand", help="write a manifest from a catalog: products x scenes x seeds",
+                       description="Expand CATALOG (YAML: a products table, scenes, seeds and "
+                       "templates; docs/catalog.md) into a manifest. Exit 2, nothing written, on any "
+                       "problem (the message names the key, the product row and the reason).")
+    e.add_argument("catalog")
+    e.add_argument("--output", "-o", required=True, help="the manifest to write: a .parquet path or s3:// key")
+    e.add_argument("--config", "-c", help="the job config it is for: variants are checked, guidance "
+                   "on distilled variants warned about")
 
 
 def _setup_parsers(sub) -> None:
@@ -277,6 +291,16 @@ def cmd_verify(args) -> int:
     return 1 if found.report.broken else 0
 
 
+def cmd_expand(args) -> int:
+    from klein_ray.commands.expand import expand
+
+    result = expand(args.catalog, args.output, load_config(args.config) if args.config else None)
+    for warning in result.warnings:
+        print(f"klein-ray: warning: {warning}", file=sys.stderr)
+    print(json.dumps(result.summary()), flush=True)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from klein_ray.commands import demo
 
@@ -302,7 +326,8 @@ def cmd_make_tiny_model(args) -> int:
 
 
 _COMMANDS = {"render": cmd_render, "validate": cmd_validate, "status": cmd_status,
-             "verify": cmd_verify, "demo": cmd_demo, "make-tiny-model": cmd_make_tiny_model}
+             "verify": cmd_verify, "expand": cmd_expand,
+             "demo": cmd_demo, "make-tiny-model": cmd_make_tiny_model}
 
 if __name__ == "__main__":
     sys.exit(main())
