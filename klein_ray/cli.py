@@ -1,4 +1,4 @@
-"""Command line: `klein-ray render | validate | status | verify | expand | demo |
+"""Command line: `klein-ray render | validate | status | verify | expand | report | reroll | demo |
 make-tiny-model`.
 
 Each command parses its arguments, calls one function of ``klein_ray.commands``, and turns
@@ -96,7 +96,7 @@ def _audit_parsers(sub) -> None:
 
 
 def _catalog_parsers(sub) -> None:
-    """The catalog loop: expand a catalog into a manifest."""
+    """The catalog loop: expand a catalog, review its render, render the rejected shots again."""
     e = sub.add_parser("expand", help="write a manifest from a catalog: products x scenes x seeds",
                        description="Expand CATALOG (YAML: a products table, scenes, seeds and "
                        "templates; docs/catalog.md) into a manifest. Exit 2, nothing written, on any "
@@ -105,6 +105,24 @@ def _catalog_parsers(sub) -> None:
     e.add_argument("--output", "-o", required=True, help="the manifest to write: a .parquet path or s3:// key")
     e.add_argument("--config", "-c", help="the job config it is for: variants are checked, guidance "
                    "on distilled variants warned about")
+
+    r = sub.add_parser("report", help="build an output's review page again (groups, rejects)",
+                       description="Rebuild OUT's report page from its job log and markers.")
+    r.add_argument("output_dir", metavar="OUT")
+    r.add_argument("--group-by", help="sections by this column (a passthrough column such as sku)")
+    r.add_argument("--output", "-o", help="write the page here (default: OUT/_job/report.html)")
+    r.add_argument("--config", "-c", help="job config (for storage settings)")
+
+    f = sub.add_parser("reroll", help="write the rejected shots of a review as a manifest to render again",
+                       description="Read REJECTS (the file the report page downloads, or ids one a line), "
+                       "find the rows in OUT's manifest and write them with new ids (ID.r2, ID.r3...) and "
+                       "new seeds to MANIFEST; render it into OUT: the new shots land beside the old.")
+    f.add_argument("output_dir", metavar="OUT")
+    f.add_argument("rejects")
+    f.add_argument("--output", "-o", required=True, help="the manifest to write: a .parquet path or s3:// key")
+    f.add_argument("--manifest", action="append", default=[],
+                   help="also look rows up in this manifest (an earlier pass's); repeatable")
+    f.add_argument("--config", "-c", help="job config (for storage settings)")
 
 
 def _setup_parsers(sub) -> None:
@@ -301,6 +319,24 @@ def cmd_expand(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from klein_ray.commands.report import rebuild_report
+
+    result = rebuild_report(args.output_dir, args.group_by, args.output, load_config(args.config).storage)
+    print(json.dumps(result.summary()), flush=True)
+    return 0
+
+
+def cmd_reroll(args) -> int:
+    from klein_ray.commands.reroll import reroll
+
+    result = reroll(args.output_dir, args.rejects, args.output, load_config(args.config).storage, args.manifest)
+    for old, new in result.renamed:
+        print(f"{old}\t{new}")
+    print(json.dumps(result.summary()), flush=True)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from klein_ray.commands import demo
 
@@ -326,7 +362,7 @@ def cmd_make_tiny_model(args) -> int:
 
 
 _COMMANDS = {"render": cmd_render, "validate": cmd_validate, "status": cmd_status,
-             "verify": cmd_verify, "expand": cmd_expand,
+             "verify": cmd_verify, "expand": cmd_expand, "report": cmd_report, "reroll": cmd_reroll,
              "demo": cmd_demo, "make-tiny-model": cmd_make_tiny_model}
 
 if __name__ == "__main__":
