@@ -193,3 +193,22 @@ def test_products_from_s3_and_the_manifest_to_s3(tmp_path, capsys, moto_s3, s3_e
     assert expand(capsys, bad, f"s3://{bucket}/manifests/bad.parquet")[0] == 2
     assert [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="manifests/")["Contents"]] == \
         ["manifests/m.parquet"]
+
+
+def test_text_and_variable_templates_render_as_jinja_renders_them():
+    """Templates of text and variables only skip Jinja's machinery: the same text either way."""
+    from klein_ray.intake.templates import Columns, Compiler
+
+    compiler = Compiler()
+    context = compiler.context({"vars": Columns({"brand": "ACME"}, "vars"), "seed": 3, "seed_value": 7,
+                                "product": Columns({"sku": "A-1", "price": 12.5, "none": None, "n": 0,
+                                                    "tags": ["a", "b"]}, "product", "column"),
+                                "scene": Columns({"name": "marble"}, "scene 0"), "product_index": 4,
+                                "scene_index": 0})
+    for source in ["{{ product.sku }}-{{ scene.name }}-{{ seed }}", " {{ vars.brand }} {{ product['price'] }} ",
+                   "{{ product.none }}|{{ product.n }}|{{ product.tags }}|{{ seed_value }}{{ product_index }}",
+                   "{{ product }}", "no {{ scene['name'] }} here\n"]:
+        template = compiler.template("k", source)
+        assert template.simple is not None, source
+        assert template.render(context) == template.compiled.render(context).strip(), source
+    assert compiler.template("k", "{{ product.sku | lower }}").simple is None

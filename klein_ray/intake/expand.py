@@ -99,6 +99,12 @@ class Expander:
         self._keys = self._compile()
         self._levels = {level: [k for k in self._keys if k.template.level == level]
                         for level in (CATALOG, PRODUCT, SCENE, ROW)}
+        # How a row is assembled from the rendered values: scalar columns as they are, each list
+        # from its elements' keys ("references[0]"...), size into width and height.
+        self._scalars = [k.column for k in self._keys if k.column not in (*LIST_KEYS, "size", "when")]
+        self._lists = [(column, [k.template.key for k in self._keys if k.column == column])
+                       for column in LIST_KEYS if getattr(catalog, column) is not None]
+        self._listed_seeds = isinstance(catalog.seeds, list)
         self._vars = Columns(catalog.vars, "vars")
         self._checked_refs: set[str] = set()
 
@@ -175,36 +181,38 @@ class Expander:
         """((product index, scene index, seed index), row) for every row, in order."""
         self.check_names(table)
         base = self._compiler.context({"vars": self._vars})
-        where = Where()
-        top = self._render_level(CATALOG, base, where)
+        top = self._render_level(CATALOG, base, (None, -1, -1))
         if top is None:
             return
         for product in table.rows():
             self.counts.products += 1
             ctx1 = dict(base, product=Columns(product.values, "product", "column"),
                         product_index=product.index)
-            where = Where(product)
-            values1 = self._render_level(PRODUCT, ctx1, where, top)
+            values1 = self._render_level(PRODUCT, ctx1, (product, -1, -1), top)
             if values1 is None:
                 continue
             for s, scene in enumerate(self._scenes):
-                ctx2 = dict(ctx1, scene=scene, scene_index=s)
-                where = Where(product, s, self.scene_label(s))
-                values2 = self._render_level(SCENE, ctx2, where, values1)
+                ctx = dict(ctx1, scene=scene, scene_index=s)
+                values2 = self._render_level(SCENE, ctx, (product, s, -1), values1)
                 if values2 is None:
                     continue
                 for k, seed_value in enumerate(self._seed_values):
-                    ctx3 = dict(ctx2, seed=k, seed_value=seed_value)
-                    where = Where(product, s, where.scene_label, k)
-                    values3 = self._render_level(ROW, ctx3, where, values2)
+                    # One mapping per scene, its seed set per row: templates cannot write to it.
+                    ctx["seed"], ctx["seed_value"] = k, seed_value
+                    values3 = self._render_level(ROW, ctx, (product, s, k), values2)
                     if values3 is not None:
                         self.counts.rows += 1
-                        yield (product.index, s, k), self._row(values3, seed_value, where)
+                        yield (product.index, s, k), self._row(values3, seed_value, (product, s, k))
 
-    def _render_level(self, level: int, context: dict[str, Any], where: Where,
+    def _where(self, at: tuple[ProductRow | None, int, int]) -> Where:
+        product, scene, seed = at
+        return Where(product, scene, self.scene_label(scene) if scene >= 0 else "", seed)
+
+    def _render_level(self, level: int, context: dict[str, Any], at: tuple[ProductRow | None, int, int],
                       above: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """The values of the keys rendered in this loop, added to those of the loops around it;
-        None when `when` is false here (no row below)."""
+        None when `when` is false here (no row below). ``at``: (product, scene, seed) for
+        messages."""
         keys = self._levels[level]
         if not keys:
             return above or {}
@@ -213,8 +221,8 @@ class Expander:
             try:
                 value = key.convert(key.template.render(context))
             except TemplateProblem as exc:
-                at = "" if level == CATALOG else f" for {where.describe(level)}"
-                raise CatalogError(f"{self.name}: {key.template.key!r}{at}: {exc}") from None
+                where = "" if level == CATALOG else f" for {self._where(at).describe(level)}"
+                raise CatalogError(f"{self.name}: {key.template.key!r}{where}: {exc}") from None
             if key.column == "when":
                 if not value:
                     return None
@@ -227,22 +235,20 @@ class Expander:
                 values[key.column] = value
         return values
 
-    def _row(self, values: dict[str, Any], seed_value: int, where: Where) -> dict[str, Any]:
-        row = {k: v for k, v in values.items() if "[" not in k and k != "size"}
+    def _row(self, values: dict[str, Any], seed_value: int, at: tuple[ProductRow | None, int, int]) -> dict[str, Any]:
+        row = {k: values[k] for k in self._scalars}
         if "size" in values:
             row["width"], row["height"] = values["size"] or (None, None)
-        for column in LIST_KEYS:
-            if getattr(self.catalog, column) is not None:
-                items = [values[f"{column}[{i}]"] for i in range(len(getattr(self.catalog, column)))]
-                row[column] = [v for v in items if v is not fields.DROP]
+        for column, elements in self._lists:
+            row[column] = [v for v in (values[e] for e in elements) if v is not fields.DROP]
         refs = row.get("references")
         if refs is not None and len(refs) > self.max_references:
-            raise CatalogError(f"{self.name}: 'references' for {where.describe(ROW)}: {len(refs)} references, "
-                               f"at most {self.max_references} allowed")
+            raise CatalogError(f"{self.name}: 'references' for {self._where(at).describe(ROW)}: {len(refs)} "
+                               f"references, at most {self.max_references} allowed")
         if refs == []:
             row["references"] = None  # every reference dropped: a plain text-to-image row
         if "seed" not in row:
-            row["seed"] = seed_value if isinstance(self.catalog.seeds, list) else derive_seed(row["id"])
+            row["seed"] = seed_value if self._listed_seeds else derive_seed(row["id"])
         if row.get("guidance") is not None:
             variant = row.get("variant")
             self.counts.guidance_by_variant[variant] = self.counts.guidance_by_variant.get(variant, 0) + 1

@@ -2,9 +2,10 @@
 
 The rows stream from the ``Expander`` into the ``ManifestWriter`` (deterministic Parquet in a
 private temporary file). Ids are checked for duplicates the way the prescan does: an 8-byte hash
-per row (and where the row came from: 16 bytes more), sorted once at the end, so a million rows
-cost ~24 MB, not a set of strings; a duplicate is confirmed against the ids written and reported
-with the two rows that made it. Only then is the file published.
+per row, sorted once at the end, so a million rows cost ~8 MB (~24 at the sort), not a set of
+strings. A duplicate is confirmed against the ids written, and the two rows that made it are
+found by expanding again up to the second one (the expansion is deterministic; only an error
+pays for it). Only then is the file published.
 """
 
 from __future__ import annotations
@@ -46,25 +47,21 @@ class ExpandResult:
 
 
 class _Ids:
-    """Every row's id hash and origin, in numpy chunks (see the module docstring)."""
+    """Every row's id hash, in numpy chunks (see the module docstring)."""
 
     def __init__(self) -> None:
         self.chunks: list[np.ndarray] = []
         self._hashes: list[int] = []
-        self._origins: list[tuple[int, int, int]] = []
-        self.origins: list[np.ndarray] = []
 
-    def add(self, row_id: str, origin: tuple[int, int, int]) -> None:
+    def add(self, row_id: str) -> None:
         self._hashes.append(id_hash(row_id))
-        self._origins.append(origin)
         if len(self._hashes) >= CHUNK_ROWS:
             self._flush()
 
     def _flush(self) -> None:
         if self._hashes:
             self.chunks.append(np.array(self._hashes, dtype=np.uint64))
-            self.origins.append(np.array(self._origins, dtype=np.int64))
-            self._hashes, self._origins = [], []
+            self._hashes = []
 
     def duplicate(self) -> tuple[int, int] | None:
         """The positions of the first pair of rows sharing a hash (by the later row), or None."""
@@ -72,17 +69,18 @@ class _Ids:
         if not self.chunks:
             return None
         hashes = np.concatenate(self.chunks)
-        order = np.argsort(hashes, kind="stable")
-        ranked = hashes[order]
-        same = np.nonzero(ranked[1:] == ranked[:-1])[0]
-        if not len(same):
+        self.chunks = [hashes]
+        ranked = np.sort(hashes)
+        repeated = np.unique(ranked[1:][ranked[1:] == ranked[:-1]])
+        if not len(repeated):
             return None
-        pairs = [(int(order[i]), int(order[i + 1])) for i in same]
-        return min(pairs, key=lambda pair: pair[1])
-
-    def origin(self, position: int) -> tuple[int, int, int]:
-        found = np.concatenate(self.origins)[position]
-        return int(found[0]), int(found[1]), int(found[2])
+        first: dict[int, int] = {}
+        for position in np.nonzero(np.isin(hashes, repeated))[0]:  # only the repeated ones, in order
+            value = int(hashes[position])
+            if value in first:
+                return first[value], int(position)
+            first[value] = int(position)
+        return None
 
 
 def expand_catalog(catalog_path: str | Path, dest: str, storage: StorageConfig | None = None,
@@ -97,8 +95,8 @@ def expand_catalog(catalog_path: str | Path, dest: str, storage: StorageConfig |
     ids = _Ids()
     with ProductTable(catalog.products, catalog.products_format_of(), expander.base_dir, storage) as table, \
             ManifestWriter(expander.schema(), dest, storage) as writer:
-        for origin, row in expander.rows(table):
-            ids.add(row["id"], origin)
+        for _, row in expander.rows(table):
+            ids.add(row["id"])
             writer.add(row)
         written = writer.close()
         if writer.rows == 0:
@@ -106,7 +104,7 @@ def expand_catalog(catalog_path: str | Path, dest: str, storage: StorageConfig |
                                "or `when` false for every row); nothing written")
         pair = ids.duplicate()
         if pair is not None:
-            _confirm_duplicate(expander, table, ids, written, pair)
+            _confirm_duplicate(expander, table, written, pair)
         uri = writer.publish()
     warnings = expander.guidance_warnings()
     if expander.counts.reference_problems:
@@ -116,15 +114,19 @@ def expand_catalog(catalog_path: str | Path, dest: str, storage: StorageConfig |
                         len(catalog.seed_values()), expander.schema().names, warnings)
 
 
-def _confirm_duplicate(expander: Expander, table: ProductTable, ids: _Ids, written: Path,
-                       pair: tuple[int, int]) -> None:
+def _confirm_duplicate(expander: Expander, table: ProductTable, written: Path, pair: tuple[int, int]) -> None:
     """Raise CatalogError naming the two rows that made the same id (unless their 8-byte hashes
     merely collide, which is left alone: the ids differ)."""
     column = pq.ParquetFile(written).read(columns=["id"]).column("id")
     first, second = (column[p].as_py() for p in pair)
     if first != second:
         return
-    origins = [ids.origin(p) for p in pair]
+    origins = []
+    for position, (origin, _) in enumerate(expander.rows(table)):  # again, as far as the second
+        if position in pair:
+            origins.append(origin)
+        if position == pair[1]:
+            break
     wanted = {o[0] for o in origins}
     products = {p.index: p for p in table.rows() if p.index in wanted}
     shown = []

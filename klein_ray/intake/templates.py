@@ -56,7 +56,7 @@ class _Undefined(StrictUndefined):
     @property
     def _undefined_message(self) -> str:
         obj = self._undefined_obj
-        if isinstance(obj, Columns):
+        if isinstance(obj, Columns) and not self._undefined_hint:
             have = ", ".join(sorted(obj)) or "none"
             return f"{obj.label} has no {obj.noun} {self._undefined_name!r} (it has: {have})"
         return str(super()._undefined_message)
@@ -117,6 +117,9 @@ class Template:
     level: int
     compiled: Any = None  # jinja2.Template; None: a plain value
     expression: bool = False  # `when`: evaluated to a value, not rendered to text
+    # A template of text and variables only ("{{ product.sku }}-{{ seed }}"): its parts, text
+    # or (variable, keys), joined without Jinja's machinery (see ``_simple``).
+    simple: tuple | None = None
 
     @property
     def plain(self) -> bool:
@@ -127,6 +130,10 @@ class Template:
         naming the reason when it fails."""
         if self.compiled is None:
             return self.source
+        if self.simple is not None:
+            text = self._join(context)
+            if text is not None:
+                return text.strip()
         try:
             if self.expression:
                 return self.compiled(**context)
@@ -144,6 +151,23 @@ class Template:
         if len(text) > MAX_RENDERED:
             raise TemplateProblem(f"renders {len(text):,} characters, at most {MAX_RENDERED:,}")
         return text.strip()
+
+    def _join(self, context: dict[str, Any]) -> str | None:
+        """The simple template's text, as Jinja renders it (a null as nothing, a value as str);
+        None when a key is missing or not a mapping's: Jinja then renders it, and says why."""
+        out = []
+        for part in self.simple or ():
+            if isinstance(part, str):
+                out.append(part)
+                continue
+            value = context[part[0]]
+            for key in part[1]:
+                if not isinstance(value, Columns) or key not in value:
+                    return None
+                value = value[key]
+            out.append("" if value is None else str(value))
+        text = "".join(out)
+        return text if len(text) <= MAX_RENDERED else None
 
 
 class Compiler:
@@ -170,7 +194,7 @@ class Compiler:
         except TemplateSyntaxError as exc:  # an unknown filter or test is found when compiling
             left_out = " (left out: a catalog expands the same every time)" if "'random'" in str(exc) else ""
             raise TemplateProblem(f"template {key!r}: {exc.message}{left_out}") from None
-        return Template(key, value, level, compiled)
+        return Template(key, value, level, compiled, simple=_simple(ast))
 
     def expression(self, key: str, source: str) -> Template:
         ast = self._parse(key, "{{ (" + source + ") }}")
@@ -194,6 +218,31 @@ class Compiler:
             raise TemplateProblem(f"template {key!r} names unknown variable {unknown[0]!r} (the variables: "
                                   f"{', '.join(VARIABLES)})")
         return max((VARIABLES[n] for n in names if n in VARIABLES), default=CATALOG)
+
+
+def _simple(ast: nodes.Template) -> tuple | None:
+    """The parts of a template that is only text and ``{{ variable.key... }}`` outputs (no
+    filter, test, call or statement), or None."""
+    if len(ast.body) != 1 or not isinstance(ast.body[0], nodes.Output):
+        return None
+    parts: list = []
+    for node in ast.body[0].nodes:
+        if isinstance(node, nodes.TemplateData):
+            parts.append(node.data)
+            continue
+        path = []
+        while isinstance(node, (nodes.Getattr, nodes.Getitem)):
+            if isinstance(node, nodes.Getattr):
+                path.append(node.attr)
+            elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+                path.append(node.arg.value)
+            else:
+                return None
+            node = node.node
+        if not isinstance(node, nodes.Name) or node.name not in VARIABLES:
+            return None
+        parts.append((node.name, tuple(reversed(path))))
+    return tuple(parts)
 
 
 def attributes_read(template: Template, variable: str) -> set[str]:
