@@ -98,3 +98,14 @@ def test_the_sandbox_refuses_python_internals(tmp_path, capsys, template):
     assert "'prompt'" in err and "refused by the sandbox" in err, err
     assert "Traceback" not in err and not (tmp_path / "m.parquet").exists()
 
+
+
+def test_a_jsonl_row_without_a_column_is_named_by_its_line(tmp_path, capsys):
+    lines = ['{"sku": "A-1", "title": "red mug", "photo": "a.png"}', "",
+             '{"sku": "B-2", "photo": "b.png"}']
+    catalog = write_catalog(tmp_path, products="\n".join(lines) + "\n", name="products.jsonl")
+    code, _, err = expand(capsys, catalog, tmp_path / "m.parquet")
+    assert code == 2
+    assert "'prompt' for products.jsonl line 3 (sku 'B-2'), scene 0 ('marble')" in err
+    assert "product has no column 'title' (it has: photo, sku)" in err
+    assert not (tmp_path / "m.parquet").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pyarrow.parquet as pq
+import pytest
 from browser import review_in_chromium
 from localrun import job, render
 from reviewrun import PRODUCTS, catalog_run
@@ -19,6 +20,7 @@ from klein_ray.output.review import REJECTS_KIND
 from klein_ray.storage import LocalStore
 
 
+@pytest.mark.slow  # two renders and two browsers: tens of seconds on a shared machine
 def test_a_reviewer_rejects_shots_in_the_page_and_reroll_renders_them_again(tmp_path, tiny_models, chromium, capsys):
     run = catalog_run(tmp_path, tiny_models, group_by="sku")
     assert run.code == 0, run.summary
