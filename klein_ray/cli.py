@@ -101,8 +101,9 @@ def _catalog_parsers(sub) -> None:
                        description="Expand CATALOG (YAML: a products table, scenes, seeds and "
                        "templates; docs/catalog.md) into a manifest. Exit 2, nothing written, on any "
                        "problem (the message names the key, the product row and the reason).")
-    e.add_argument("catalog")
-    e.add_argument("--output", "-o", required=True, help="the manifest to write: a .parquet path or s3:// key")
+    e.add_argument("catalog", metavar="CATALOG")
+    e.add_argument("--output", "-o", required=True, metavar="MANIFEST",
+                   help="the manifest to write: a .parquet path or s3:// key")
     e.add_argument("--config", "-c", help="the job config it is for: variants are checked, guidance "
                    "on distilled variants warned about")
 
@@ -110,7 +111,8 @@ def _catalog_parsers(sub) -> None:
                        description="Rebuild OUT's report page from its job log and markers.")
     r.add_argument("output_dir", metavar="OUT")
     r.add_argument("--group-by", help="sections by this column (a passthrough column such as sku)")
-    r.add_argument("--output", "-o", help="write the page here (default: OUT/_job/report.html)")
+    r.add_argument("--output", "-o", metavar="PATH", help="write the page here: a local file or s3:// key "
+                   "(default: OUT/_job/report.html)")
     r.add_argument("--config", "-c", help="job config (for storage settings)")
 
     f = sub.add_parser("reroll", help="write the rejected shots of a review as a manifest to render again",
@@ -118,9 +120,10 @@ def _catalog_parsers(sub) -> None:
                        "find the rows in OUT's manifest and write them with new ids (ID.r2, ID.r3...) and "
                        "new seeds to MANIFEST; render it into OUT: the new shots land beside the old.")
     f.add_argument("output_dir", metavar="OUT")
-    f.add_argument("rejects")
-    f.add_argument("--output", "-o", required=True, help="the manifest to write: a .parquet path or s3:// key")
-    f.add_argument("--manifest", action="append", default=[],
+    f.add_argument("rejects", metavar="REJECTS")
+    f.add_argument("--output", "-o", required=True, metavar="MANIFEST",
+                   help="the manifest to write: a .parquet path or s3:// key")
+    f.add_argument("--manifest", action="append", default=[], metavar="EARLIER",
                    help="also look rows up in this manifest (an earlier pass's); repeatable")
     f.add_argument("--config", "-c", help="job config (for storage settings)")
 
