@@ -76,6 +76,7 @@ def test_size_presets_when_vars_and_typed_columns(tmp_path, capsys):
         sizes={"square": [1024, 1024], "portrait": [768, 1024], "small": [512, 512]},
         size="{{ scene.size | default(vars.size) }}", vars={"size": "small", "brand": "ACME"},
         when="scene.name != 'beach' or product.sku == 'A-1'",
+        seed="{{ 1 if scene.name != 'beach' or product.sku == 'A-1' else -1 }}",  # -1: never rendered
         prompt="{{ vars.brand }} {{ product.title }}, {{ scene.prompt }}",
         steps="{{ 4 if scene.name == 'studio' else 8 }}", format="jpeg",
         adapters=["{{ 'brand-style' }}", "{{ product.photo and 'product-lock' }}"],

@@ -121,6 +121,8 @@ class Expander:
         }
         keys: list[_Key] = []
         try:
+            if cat.when is not None:  # first: a row it leaves out is not rendered further
+                keys.append(_Key(compiler.expression("when", cat.when), bool, "when"))
             for key in SINGLE_KEYS:
                 value = getattr(cat, key)
                 if value is not None:
@@ -131,8 +133,6 @@ class Expander:
             for name, spec in cat.columns.items():
                 value, kind = _column(spec)
                 keys.append(_Key(compiler.template(f"columns.{name}", value), fields.passthrough(kind), name))
-            if cat.when is not None:
-                keys.append(_Key(compiler.expression("when", cat.when), bool, "when"))
         except TemplateProblem as exc:
             raise CatalogError(f"{self.name}: {exc}") from None
         return keys
