@@ -10,7 +10,9 @@ list repetition past ``MAX_REPEAT`` (``"a" * 10**9`` would take the machine's me
 
 Each template knows the variables it reads, which sets the loop it is rendered in: once for
 the catalog, once per product, per product and scene, or per row; a prompt that names no seed is
-rendered once for all of a scene's seeds.
+rendered once for all of a scene's seeds. A template of text and variables only
+(``{{ product.sku }}-{{ seed }}``, the usual id) is joined directly, without Jinja's per-call
+context; anything else, and any key it cannot find, goes through Jinja.
 """
 
 from __future__ import annotations
