@@ -1,4 +1,5 @@
-"""Command line: `klein-ray render | validate | status | verify | demo | make-tiny-model`.
+"""Command line: `klein-ray render | validate | status | verify | expand | report | reroll | demo |
+make-tiny-model`.
 
 Each command parses its arguments, calls one function of ``klein_ray.commands``, and turns
 known failures into a clear one-line message and its documented exit code (no tracebacks for user
@@ -38,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _render_parser(sub)
     _audit_parsers(sub)
+    _catalog_parsers(sub)
     _setup_parsers(sub)
     return p
 
@@ -91,6 +93,39 @@ def _audit_parsers(sub) -> None:
                        "broken, 1 if some are (`render --verify` repairs them).")
     f.add_argument("output")
     f.add_argument("--deep", action="store_true", help="download and hash every image")
+    f.add_argument("--config", "-c", help="job config (for storage settings)")
+
+
+def _catalog_parsers(sub) -> None:
+    """The catalog loop: expand a catalog, review its render, render the rejected shots again."""
+    e = sub.add_parser("expand", help="write a manifest from a catalog: products x scenes x seeds",
+                       description="Expand CATALOG (YAML: a products table, scenes, seeds and "
+                       "templates; docs/catalog.md) into a manifest. Exit 2, nothing written, on any "
+                       "problem (the message names the key, the product row and the reason).")
+    e.add_argument("catalog", metavar="CATALOG")
+    e.add_argument("--output", "-o", required=True, metavar="MANIFEST",
+                   help="the manifest to write: a .parquet path or s3:// key")
+    e.add_argument("--config", "-c", help="the job config it is for: variants are checked, guidance "
+                   "on distilled variants warned about")
+
+    r = sub.add_parser("report", help="build an output's review page again (groups, rejects)",
+                       description="Rebuild OUT's report page from its job log and markers.")
+    r.add_argument("output_dir", metavar="OUT")
+    r.add_argument("--group-by", help="sections by this column (a passthrough column such as sku)")
+    r.add_argument("--output", "-o", metavar="PATH", help="write the page here: a local file or s3:// key "
+                   "(default: OUT/_job/report.html)")
+    r.add_argument("--config", "-c", help="job config (for storage settings)")
+
+    f = sub.add_parser("reroll", help="write the rejected shots of a review as a manifest to render again",
+                       description="Read REJECTS (the file the report page downloads, or ids one a line), "
+                       "find the rows in OUT's manifest and write them with new ids (ID.r2, ID.r3...) and "
+                       "new seeds to MANIFEST; render it into OUT: the new shots land beside the old.")
+    f.add_argument("output_dir", metavar="OUT")
+    f.add_argument("rejects", metavar="REJECTS")
+    f.add_argument("--output", "-o", required=True, metavar="MANIFEST",
+                   help="the manifest to write: a .parquet path or s3:// key")
+    f.add_argument("--manifest", action="append", default=[], metavar="EARLIER",
+                   help="also look rows up in this manifest (an earlier pass's); repeatable")
     f.add_argument("--config", "-c", help="job config (for storage settings)")
 
 
@@ -290,6 +325,34 @@ def cmd_verify(args) -> int:
     return 1 if found.report.broken else 0
 
 
+def cmd_expand(args) -> int:
+    from klein_ray.commands.expand import expand
+
+    result = expand(args.catalog, args.output, load_config(args.config) if args.config else None)
+    for warning in result.warnings:
+        print(f"klein-ray: warning: {warning}", file=sys.stderr)
+    print(json.dumps(result.summary()), flush=True)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from klein_ray.commands.report import rebuild_report
+
+    result = rebuild_report(args.output_dir, args.group_by, args.output, load_config(args.config).storage)
+    print(json.dumps(result.summary()), flush=True)
+    return 0
+
+
+def cmd_reroll(args) -> int:
+    from klein_ray.commands.reroll import reroll
+
+    result = reroll(args.output_dir, args.rejects, args.output, load_config(args.config).storage, args.manifest)
+    for old, new in result.renamed:
+        print(f"{old}\t{new}")
+    print(json.dumps(result.summary()), flush=True)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from klein_ray.commands import demo
 
@@ -323,8 +386,8 @@ def cmd_make_tiny_lora(args) -> int:
 
 
 _COMMANDS = {"render": cmd_render, "validate": cmd_validate, "status": cmd_status,
-             "verify": cmd_verify, "demo": cmd_demo, "make-tiny-model": cmd_make_tiny_model,
-             "make-tiny-lora": cmd_make_tiny_lora}
+             "verify": cmd_verify, "expand": cmd_expand, "report": cmd_report, "reroll": cmd_reroll,
+             "demo": cmd_demo, "make-tiny-model": cmd_make_tiny_model, "make-tiny-lora": cmd_make_tiny_lora}
 
 if __name__ == "__main__":
     sys.exit(main())

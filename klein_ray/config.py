@@ -287,6 +287,14 @@ class RunConfig(_Strict):
     )
 
 
+# -- the report (the review sheet, _job/report.html) ------------------------------------------
+class ReportConfig(_Strict):
+    group_by: str | None = Field(
+        None, description="Group the report's images into sections by this column of the rows "
+        "(a passthrough column such as `sku`, or `variant`); unset: one grid. `klein-ray report "
+        "OUT --group-by COL` rebuilds the page another way.")
+
+
 class JobConfig(_Strict):
     default_variant: str = Field("tiny", description="Variant for rows that name none.")
     variants: dict[str, VariantConfig] = Field(
@@ -299,6 +307,7 @@ class JobConfig(_Strict):
         default_factory=ReferenceConfig, description="Reference-image limits."
     )
     run: RunConfig = Field(default_factory=RunConfig, description="Scheduling and caching.")
+    report: ReportConfig = Field(default_factory=ReportConfig, description="The report page.")
 
     @field_validator("variants")
     @classmethod

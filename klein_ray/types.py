@@ -137,6 +137,8 @@ class RowResult:
     already: bool = False  # committed by an earlier attempt (found by the marker check)
     inputs: str = ""  # the row digest it was rendered from (its marker's ``inputs``)
     setup: str = ""  # the variant setup it was rendered under (its marker's ``setup``)
+    # (sha256, small JPEG) of each reference it was made from, for the review sheet; not stored per row
+    reference_thumbnails: tuple[tuple[str, builtins.bytes], ...] = ()
 
 
 @dataclass

@@ -28,7 +28,7 @@ def test_demo_renders_example_and_report_opens_in_browser(tmp_path, chromium):
     report = out / "_job" / "report.html"
     assert report.is_file()
     seen = chromium(report, screenshot=tmp_path / "report.png")
-    assert seen["images"] == table.num_rows
+    assert seen["thumbs"] == table.num_rows  # (besides them: the edits' reference thumbnails)
     assert seen["loaded"] == seen["images"] and not seen["broken"]
     assert "noise" in seen["text"]
 

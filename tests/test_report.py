@@ -1,12 +1,18 @@
-"""The contact sheet: thumbnails, parquet round trip, escaping, and how it looks in a browser."""
+"""The contact sheet: thumbnails, parquet round trip, escaping, the review parts (reference
+thumbnails once per reference, groups, attempts, the one script and its data), and how it looks in
+a browser. Clicking in it: test_review_browser.py."""
 
 from __future__ import annotations
 
 import html
 import io
+import json
 import re
+from dataclasses import asdict
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
@@ -124,6 +130,7 @@ def test_parquet_empty_and_schema():
     assert entries_from_parquet_bytes(entries_to_parquet_bytes([])) == []
     assert CONTACT_SCHEMA.names == [
         "id", "prompt", "variant", "seed", "width", "height", "render_ms", "image_key", "thumbnail",
+        "reference_sha256", "reference_thumbnails",
     ]
 
 
@@ -133,7 +140,8 @@ def test_parquet_empty_and_schema():
 def test_html_is_self_contained_and_escaped():
     entries = make_entries(4)
     page = build_report(SUMMARY, entries, make_errors())
-    assert "<script" not in page  # neither user input nor any script of our own
+    # The review's own script and its two JSON blocks; user input never makes another.
+    assert page.count("<script") == 3 and page.count('<script type="application/json"') == 2
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
     assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
     assert "404 for &lt;url&gt;" in page
@@ -175,12 +183,12 @@ def test_header_tiles_banners_and_failed_section():
         assert label in page
     assert "12.5" in page and "<title>demo &amp; test</title>" in page
     assert NOISE_TEXT in page
-    assert "showing the first 2 of 1,234 committed images" in page.lower()
+    assert "showing 2 of 1,234 committed images" in page.lower()
     assert "Failed rows" in page and "HTTPError" in page and "<td>3</td>" in page
 
     plain = build_report({}, make_entries(2), [])
     assert NOISE_TEXT not in plain
-    assert "showing the first" not in plain.lower()
+    assert "committed images; the rest" not in plain.lower()
     assert "Failed rows" not in plain
     assert "—" in plain  # missing summary values show as a dash rather than crash
 
@@ -214,8 +222,58 @@ def test_report_renders_in_chromium(tmp_path: Path, chromium):
     assert seen["broken"] == []
     assert seen["title"] == "klein-ray job report"
     assert NOISE_TEXT in seen["text"]
-    assert "Showing the first 6 of 742 committed images" in seen["text"]
+    assert "Showing 6 of 742 committed images" in seen["text"]
     # Escaped user input shows as text, and the onerror payload never became an element.
     assert '<script>alert("x")</script>' in seen["text"]
     assert "<img src=x onerror=alert(1)>" in seen["text"]
     assert shot.stat().st_size > 10_000
+
+
+# ---- the review parts --------------------------------------------------------------------------
+
+
+def with_references(entries: list[ContactEntry]) -> list[ContactEntry]:
+    """Entries 0 and 1 made from the same photo, entry 2 from it and another, the rest from none."""
+    photo, other = make_thumbnail(fixture_image(3), 96), make_thumbnail(fixture_image(5), 96)
+    entries[0].reference_sha256, entries[0].reference_thumbnails = ["a" * 64], [photo]
+    entries[1].reference_sha256, entries[1].reference_thumbnails = ["a" * 64], [photo]
+    entries[2].reference_sha256, entries[2].reference_thumbnails = ["a" * 64, "b" * 64], [photo, other]
+    return entries
+
+
+def test_reference_thumbnails_are_in_the_page_once_per_reference():
+    entries = with_references(make_entries(4))
+    page = build_report(SUMMARY, entries, [])
+    assert page.count('class="ref"') == 4 and page.count('data-ref="' + "a" * 64) == 3
+    assert page.count("data:image/jpeg;base64,") == 4 + 2  # four images, two distinct references
+    assert entries_from_parquet_bytes(entries_to_parquet_bytes(entries)) == entries
+
+
+def test_a_contact_sheet_written_before_references_reads_with_none():
+    old = pa.Table.from_pylist([{k: v for k, v in asdict(e).items() if not k.startswith("reference")}
+                                for e in make_entries(2)])
+    sink = io.BytesIO()
+    pq.write_table(old, sink)
+    read = entries_from_parquet_bytes(sink.getvalue())
+    assert [e.reference_sha256 for e in read] == [[], []] and read[0].thumbnail == make_entries(1)[0].thumbnail
+
+
+def test_groups_attempts_and_what_they_supersede():
+    entries = make_entries(4)
+    for entry, row_id in zip(entries, ["mug-marble-0", "vase-beach-0", "mug-marble-0.r2", "mug-beach-0"]):
+        entry.id = row_id
+    groups = {"mug-marble-0": "MUG", "mug-marble-0.r2": "MUG", "mug-beach-0": "MUG"}
+    page = build_report(SUMMARY, entries, [], group_by="sku", groups=groups)
+    assert re.findall(r'<section class="group" data-group="([^"]+)"', page) == ["MUG", "(none)"]
+    assert re.findall(r'data-id="([^"]+)"', page) == ["mug-beach-0", "mug-marble-0", "mug-marble-0.r2",
+                                                      "vase-beach-0"]
+    assert "attempt 2" in page and "superseded by mug-marble-0.r2" in page
+    assert page.count('class="card superseded"') == 1
+
+
+def test_the_scripts_data_cannot_close_its_block():
+    summary = dict(SUMMARY, output="s3://b/</script><script>alert(1)</script>", run_id="<!--")
+    page = build_report(summary, make_entries(2), [])
+    assert page.count("<script") == 3 and "alert(1)</script>" not in page and "<!--" not in page
+    data = re.search(r'<script type="application/json" id="kr-review">(.*?)</script>', page).group(1)
+    assert json.loads(data)["output"] == "s3://b/</script><script>alert(1)</script>"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from datetime import datetime, timezone
 
@@ -24,6 +25,7 @@ import yaml
 from klein_ray.config import JobConfig
 from klein_ray.output import layout
 from klein_ray.output.checkpoint import set_aside
+from klein_ray.output.ledger import Ledger
 from klein_ray.output.report import (
     MAX_CONTACT_ENTRIES,
     ContactEntry,
@@ -31,6 +33,7 @@ from klein_ray.output.report import (
     entries_from_parquet_bytes,
     entries_to_parquet_bytes,
 )
+from klein_ray.output.review import group_value
 from klein_ray.storage import NotFound, Store
 from klein_ray.storage.tables import get_table, put_table
 from klein_ray.types import RowError, RowResult
@@ -56,6 +59,7 @@ class JobLog:
         self.manifest_uri = manifest_uri if "://" in manifest_uri else str(local_path(manifest_uri))
         self.contact = self._load_contact()
         self._contact_ids = {e.id for e in self.contact}
+        self._earlier = len(self.contact)  # entries of earlier runs: the first to make room
 
     def start(self, total_rows: int, setups: dict[str, str] | None = None, adapters: dict | None = None,
               sources: dict[str, str] | None = None) -> None:
@@ -71,15 +75,30 @@ class JobLog:
                                       "sources": {v: redact(s) for v, s in (sources or {}).items()}})
 
     def add_result(self, result: RowResult) -> None:
-        """Keep the first images of the output for the contact sheet (thumbnails are small)."""
-        if len(self.contact) < MAX_CONTACT_ENTRIES and result.id not in self._contact_ids and result.thumbnail:
-            self.contact.append(ContactEntry(
-                id=result.id, prompt=result.prompt, variant=result.variant, seed=result.seed,
-                width=result.width, height=result.height,
-                render_ms=1000 * result.timings.get("render", 0.0), image_key=result.image_key,
-                thumbnail=result.thumbnail,
-            ))
-            self._contact_ids.add(result.id)
+        """Keep images of the output for the contact sheet (thumbnails are small), at most
+        MAX_CONTACT_ENTRIES: this run's before earlier runs' (a second pass of rejected shots
+        is what its reviewer looks at), a row rendered again replacing its old entry."""
+        if not result.thumbnail:
+            return
+        entry = ContactEntry(
+            id=result.id, prompt=result.prompt, variant=result.variant, seed=result.seed,
+            width=result.width, height=result.height,
+            render_ms=1000 * result.timings.get("render", 0.0), image_key=result.image_key,
+            thumbnail=result.thumbnail,
+            reference_sha256=[sha for sha, _ in result.reference_thumbnails],
+            reference_thumbnails=[thumb for _, thumb in result.reference_thumbnails],
+        )
+        if result.id in self._contact_ids:
+            at = next(i for i, e in enumerate(self.contact) if e.id == result.id)
+            self.contact[at] = entry
+            return
+        if len(self.contact) >= MAX_CONTACT_ENTRIES:
+            if not self._earlier:
+                return
+            self._contact_ids.discard(self.contact.pop(0).id)
+            self._earlier -= 1
+        self.contact.append(entry)
+        self._contact_ids.add(result.id)
 
     def finish(self, errors: list[RowError], summary: dict, committed_total: int, noise_model: bool) -> None:
         """Write the errors table, summary, contact entries and the report (in that order)."""
@@ -87,8 +106,15 @@ class JobLog:
         put_table(self.store, layout.ERRORS, pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA))
         self._put_json(layout.SUMMARY, summary)
         self.store.put(layout.CONTACT, entries_to_parquet_bytes(self.contact))
-        html = build_report(summary, self.contact, errors, total_committed=committed_total,
-                            noise_model=noise_model)
+        group_by = self.config.report.group_by
+        groups = group_values(self.store, [e.id for e in self.contact], group_by) if group_by else None
+        if group_by and self.contact and not any((groups or {}).values()):
+            log.warning("report.group_by: no image of the report has a %r column; the report is not "
+                        "grouped", group_by)
+            group_by = None
+        html = build_report(dict(summary, run_id=self.run_id), self.contact, errors,
+                            total_committed=committed_total, noise_model=noise_model,
+                            group_by=group_by, groups=groups)
         self.store.put(layout.REPORT, html.encode(), content_type="text/html; charset=utf-8")
 
     # -- helpers ---------------------------------------------------------------------------
@@ -145,6 +171,33 @@ def read_config(store: Store) -> JobConfig | None:
     except Exception as exc:  # noqa: BLE001 - not YAML, not a config: it is damaged
         log.warning("%s cannot be read (%s)", layout.CONFIG, type(exc).__name__)
         return None
+
+
+def markers_of(store: Store, ids: list[str], threads: int = 16) -> dict[str, dict | None]:
+    """Each row's marker (None: absent or unreadable): a GET per row, ``threads`` at once (the
+    report has at most MAX_CONTACT_ENTRIES rows)."""
+    ledger = Ledger(store)
+    with ThreadPoolExecutor(threads, thread_name_prefix="klein-ray-report") as pool:
+        return dict(zip(ids, pool.map(ledger.read_meta, ids)))
+
+
+def group_values(store: Store, ids: list[str], column: str) -> dict[str, str | None]:
+    """Each row's value of ``column``, from its marker (its passthrough columns, else its own
+    fields)."""
+    return {row_id: group_value(meta, column) for row_id, meta in markers_of(store, ids).items()}
+
+
+def read_contact(store: Store) -> list[ContactEntry]:
+    """The contact sheet's entries (``[]`` when absent; ValueError when unreadable)."""
+    try:
+        return entries_from_parquet_bytes(store.get(layout.CONTACT))
+    except NotFound:
+        return []
+
+
+def read_summary(store: Store) -> dict | None:
+    """The latest run's summary (None if absent, {} if damaged: warned)."""
+    return _read_json(store, layout.SUMMARY)
 
 
 def _read_json(store: Store, key: str) -> dict | None:

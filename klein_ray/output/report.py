@@ -3,14 +3,16 @@
 This module owns two things and nothing else:
 
 * ``ContactEntry``: one committed image as the contact sheet shows it (with a small JPEG
-  thumbnail, made by the worker: ``worker.encode.make_thumbnail``), plus its pyarrow schema and
-  (de)serialisation, so the driver can keep the sheet's entries in ``_job/contact.parquet``
-  across resumed runs;
-* ``build_report``: the HTML page itself.
+  thumbnail, made by the worker: ``worker.encode.make_thumbnail``, and those of the references
+  it was made from), plus its pyarrow schema and (de)serialisation, so the driver can keep the
+  sheet's entries in ``_job/contact.parquet`` across resumed runs;
+* ``build_report``: the HTML page itself, a review sheet (``output.review``): each edit beside
+  its references, sections grouped by a column, a Reject button per card and the rejects file.
 
-The page is a single self-contained string: CSS inline, thumbnails as base64 ``data:`` URIs, no
-scripts and no external resources, so it opens the same from a laptop, from a bucket's web view
-or from an email attachment. Reading and writing storage is the caller's job.
+The page is a single self-contained string: CSS and its one small script inline, thumbnails as
+base64 ``data:`` URIs, no external resources, so it opens the same from a laptop, from a
+bucket's web view or from an email attachment. Every value from a manifest is escaped; none
+reaches the script but as JSON data. Reading and writing storage is the caller's job.
 """
 
 from __future__ import annotations
@@ -18,12 +20,22 @@ from __future__ import annotations
 import base64
 import html
 import io
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from klein_ray.output.review import (
+    NO_GROUP,
+    REVIEW_CSS,
+    REVIEW_JS,
+    attempt_of,
+    reference_store,
+    references_html,
+    superseded,
+    toolbar,
+)
 from klein_ray.types import RowError
 
 # The driver stops adding cards here: 500 thumbnails of ~8 KB keep the page around 5 MB, which
@@ -47,6 +59,8 @@ class ContactEntry:
     render_ms: float
     image_key: str
     thumbnail: bytes  # JPEG bytes (worker.encode.make_thumbnail)
+    reference_sha256: list[str] = field(default_factory=list)  # the references it was made from
+    reference_thumbnails: list[bytes] = field(default_factory=list)  # small JPEGs, in that order
 
 
 # Field order matches ContactEntry so rows convert with asdict / ContactEntry(**row).
@@ -61,6 +75,8 @@ CONTACT_SCHEMA = pa.schema(
         pa.field("render_ms", pa.float64(), nullable=False),
         pa.field("image_key", pa.string(), nullable=False),
         pa.field("thumbnail", pa.binary(), nullable=False),
+        pa.field("reference_sha256", pa.list_(pa.string())),
+        pa.field("reference_thumbnails", pa.list_(pa.binary())),
     ]
 )
 assert [f.name for f in fields(ContactEntry)] == CONTACT_SCHEMA.names
@@ -77,9 +93,15 @@ def entries_to_parquet_bytes(entries: list[ContactEntry]) -> bytes:
 def entries_from_parquet_bytes(data: bytes) -> list[ContactEntry]:
     """Read entries written by entries_to_parquet_bytes."""
     table = pq.ParquetFile(io.BytesIO(data)).read()  # read_table's dataset threads abort at exit
+    # A file written before the reference columns existed reads with none.
+    for name in ("reference_sha256", "reference_thumbnails"):
+        if name not in table.column_names:
+            table = table.append_column(name, pa.array([[]] * table.num_rows, CONTACT_SCHEMA.field(name).type))
     # Cast so a file written by an older writer with narrower types still reads as this schema.
     table = table.select(CONTACT_SCHEMA.names).cast(CONTACT_SCHEMA)
-    return [ContactEntry(**row) for row in table.to_pylist()]
+    return [ContactEntry(**{**row, "reference_sha256": row["reference_sha256"] or [],
+                            "reference_thumbnails": row["reference_thumbnails"] or []})
+            for row in table.to_pylist()]
 
 
 _CSS = """
@@ -133,7 +155,7 @@ td.mono { font-family:ui-monospace,Menlo,Consolas,monospace; font-size:12px;
 td.msg { white-space:pre-wrap; word-break:break-word; }
 .stage { color:var(--bad); font-weight:600; }
 footer { color:var(--muted); font-size:12px; padding:0 32px 28px; text-align:center; }
-"""
+""" + REVIEW_CSS
 
 NOISE_TEXT = (
     "These images come from a randomly initialised test model: they are noise, which is expected."
@@ -193,7 +215,7 @@ def _thumb_size(data: bytes) -> tuple[int, int] | None:
         return None
 
 
-def _card(entry: ContactEntry) -> str:
+def _card(entry: ContactEntry, later: str | None = None) -> str:
     size = _thumb_size(entry.thumbnail)
     if size is None:
         pic = '<span class="noimg">no thumbnail</span>'
@@ -212,27 +234,50 @@ def _card(entry: ContactEntry) -> str:
         f'<span class="chip">{_e(entry.width)}×{_e(entry.height)}</span>'
         f'<span class="chip">{_e(f"{entry.render_ms:,.0f}")} ms</span>'
     )
+    attempt = attempt_of(entry.id)[1]
+    if attempt > 1:
+        chips += f'<span class="chip attempt">attempt {attempt}</span>'
+    if later:
+        chips += f'<span class="chip attempt">superseded by {_e(later)}</span>'
     return (
-        f'<figure class="card" title="{_e(entry.image_key)}" style="margin:0">'
+        f'<figure class="card{" superseded" if later else ""}" title="{_e(entry.image_key)}" '
+        f'data-id="{_e(entry.id)}" style="margin:0">'
         f'<div class="pic">{pic}</div><figcaption class="body">'
-        f'<div class="id">{_e(entry.id)}</div>'
+        f'<div class="id">{_e(entry.id)}</div>{references_html(entry)}'
         f'<div class="prompt" title="{_e(prompt)}">{_e(short)}</div>'
-        f'<div class="chips">{chips}</div></figcaption></figure>'
+        f'<div class="chips">{chips}</div>'
+        '<div><button type="button" class="reject" aria-pressed="false">Reject</button></div>'
+        "</figcaption></figure>"
     )
 
 
-def _grid(entries: list[ContactEntry], total_committed: int | None) -> str:
+def _grid(entries: list[ContactEntry], total_committed: int | None,
+          group_by: str | None = None, groups: dict[str, str | None] | None = None) -> str:
     total = len(entries) if total_committed is None else max(total_committed, len(entries))
     parts = [f'<h2>Images <span class="count">({total:,})</span></h2>']
     if total > len(entries):
         parts.append(
-            f'<div class="banner cap">Showing the first {len(entries):,} of {total:,} '
+            f'<div class="banner cap">Showing {len(entries):,} of {total:,} '
             "committed images; the rest are in the output location.</div>"
         )
-    if entries:
-        parts.append(f'<div class="grid">{"".join(_card(e) for e in entries)}</div>')
-    else:
+    later = superseded([e.id for e in entries])
+    if not entries:
         parts.append('<div class="empty">No committed images yet.</div>')
+    elif group_by is None:
+        parts.append(f'<div class="grid">{"".join(_card(e, later.get(e.id)) for e in entries)}</div>')
+    else:
+        # Groups and the cards in each in order (a product's shots side by side, attempts
+        # after the shot they replace), rows without the column last.
+        sections: dict[str, list[ContactEntry]] = {}
+        for entry in entries:
+            sections.setdefault((groups or {}).get(entry.id) or NO_GROUP, []).append(entry)
+        for value in sorted(sections, key=lambda v: (v == NO_GROUP, v)):
+            members = sorted(sections[value], key=lambda e: attempt_of(e.id))
+            cards = "".join(_card(e, later.get(e.id)) for e in members)
+            parts.append(
+                f'<section class="group" data-group="{_e(value)}"><h3>{_e(group_by)}: {_e(value)} '
+                f'<span class="count">({len(members):,})</span></h3><div class="grid">{cards}</div></section>'
+            )
     return "".join(parts)
 
 
@@ -260,20 +305,29 @@ def build_report(
     total_committed: int | None = None,
     noise_model: bool = False,
     title: str = "klein-ray job report",
+    group_by: str | None = None,
+    groups: dict[str, str | None] | None = None,
 ) -> str:
     """The contact sheet as one self-contained HTML document.
 
     ``summary`` supplies the header tiles (``total``, ``committed``, ``skipped``, ``failed``,
-    ``seconds``) and ``output_uri``; missing keys show as a dash. ``total_committed`` is the
-    number of committed images when ``entries`` was capped (see MAX_CONTACT_ENTRIES).
+    ``seconds``), ``output`` (or ``output_uri``) and ``run_id``; missing keys show as a dash.
+    ``total_committed`` is the number of committed images when ``entries`` was capped (see
+    MAX_CONTACT_ENTRIES). ``group_by``: sections by that column, ``groups`` giving each id's
+    value (``output.review.group_value`` of its marker).
     """
     noise = f'<div class="banner noise">{_e(NOISE_TEXT)}</div>' if noise_model else ""
+    output = str(summary.get("output") or summary.get("output_uri") or "")
+    review = toolbar(output, str(summary.get("run_id") or "")) if entries else ""
     body = (
         _header(summary, title)
-        + f"<main>{noise}{_grid(entries, total_committed)}{_errors_table(errors)}</main>"
+        + f"<main>{noise}{review}{_grid(entries, total_committed, group_by, groups)}"
+        + f"{_errors_table(errors)}</main>"
         + "<footer>Generated by klein-ray. Thumbnails are embedded; full-size images are in "
         "the output location.</footer>"
     )
+    if entries:
+        body += f"{reference_store(entries)}<script>{REVIEW_JS}</script>"
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'

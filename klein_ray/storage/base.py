@@ -115,6 +115,12 @@ class Store(ABC):
         """Copy ``key`` into the local file ``dest``, streamed (never whole in memory);
         NotFound if missing. ``dest`` may be left partial on failure: write beside, then rename."""
 
+    def put_file(self, key: str, src: Path, *, content_type: str | None = None) -> None:
+        """Write the local file ``src`` at ``key`` whole or not at all (a reader never sees part
+        of it), without holding it in memory where the store can stream it (large manifests);
+        unconditional. This default reads it and ``put``s the bytes."""
+        self.put(key, Path(src).read_bytes(), content_type=content_type)
+
     def reserve(self) -> None:
         """Set aside room for the writes a run must make even when its storage is full (the
         lease's release): local outputs keep a small reserve file, spent on the first write

@@ -182,6 +182,17 @@ class LocalStore(Store):
                     removed += 1
         return removed
 
+    def put_file(self, key, src, *, content_type=None):
+        path = self._path(key)
+        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+        with _disk_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                shutil.copyfile(src, tmp)  # streamed; renamed into place whole
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+
     def download(self, key, dest):
         try:
             shutil.copyfile(self._path(key), dest)

@@ -242,6 +242,16 @@ class S3Store(Store):
                 return  # gone already
             raise _failure(exc)(f"delete {self.url_of(key)}: {_describe(exc)}") from exc
 
+    def put_file(self, key, src, *, content_type=None):
+        full = self._key(key)
+        extra = {"ContentType": content_type} if content_type else {}
+        # s3transfer: a multipart upload for large files, streamed from disk; the object
+        # appears only when the upload completes, so no reader sees part of it.
+        try:
+            self._retrying(lambda: self.client.upload_file(str(src), self.bucket, full, ExtraArgs=extra))
+        except Exception as exc:
+            raise _failure(exc)(f"put {self.url_of(key)}: {_describe(exc)}") from exc
+
     def download(self, key, dest):
         full = self._key(key)
         # s3transfer: ranged GETs in parallel for large objects (model weights are GBs).

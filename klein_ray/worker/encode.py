@@ -1,9 +1,12 @@
 """Image encoding: a rendered PIL image to png / jpeg / webp bytes with the job's quality
-settings, and the small JPEG thumbnail the contact sheet shows."""
+settings, and the small JPEG thumbnails the contact sheet shows (of the image, and of the
+references it was made from)."""
 
 from __future__ import annotations
 
 import io
+import threading
+from typing import Any
 
 from PIL import Image
 
@@ -38,3 +41,33 @@ def make_thumbnail(image: Image.Image, max_side: int = 192) -> bytes:
     out = io.BytesIO()
     thumb.save(out, format="JPEG", quality=80, optimize=True)
     return out.getvalue()
+
+
+REFERENCE_THUMB_SIDE = 96  # reference thumbnails sit beside the image's, smaller
+
+
+class ReferenceThumbnails:
+    """Each reference's small JPEG, made once per reference content (sha256) and kept for the
+    next units (a catalog uses one product photo for all its scenes and seeds); at most
+    ``keep`` of them, the oldest forgotten first."""
+
+    def __init__(self, max_side: int = REFERENCE_THUMB_SIDE, keep: int = 256):
+        self.max_side, self.keep = max_side, keep
+        self._made: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    def of(self, refs: list[Any]) -> tuple[tuple[str, bytes], ...]:
+        """(sha256, JPEG) per reference (``assets.references.Reference``: sha256 and image)."""
+        return tuple((ref.sha256, self._one(ref)) for ref in refs)
+
+    def _one(self, ref: Any) -> bytes:
+        with self._lock:
+            found = self._made.get(ref.sha256)
+        if found is not None:
+            return found
+        thumb = make_thumbnail(ref.image, max_side=self.max_side)
+        with self._lock:
+            if len(self._made) >= self.keep:
+                self._made.pop(next(iter(self._made)))
+            self._made[ref.sha256] = thumb
+        return thumb

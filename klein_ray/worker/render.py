@@ -36,7 +36,7 @@ from klein_ray.output.markers import CommittedRow
 from klein_ray.output.record import ModelFacts, RenderFacts, fingerprint, row_metadata, row_setup, setup_digest
 from klein_ray.storage import StorageError, open_store
 from klein_ray.types import CONTENT_TYPES, RowError, RowResult, RowSpec, UnitOutcome, WorkUnit
-from klein_ray.worker.encode import encode_image, make_thumbnail
+from klein_ray.worker.encode import ReferenceThumbnails, encode_image, make_thumbnail
 from klein_ray.worker.spec import WorkerSpec
 from klein_ray.worker.threads import ModelThread, encoder_pool
 
@@ -63,6 +63,7 @@ class RenderWorker:
         self.fetcher = ReferenceFetcher(spec.config.references, spec.config.storage)
         self.name = f"{socket.gethostname()}:{os.getpid()}" + (f"@node:{node}" if node else "")
         self._encoders = encoder_pool(spec.threads, f"klein-ray-encode-{spec.variant}")
+        self._reference_thumbs = ReferenceThumbnails()  # the review sheet shows what an edit was made from
 
     @classmethod
     def load(cls, spec: WorkerSpec, node: str = "") -> RenderWorker:
@@ -255,7 +256,7 @@ class RenderWorker:
             sha256=receipt.sha256, bytes=receipt.bytes, width=image.width, height=image.height,
             seed=row.seed, prompt=row.prompt, timings=timings, worker=self.name,
             thumbnail=thumbnail, already=receipt.already, inputs=row.digest,
-            setup=self._setup_of(unit.adapters),
+            setup=self._setup_of(unit.adapters), reference_thumbnails=self._reference_thumbs.of(refs),
         )
 
     def _setup_of(self, adapters: tuple[tuple[str, float], ...]) -> str:
