@@ -199,7 +199,7 @@ def _bad_reference_rows(inp: dict[str, Path]) -> list[Spec]:
         (row(id="empty-ref", prompt="x", references=[""], **SQ), "validate", "references", ("empty",)),
         (row(id="null-ref", prompt="x", references=[None], **SQ), "validate", "references", ("empty",)),
         (row(id="missing-ref", prompt="x", references=[str(inp["ok.png"].parent / "nope.png")], **SQ),
-         "fetch", None, ("FileNotFoundError",)),
+         "fetch", None, ("nope.png does not exist",)),
         (row(id="dir-ref", prompt="x", references=[str(inp["ok.png"].parent)], **SQ),
          "fetch", None, ("not a regular file",)),
         (row(id="text-as-png", prompt="x", references=[str(inp["text.png"])], **SQ),

@@ -131,9 +131,12 @@ class Driver:
             where = self.store.url_of("_job/")
             log.error("%d row(s) failed: their reasons are in %serrors.parquet and %sreport.html",
                       summary["failed"], where, where)
+        code = self._exit_code(summary)
         if self.stopped not in (None, INTERRUPT):
             log.error("%s", self.stopped.reason)  # the last line: what to do now
-        return summary, self._exit_code(summary)
+        elif self.stopped is INTERRUPT and code == INTERRUPT.exit_code:
+            log.warning("interrupted; the output's lease is released: re-run the same command to resume")
+        return summary, code
 
     def _run_with_lease(self, manifest: Manifest, started: float) -> None:
         ttl = self.cfg.run.lease_ttl_s
