@@ -182,6 +182,18 @@ class LocalStore(Store):
                     removed += 1
         return removed
 
+    def put_file(self, key, path, *, content_type=None):
+        """Copied beside the target and renamed into place, streamed (never whole in memory)."""
+        target = self._path(key)
+        with _disk_errors(target):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
+            try:
+                shutil.copyfile(path, tmp)
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
+
     def download(self, key, dest):
         try:
             shutil.copyfile(self._path(key), dest)

@@ -31,6 +31,7 @@ from klein_ray.storage.base import (
 from klein_ray.uris import split_s3
 
 _CHUNK = 1024 * 1024
+MULTIPART_BYTES = 64 * 1024 * 1024  # put_file: files past this go up in parts of this size
 T = TypeVar("T")
 # Worth another try after botocore gave up: throttling, server errors, a conflicting
 # conditional write, and every connection-level failure (resets, timeouts).
@@ -196,6 +197,26 @@ class S3Store(Store):
                 return  # gone already
             raise _failure(exc)(f"delete {self.url_of(key)}: {_describe(exc)}") from exc
 
+    def put_file(self, key, path, *, content_type=None):
+        """s3transfer: one PUT for a small file, a multipart upload (parts in parallel) past
+        ``MULTIPART_BYTES``; S3 makes the object visible only once complete, either way."""
+        from boto3.s3.transfer import TransferConfig
+
+        full = self._key(key)
+        extra = {"ContentType": content_type} if content_type else None
+        config = TransferConfig(multipart_threshold=MULTIPART_BYTES, multipart_chunksize=MULTIPART_BYTES)
+
+        def upload() -> None:
+            try:
+                self.client.upload_file(str(path), self.bucket, full, ExtraArgs=extra, Config=config)
+            except Exception as exc:  # noqa: BLE001 - s3transfer wraps botocore's errors: unwrap any
+                raise _cause(exc) from None  # the botocore error, which the retries classify
+
+        try:
+            self._retrying(upload)
+        except Exception as exc:
+            raise _failure(exc)(f"put {self.url_of(key)}: {_describe(exc)}") from exc
+
     def download(self, key, dest):
         full = self._key(key)
         # s3transfer: ranged GETs in parallel for large objects (model weights are GBs).
@@ -210,6 +231,13 @@ class S3Store(Store):
 def _etag(resp: dict) -> str:
     """The response's ETag without the quotes S3 puts around it (RGW wants it bare in IfMatch)."""
     return str(resp.get("ETag", "")).strip('"')
+
+
+def _cause(exc: Exception) -> Exception:
+    """The botocore error inside s3transfer's wrapper (``S3UploadFailedError`` carries none as
+    a type: its ``__cause__`` or context is the ClientError)."""
+    inner = exc.__cause__ or exc.__context__
+    return inner if isinstance(inner, Exception) and not getattr(exc, "response", None) else exc
 
 
 def _code(exc: Exception) -> str:
