@@ -60,7 +60,7 @@ def test_export_between_s3_prefixes_on_rgw(rgw, s3_env, tmp_path, tiny_models):
     _round_trip(s3_env(rgw), tmp_path, tiny_models)
 
 
-@pytest.mark.parametrize("server", ["moto_s3", pytest.param("rgw", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("server", ["moto_s3", pytest.param("rgw", marks=[pytest.mark.slow, pytest.mark.ceph])])
 def test_put_file_uploads_large_files_in_parts(server, request, s3_env, tmp_path, monkeypatch):
     """Past MULTIPART_BYTES a shard goes up as a multipart upload (5 MiB parts, the S3 minimum):
     the object is the file, byte for byte, and its ETag says it was assembled from 3 parts."""

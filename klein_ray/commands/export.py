@@ -15,6 +15,7 @@ rerun adds the rest).
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Iterator
@@ -43,6 +44,7 @@ from klein_ray.output.export.plan import (
 from klein_ray.output.export.shard import build_shard
 from klein_ray.output.joblog import read_errors, read_state
 from klein_ray.storage import NotFound, Store, open_store
+from klein_ray.uris import redact
 
 MAX_IN_FLIGHT = 64  # shards built at once, at most (each holds its rows and a few images)
 
@@ -95,7 +97,7 @@ def export_output(out: str, fmt: str, dest: str, rows_per_shard: int = DEFAULT_R
     stats = [r.stats for r in results]
     removed = finish(target, plan, stats)
     files = [f for s in stats for f in s.files]
-    return ExportSummary(fmt, dest, plan.shards, sum(r.built for r in results),
+    return ExportSummary(fmt, redact(dest), plan.shards, sum(r.built for r in results),
                          sum(not r.built for r in results), len(files), sum(f.filesize for f in files),
                          **totals(stats), removed=len(removed), seconds=round(time.monotonic() - started, 3))
 
@@ -106,15 +108,16 @@ def _run(plan: ExportPlan, tasks: Iterator[ShardTask], build, executor: str, add
 
     runner = executor_factory(executor, address)()
     results: list[ShardResult] = []
+    samples = skipped = 0
     bar = tqdm(total=plan.shards, disable=not progress, unit="shard", file=sys.stderr, dynamic_ncols=True,
                desc=f"exporting {plan.format}")
     try:
         in_flight = max(2, min(MAX_IN_FLIGHT, int(runner.cluster_cpus())))
         for result in runner.map_tasks(build, tasks, in_flight=in_flight, num_cpus=1.0):
             results.append(result)
+            samples, skipped = samples + result.stats.samples, skipped + (not result.built)
             bar.update(1)
-            bar.set_postfix(samples=sum(r.stats.samples for r in results),
-                            skipped=sum(not r.built for r in results), refresh=False)
+            bar.set_postfix(samples=samples, skipped=skipped, refresh=False)
     finally:
         bar.close()
         runner.shutdown([])
@@ -132,8 +135,6 @@ def _check_arguments(fmt: str, rows_per_shard: int, max_shard_bytes: int) -> Non
 
 def _check_dest(target: Store, plan: ExportPlan) -> None:
     """DEST holds nothing, or an export of this same format (resumed or refreshed)."""
-    import json
-
     try:
         found = json.loads(target.get(INDEX))
     except NotFound:
