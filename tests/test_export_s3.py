@@ -1,7 +1,7 @@
-"""The export with S3 on both sides: an output rendered into a bucket becomes shards under
-another prefix that the real loaders read (moto in the fast tier, Ceph RGW in the ceph tier);
-shards go up through ``Store.put_file``, whose multipart path is forced here with a small part
-size."""
+"""The export into S3: shards under a prefix that the real loaders read once downloaded. On moto
+(the fast tier) from the shared local output; on Ceph RGW (the ceph tier) with S3 on both sides,
+the output rendered into a bucket. Shards go up through ``Store.put_file``, whose multipart path
+is forced here with a small part size."""
 
 from __future__ import annotations
 
@@ -26,11 +26,7 @@ def _download(uri: str, local: Path) -> Path:
     return local
 
 
-def _round_trip(server, tmp_path: Path, tiny_models) -> None:
-    bucket = server.new_bucket()
-    uri, _ = render_manifest(tmp_path)
-    out = f"s3://{bucket}/renders/out"
-    assert render(uri, out, job(tiny_models))[0]["committed"] == 8
+def _round_trip(bucket: str, out: str, tmp_path: Path) -> None:
     truth = committed(open_store(out))
     for fmt in ("webdataset", "parquet"):
         dest = f"s3://{bucket}/datasets/{fmt}"
@@ -51,13 +47,17 @@ def _round_trip(server, tmp_path: Path, tiny_models) -> None:
         assert tree(_download(dest, tmp_path / f"{fmt}-again")) == tree(local)
 
 
-def test_export_between_s3_prefixes_on_moto(moto_s3, s3_env, tmp_path, tiny_models):
-    _round_trip(s3_env(moto_s3), tmp_path, tiny_models)
+def test_export_into_s3_on_moto(export_source, moto_s3, s3_env, tmp_path):
+    _round_trip(s3_env(moto_s3).new_bucket(), export_source[0], tmp_path)
 
 
 @pytest.mark.slow
 def test_export_between_s3_prefixes_on_rgw(rgw, s3_env, tmp_path, tiny_models):
-    _round_trip(s3_env(rgw), tmp_path, tiny_models)
+    bucket = s3_env(rgw).new_bucket()
+    uri, _ = render_manifest(tmp_path)
+    out = f"s3://{bucket}/renders/out"
+    assert render(uri, out, job(tiny_models))[0]["committed"] == 8
+    _round_trip(bucket, out, tmp_path)
 
 
 @pytest.mark.parametrize("server", ["moto_s3", pytest.param("rgw", marks=[pytest.mark.slow, pytest.mark.ceph])])
