@@ -1,5 +1,5 @@
-"""Command line: `klein-ray render | validate | status | verify | expand | report | reroll | demo |
-make-tiny-model`.
+"""Command line: `klein-ray render | validate | status | verify | export | expand | report |
+reroll | demo | make-tiny-model | make-tiny-lora`.
 
 Each command parses its arguments, calls one function of ``klein_ray.commands``, and turns
 known failures into a clear one-line message and its documented exit code (no tracebacks for user
@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     _render_parser(sub)
     _audit_parsers(sub)
     _catalog_parsers(sub)
+    _export_parser(sub)
     _setup_parsers(sub)
     return p
 
@@ -127,6 +128,30 @@ def _catalog_parsers(sub) -> None:
     f.add_argument("--manifest", action="append", default=[], metavar="EARLIER",
                    help="also look rows up in this manifest (an earlier pass's); repeatable")
     f.add_argument("--config", "-c", help="job config (for storage settings)")
+
+
+def _export_parser(sub) -> None:
+    e = sub.add_parser("export", help="the committed rows of an output as WebDataset shards or a "
+                       "Hugging Face Parquet dataset",
+                       description="Pack the committed rows of OUT into DEST, shard k holding the "
+                       "manifest rows [k*N, (k+1)*N). Re-running resumes: complete shards whose rows "
+                       "are unchanged are skipped, the others rebuilt. Exit codes: 0 every committed "
+                       "row exported, 2 invalid invocation, 75 storage unreachable or rows changed "
+                       "while exporting (run it again), 130 interrupted.")
+    e.add_argument("output", help="the klein-ray output (OUT): s3://bucket/prefix or a local directory")
+    e.add_argument("--format", "-f", required=True, choices=("webdataset", "parquet"))
+    e.add_argument("--to", required=True, dest="dest", help="where the dataset goes: a directory or "
+                   "s3:// prefix of its own")
+    e.add_argument("--rows-per-shard", type=int, default=1000, metavar="N",
+                   help="manifest rows per shard (default 1000)")
+    e.add_argument("--max-shard-bytes", type=int, default=1 << 30, metavar="B",
+                   help="a shard whose samples would pass B bytes is written as several files "
+                   "(default 1 GiB)")
+    e.add_argument("--config", "-c", help="job config (for storage settings)")
+    e.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="local (default): shards built on threads of this process; ray: as Ray tasks")
+    e.add_argument("--address", help="Ray cluster address (with --executor ray)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
 def _setup_parsers(sub) -> None:
@@ -353,6 +378,22 @@ def cmd_reroll(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from klein_ray.commands.export import export_output
+    from klein_ray.output.export.shard import ShardConflict
+
+    config = load_config(args.config)
+    try:
+        summary = export_output(args.output, args.format, args.dest, rows_per_shard=args.rows_per_shard,
+                                max_shard_bytes=args.max_shard_bytes, storage=config.storage,
+                                executor=args.executor, address=args.address, progress=not args.no_progress)
+    except ShardConflict as exc:
+        print(f"klein-ray: {exc}", file=sys.stderr)
+        return EXIT_TEMPFAIL
+    print(json.dumps(summary.as_dict()), flush=True)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from klein_ray.commands import demo
 
@@ -386,8 +427,9 @@ def cmd_make_tiny_lora(args) -> int:
 
 
 _COMMANDS = {"render": cmd_render, "validate": cmd_validate, "status": cmd_status,
-             "verify": cmd_verify, "expand": cmd_expand, "report": cmd_report, "reroll": cmd_reroll,
-             "demo": cmd_demo, "make-tiny-model": cmd_make_tiny_model, "make-tiny-lora": cmd_make_tiny_lora}
+             "verify": cmd_verify, "export": cmd_export, "expand": cmd_expand, "report": cmd_report,
+             "reroll": cmd_reroll, "demo": cmd_demo, "make-tiny-model": cmd_make_tiny_model,
+             "make-tiny-lora": cmd_make_tiny_lora}
 
 if __name__ == "__main__":
     sys.exit(main())

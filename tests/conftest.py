@@ -14,6 +14,7 @@ browser fails the test at once, so an unmarked test cannot lean on them unnotice
 - ``ray_address``: one local Ray started in this process; CLI subprocesses join it with
   ``--address``, so no test pays Ray's start-up twice.
 - ``hostile``, ``allowed``, ``servers`` (from ``hostile_fixtures``): the hostile-input renders.
+- ``export_source`` (from ``exportcheck``): one rendered output the export tests read.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))  # tests' own helpers (browser, faultproxy)
 # Session fixtures shared by several modules (a fixture imported into two modules would run twice).
-pytest_plugins = ["hostile_fixtures"]
+pytest_plugins = ["hostile_fixtures", "exportcheck"]
 
 S3_KEY, S3_SECRET = "testkey", "testsecret"
 

@@ -144,19 +144,31 @@ class Ledger:
     def judge(self, row_id: str, deep: bool = False) -> CommittedRow | Verdict:
         """The predicate for one row: its record if committed, else a ``Verdict`` saying why not
         and which version of its marker was judged ('' if none: what a repair replaces)."""
+        return self._judged(row_id, deep)[0]
+
+    def judge_marker(self, row_id: str) -> tuple[CommittedRow, dict[str, Any]] | Verdict:
+        """``judge``, with the marker it judged when the row is committed: readers that copy the
+        marker's fields (exporters) get the very version the predicate passed, in one read."""
+        verdict, meta = self._judged(row_id, False)
+        if isinstance(verdict, CommittedRow):
+            assert meta is not None  # (a committed row's marker parsed)
+            return verdict, meta
+        return verdict
+
+    def _judged(self, row_id: str, deep: bool) -> tuple[CommittedRow | Verdict, dict[str, Any] | None]:
         try:
             current = self.store.get_versioned(meta_key(row_id))
         except (NotFound, ValueError):  # ValueError: an id that cannot be a key has no marker
-            return Verdict(row_id, "no marker (the checkpoint names the row, meta/ does not)", "", present=False)
+            return Verdict(row_id, "no marker (the checkpoint names the row, meta/ does not)", "", present=False), None
         meta = parse_marker(current.data)
         problem = (self._problem(row_id, meta, deep) if meta is not None
                    else "marker is not valid JSON naming an image (key, sha256, bytes)")
         if problem is not None:
-            return Verdict(row_id, problem, current.etag)
+            return Verdict(row_id, problem, current.etag), None
         assert meta is not None  # (no problem means the marker parsed)
         image = meta["image"]
         return CommittedRow(row_id, image["key"], image["sha256"], image["bytes"], meta_key(row_id),
-                            current.etag, _text(meta, "inputs"), _text(meta, "setup"))
+                            current.etag, _text(meta, "inputs"), _text(meta, "setup")), meta
 
     def marker_ids(self) -> Iterator[str]:
         """Ids that have a marker object (readable or not), by listing ``meta/``."""

@@ -115,11 +115,12 @@ class Store(ABC):
         """Copy ``key`` into the local file ``dest``, streamed (never whole in memory);
         NotFound if missing. ``dest`` may be left partial on failure: write beside, then rename."""
 
-    def put_file(self, key: str, src: Path, *, content_type: str | None = None) -> None:
-        """Write the local file ``src`` at ``key`` whole or not at all (a reader never sees part
-        of it), without holding it in memory where the store can stream it (large manifests);
-        unconditional. This default reads it and ``put``s the bytes."""
-        self.put(key, Path(src).read_bytes(), content_type=content_type)
+    def put_file(self, key: str, path: Path, *, content_type: str | None = None) -> None:
+        """Write the local file ``path`` at ``key`` whole, unconditionally: a reader sees the old
+        object or the new one, never part of it. For large objects (an export's shards):
+        implementations stream it (local: copied beside and renamed; S3: a multipart upload for
+        large files). This default reads the file into memory and ``put``s it."""
+        self.put(key, path.read_bytes(), content_type=content_type)
 
     def reserve(self) -> None:
         """Set aside room for the writes a run must make even when its storage is full (the

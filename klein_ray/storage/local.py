@@ -182,14 +182,15 @@ class LocalStore(Store):
                     removed += 1
         return removed
 
-    def put_file(self, key, src, *, content_type=None):
-        path = self._path(key)
-        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-        with _disk_errors(path):
-            path.parent.mkdir(parents=True, exist_ok=True)
+    def put_file(self, key, path, *, content_type=None):
+        """Copied beside the target and renamed into place, streamed (never whole in memory)."""
+        target = self._path(key)
+        with _disk_errors(target):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
             try:
-                shutil.copyfile(src, tmp)  # streamed; renamed into place whole
-                os.replace(tmp, path)
+                shutil.copyfile(path, tmp)
+                os.replace(tmp, target)
             finally:
                 tmp.unlink(missing_ok=True)
 

@@ -36,6 +36,7 @@ from klein_ray.uris import split_s3
 
 log = logging.getLogger(__name__)
 _CHUNK = 1024 * 1024
+MULTIPART_BYTES = 64 * 1024 * 1024  # put_file: files past this go up in parts of this size
 T = TypeVar("T")
 # Worth another try after botocore gave up: throttling, server errors, a conflicting
 # conditional write, and every connection-level failure (resets, timeouts).
@@ -242,13 +243,23 @@ class S3Store(Store):
                 return  # gone already
             raise _failure(exc)(f"delete {self.url_of(key)}: {_describe(exc)}") from exc
 
-    def put_file(self, key, src, *, content_type=None):
+    def put_file(self, key, path, *, content_type=None):
+        """s3transfer: one PUT for a small file, a multipart upload (parts in parallel) past
+        ``MULTIPART_BYTES``; S3 makes the object visible only once complete, either way."""
+        from boto3.s3.transfer import TransferConfig
+
         full = self._key(key)
-        extra = {"ContentType": content_type} if content_type else {}
-        # s3transfer: a multipart upload for large files, streamed from disk; the object
-        # appears only when the upload completes, so no reader sees part of it.
+        extra = {"ContentType": content_type} if content_type else None
+        config = TransferConfig(multipart_threshold=MULTIPART_BYTES, multipart_chunksize=MULTIPART_BYTES)
+
+        def upload() -> None:
+            try:
+                self.client.upload_file(str(path), self.bucket, full, ExtraArgs=extra, Config=config)
+            except Exception as exc:  # noqa: BLE001 - s3transfer wraps botocore's errors: unwrap any
+                raise _cause(exc) from None  # the botocore error, which the retries classify
+
         try:
-            self._retrying(lambda: self.client.upload_file(str(src), self.bucket, full, ExtraArgs=extra))
+            self._retrying(upload)
         except Exception as exc:
             raise _failure(exc)(f"put {self.url_of(key)}: {_describe(exc)}") from exc
 
@@ -266,6 +277,13 @@ class S3Store(Store):
 def _etag(resp: dict) -> str:
     """The response's ETag without the quotes S3 puts around it (RGW wants it bare in IfMatch)."""
     return str(resp.get("ETag", "")).strip('"')
+
+
+def _cause(exc: Exception) -> Exception:
+    """The botocore error inside s3transfer's wrapper (``S3UploadFailedError`` carries none as
+    a type: its ``__cause__`` or context is the ClientError)."""
+    inner = exc.__cause__ or exc.__context__
+    return inner if isinstance(inner, Exception) and not getattr(exc, "response", None) else exc
 
 
 def _code(exc: Exception) -> str:
