@@ -143,7 +143,7 @@ def test_install_sh_installs_from_exactly_what_the_dockerfile_copies(tmp_path):
     argv, venv = _docker_context(tmp_path / "image")
     script, src = Path(argv[0] if argv[0].endswith("install.sh") else argv[1]), Path(argv[2])
     assert script.is_file() and script.read_text() == (REPO / "infra" / "install.sh").read_text()
-    for part in ("pyproject.toml", "README.md", "klein_ray/__init__.py", "klein_ray/cli.py"):
+    for part in ("pyproject.toml", "README.md", "klein_ray/__init__.py", "klein_ray/cli/__init__.py"):
         assert (src / part).is_file(), f"the image's project lacks {part}"
     assert venv.is_relative_to(tmp_path / "image")
 
