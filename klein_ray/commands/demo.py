@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 TINY = DEFAULT_TINY_MODEL
 TINY_BASE = ".cache/tiny-klein-base"
+TINY_LORA = ".cache/tiny-lora"  # a random LoRA for the tiny model: the demo's adapter rows
 
 EXAMPLE_SCHEMA = manifest_schema([("sku", pa.string()), ("campaign", pa.string())])
 
@@ -50,10 +51,16 @@ def example_rows(ref_dir: str = "refs") -> list[dict]:
     """The sample rows: every mode, both variants, all formats, given and derived seeds."""
     r = lambda name: f"{ref_dir}/{name}.png"
     base: dict[str, object] = dict(variant=None, references=None, width=None, height=None, steps=None,
-                guidance=None, seed=None, format=None, sku=None, campaign="demo")
+                guidance=None, seed=None, format=None, adapters=None, adapter_scales=None, sku=None,
+                campaign="demo")
     rows: list[dict[str, object]] = [
         dict(id="t2i-square", prompt="a studio photo of a red sneaker on a white background",
              width=256, height=256, seed=1, sku="SNK-1"),
+        # t2i-square again through the demo's LoRA (jobs/demo.yaml: `look`), at full and half scale
+        dict(id="t2i-square-lora", prompt="a studio photo of a red sneaker on a white background",
+             width=256, height=256, seed=1, sku="SNK-1", adapters=["look"]),
+        dict(id="t2i-square-lora-half", prompt="a studio photo of a red sneaker on a white background",
+             width=256, height=256, seed=1, sku="SNK-1", adapters=["look"], adapter_scales=[0.5]),
         dict(id="t2i-wide", prompt="a ceramic mug on an oak table, soft window light",
              width=320, height=192, format="jpeg", sku="MUG-7"),
         dict(id="t2i-tall", prompt="a watercolor of mountains at sunrise", width=192, height=320,
@@ -86,9 +93,13 @@ def write_example(manifest_dir: Path) -> Path:
 
 
 def ensure_tiny_models(root: Path) -> None:
-    from klein_ray.model.tiny import is_tiny_model, make_tiny_model
+    """The demo's tiny models and its LoRA, built offline where they are missing."""
+    from klein_ray.model.tiny import is_tiny_model, make_tiny_lora, make_tiny_model
 
     for rel, distilled in ((TINY, True), (TINY_BASE, False)):
         if not is_tiny_model(root / rel):
             log.info("building the tiny random model in %s (offline; its images are noise)", rel)
             make_tiny_model(root / rel, seed=0 if distilled else 1, distilled=distilled)
+    if not (root / TINY_LORA / "pytorch_lora_weights.safetensors").is_file():
+        log.info("building a tiny random LoRA in %s (offline; its effect is noise too)", TINY_LORA)
+        make_tiny_lora(root / TINY, root / TINY_LORA, seed=3)
