@@ -333,20 +333,7 @@ def load_config(path: str | Path | None) -> JobConfig:
     if path is None:
         return JobConfig()
     p = Path(path)
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config {p}: file not found") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"config {p}: not UTF-8 text (byte {exc.start})") from None
-    except OSError as exc:
-        raise ConfigError(f"config {p}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config {p}: not valid YAML: {exc}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config {p}: expected a mapping at the top level")
+    raw = read_yaml_mapping(p, "config", ConfigError)
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as exc:
@@ -354,6 +341,26 @@ def load_config(path: str | Path | None) -> JobConfig:
             f"{'.'.join(str(x) for x in e['loc']) or '(top)'}: {e['msg']}{_suggestion(e)}" for e in exc.errors()
         )
         raise ConfigError(f"config {p}: {problems}") from None
+
+
+def read_yaml_mapping(path: Path, what: str, error: type[Exception]) -> dict:
+    """A YAML file whose top level is a mapping (an empty file: ``{}``); ``error`` raised with
+    one line naming ``what`` and the file for anything else."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{what} {path}: file not found") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} {path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise error(f"{what} {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise error(f"{what} {path}: not valid YAML: {exc}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise error(f"{what} {path}: expected a mapping at the top level")
+    return raw
 
 
 def _suggestion(error) -> str:

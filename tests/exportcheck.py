@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from helpers import passthrough_store
 from localrun import manifest, rows
 
 from klein_ray.output.ledger import Ledger
@@ -110,12 +111,13 @@ class Stopped(Exception):
     """The forced stop of an export (what a kill at that instant would leave)."""
 
 
-class StopAfter(Store):
+class StopAfter(passthrough_store()):  # type: ignore[misc]
     """A destination store that stops the export (raises) right after the object ``key`` is
     stored whole: the instant between a shard's file and its marker, forced, not timed."""
 
     def __init__(self, inner: Store, key: str):
-        self.inner, self.key, self.uri = inner, key, inner.uri
+        super().__init__(inner)
+        self.key = key
 
     def put(self, key, data, **kw):
         etag = self.inner.put(key, data, **kw)
@@ -129,21 +131,3 @@ class StopAfter(Store):
     def _maybe_stop(self, key: str) -> None:
         if key == self.key:
             raise Stopped(f"export stopped after {key}")
-
-    def get(self, key, max_bytes=None):
-        return self.inner.get(key, max_bytes)
-
-    def get_versioned(self, key, max_bytes=None):
-        return self.inner.get_versioned(key, max_bytes)
-
-    def head(self, key):
-        return self.inner.head(key)
-
-    def list(self, prefix=""):
-        return self.inner.list(prefix)
-
-    def delete(self, key, if_match=None):
-        self.inner.delete(key, if_match)
-
-    def download(self, key, dest):
-        self.inner.download(key, dest)

@@ -136,6 +136,9 @@ def passthrough_store():
         def download(self, key, dest):
             return self.inner.download(key, dest)
 
+        def put_file(self, key, path, **kw):
+            return self.inner.put_file(key, path, **kw)
+
     return PassThrough
 
 

@@ -13,10 +13,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from klein_ray.config import ConfigError
+from klein_ray.config import ConfigError, read_yaml_mapping
 from klein_ray.intake.rows import MAX_SEED, MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE
 from klein_ray.intake.schema import KNOWN_COLUMNS
 
@@ -170,18 +169,7 @@ class Catalog(_Strict):
 def load_catalog(path: str | Path) -> Catalog:
     """Read and validate a catalog YAML file; CatalogError names the key and the problem."""
     p = Path(path)
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CatalogError(f"catalog {p}: file not found") from None
-    except UnicodeDecodeError as exc:
-        raise CatalogError(f"catalog {p}: not UTF-8 text (byte {exc.start})") from None
-    except OSError as exc:
-        raise CatalogError(f"catalog {p}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise CatalogError(f"catalog {p}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise CatalogError(f"catalog {p}: expected a mapping at the top level")
+    raw = read_yaml_mapping(p, "catalog", CatalogError)
     try:
         return Catalog.model_validate(raw)
     except ValidationError as exc:
