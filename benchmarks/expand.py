@@ -11,7 +11,7 @@ work, not an hour's. Nothing asserts.
    scenes x ``--seeds`` seeds with the issue's templates (id from sku, scene and seed; prompt from
    title and scene; one reference; three passthrough columns).
 2. In a fresh child process each (their peak RSS is their own: ``VmHWM``), times:
-   - ``expand``: ``klein_ray.intake.expansion.expand_catalog``, what `klein-ray expand` runs;
+   - ``expand``: ``klein_ray.intake.catalog.expansion.expand_catalog``, what `klein-ray expand` runs;
    - ``baseline``: the same rows built as a Python list with f-strings (no templates, no checks)
      and written with pyarrow in one go (``Table.from_pylist`` + ``write_table``): what a user's
      own script does.
@@ -63,7 +63,7 @@ def write_inputs(root: Path, products: int, scenes: int, seeds: int) -> Path:
 
 
 def child_expand(root: Path) -> dict:
-    from klein_ray.intake.expansion import expand_catalog
+    from klein_ray.intake.catalog.expansion import expand_catalog
 
     rss0 = _rss_kib()
     t0 = time.perf_counter()

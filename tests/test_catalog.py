@@ -15,9 +15,9 @@ import yaml
 from catalogs import PRODUCTS, edit_catalog, expand, read, write_catalog
 
 from klein_ray.config import JobConfig
+from klein_ray.intake.catalog.writer import ROW_GROUP_ROWS
 from klein_ray.intake.manifest import Manifest
 from klein_ray.intake.rows import RowValidator, derive_seed
-from klein_ray.intake.writer import ROW_GROUP_ROWS
 from klein_ray.types import RowSpec
 
 
@@ -198,7 +198,7 @@ def test_products_from_s3_and_the_manifest_to_s3(tmp_path, capsys, moto_s3, s3_e
 
 def test_text_and_variable_templates_render_as_jinja_renders_them():
     """Templates of text and variables only skip Jinja's machinery: the same text either way."""
-    from klein_ray.intake.templates import Columns, Compiler
+    from klein_ray.intake.catalog.templates import Columns, Compiler
 
     compiler = Compiler()
     context = compiler.context({"vars": Columns({"brand": "ACME"}, "vars"), "seed": 3, "seed_value": 7,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from klein_ray.assets.confinement import confine, refusal
 from klein_ray.config import JobConfig
-from klein_ray.intake.expansion import ExpandResult, expand_catalog
+from klein_ray.intake.catalog.expansion import ExpandResult, expand_catalog
 
 
 def expand(catalog: str, output: str, config: JobConfig | None = None) -> ExpandResult:

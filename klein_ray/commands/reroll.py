@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass, field
 
 from klein_ray.config import ConfigError, StorageConfig
-from klein_ray.intake.reroll import find_rows, write_rerolled
+from klein_ray.intake.catalog.reroll import find_rows, write_rerolled
 from klein_ray.intake.rows import valid_id
 from klein_ray.output.joblog import read_state
 from klein_ray.output.ledger import Ledger

@@ -19,12 +19,10 @@ from typing import Any
 import pyarrow as pa
 
 from klein_ray.config import JobConfig, ReferenceConfig
-from klein_ray.intake import fields
-from klein_ray.intake.catalog import Catalog, CatalogError, ColumnSpec
-from klein_ray.intake.products import ProductRow, ProductTable
-from klein_ray.intake.rows import derive_seed
-from klein_ray.intake.schema import KNOWN_COLUMNS, manifest_schema
-from klein_ray.intake.templates import (
+from klein_ray.intake.catalog import fields
+from klein_ray.intake.catalog.definition import Catalog, CatalogError, ColumnSpec
+from klein_ray.intake.catalog.products import ProductRow, ProductTable
+from klein_ray.intake.catalog.templates import (
     CATALOG,
     PRODUCT,
     ROW,
@@ -35,6 +33,8 @@ from klein_ray.intake.templates import (
     TemplateProblem,
     attributes_read,
 )
+from klein_ray.intake.rows import derive_seed
+from klein_ray.intake.schema import KNOWN_COLUMNS, manifest_schema
 
 # The manifest columns a catalog may set (besides `columns`), with their converters' names.
 SINGLE_KEYS = ("id", "prompt", "variant", "width", "height", "size", "steps", "guidance", "seed", "format")

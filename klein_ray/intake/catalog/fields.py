@@ -18,6 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from klein_ray.intake.catalog.templates import TemplateProblem
 from klein_ray.intake.rows import (
     MAX_SEED,
     MAX_SIDE,
@@ -27,7 +28,6 @@ from klein_ray.intake.rows import (
     normalise_reference,
     valid_id,
 )
-from klein_ray.intake.templates import TemplateProblem
 from klein_ray.types import IMAGE_EXTENSIONS
 
 DROP = object()  # a list element (reference, adapter) that rendered empty: left out

@@ -18,12 +18,12 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from klein_ray.config import JobConfig, StorageConfig
-from klein_ray.intake.catalog import CatalogError, load_catalog
-from klein_ray.intake.expand import Expander, Where
+from klein_ray.intake.catalog.definition import CatalogError, load_catalog
+from klein_ray.intake.catalog.expand import Expander, Where
+from klein_ray.intake.catalog.products import ProductTable
+from klein_ray.intake.catalog.templates import ROW
+from klein_ray.intake.catalog.writer import ManifestWriter
 from klein_ray.intake.prescan import id_hash
-from klein_ray.intake.products import ProductTable
-from klein_ray.intake.templates import ROW
-from klein_ray.intake.writer import ManifestWriter
 
 CHUNK_ROWS = 65_536  # ids hashed per numpy chunk
 

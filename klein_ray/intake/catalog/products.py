@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from klein_ray.config import StorageConfig
-from klein_ray.intake.catalog import CatalogError
+from klein_ray.intake.catalog.definition import CatalogError
 from klein_ray.storage import NotFound, StorageError, open_store
 from klein_ray.uris import FILE, S3, UriError, parse
 

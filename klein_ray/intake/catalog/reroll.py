@@ -18,10 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from klein_ray.config import StorageConfig
+from klein_ray.intake.catalog.writer import ManifestWriter
 from klein_ray.intake.manifest import Manifest, ManifestError
 from klein_ray.intake.prescan import id_hash
 from klein_ray.intake.rows import derive_seed
-from klein_ray.intake.writer import ManifestWriter
 
 
 @dataclass(frozen=True)
