@@ -118,7 +118,7 @@ def prepare(ledger: Ledger, manifest: Manifest, cfg: JobConfig, sources: dict[st
     ledger.checkpoint.compact(keep=64)  # killed runs never compacted at their end
     records = ledger.checkpoint.count()
     empty = not records and ledger.output_is_empty()
-    repair = broken_rows(ledger, verify_first) if verify_first and not empty else {}
+    repair = broken_rows(ledger, verify_first, tmp) if verify_first and not empty else {}
     if repair and may_write():  # out of the checkpoint before any is claimed for repair
         ledger.checkpoint.revoke(repair)
     ids = identities or {}
