@@ -4,8 +4,9 @@
 string stops the job here, exit 2, not halfway through) that finds the rows whose id occurs
 more than once (every row with one is rejected: which was meant is unknowable). It is exact and
 bounded: each row's id, file and position are spilled to local disk partitioned by a hash of
-the id (``storage.spill``), and each partition is grouped by the id strings themselves, so two
-ids that share a hash are still two ids. Memory: one partition (in memory when the manifest is
+the id (``storage.spill``), and each partition's rows of equal ids are found by sorting on the
+hash and comparing neighbours as strings (``spill.exact_groups``), so two ids that share a hash
+are still two ids. Memory: one partition (in memory when the manifest is
 small). A run keeps what it found beside its output with the files' content tags, and the next
 run over the same bytes skips this pass (``scheduling.resume``).
 
@@ -27,9 +28,10 @@ import pyarrow.compute as pc
 
 from klein_ray.intake.manifest import Manifest
 from klein_ray.intake.marks import DONE, DUP, OUTDATED, STALE, RowMarks
-from klein_ray.storage.spill import Spill, partitions_for, string_hashes
+from klein_ray.storage.spill import Spill, exact_groups, partitions_for, string_hashes
 
 DUPLICATES_SCHEMA = pa.schema([("file", pa.int32()), ("row", pa.int64()), ("id", pa.string())])
+_SPILLED = DUPLICATES_SCHEMA.append(pa.field("hash", pa.uint64()))
 SCAN_BATCH_ROWS = 65536
 
 
@@ -55,7 +57,7 @@ def find_duplicates(manifest: Manifest, tmp_dir: str | None = None) -> pa.Table:
     """Every row whose id another row of the manifest shares: (file index, row, id), in file
     and row order. Decodes every column of every file (ManifestError if one cannot be)."""
     found: list[pa.Table] = []
-    with Spill(DUPLICATES_SCHEMA, partitions_for(manifest.total_rows), tmp_dir) as spill:
+    with Spill(_SPILLED, partitions_for(manifest.total_rows), tmp_dir) as spill:
         for index, _, start, batch in manifest.iter_record_batches(["id"], SCAN_BATCH_ROWS, decode_all=True):
             ids = batch.column(0) if batch.num_columns else pa.nulls(batch.num_rows, pa.string())
             ids = ids.cast(pa.string())
@@ -64,16 +66,18 @@ def find_duplicates(manifest: Manifest, tmp_dir: str | None = None) -> pa.Table:
                 continue
             rows = np.arange(start, start + batch.num_rows, dtype=np.int64)[valid]
             kept = ids.filter(pa.array(valid))
-            table = pa.record_batch([pa.array(np.full(len(rows), index, np.int32)), pa.array(rows), kept],
-                                    schema=DUPLICATES_SCHEMA)
-            spill.add(table, string_hashes(kept))
+            hashes = string_hashes(kept)
+            table = pa.record_batch([pa.array(np.full(len(rows), index, np.int32)), pa.array(rows), kept,
+                                     pa.array(hashes)], schema=_SPILLED)
+            spill.add(table, hashes)
         for part in spill.parts():
             if part.num_rows < 2:
                 continue
-            counts = part.group_by("id").aggregate([("id", "count")])
-            twice = counts.filter(pc.greater(counts.column("id_count"), 1)).column("id")
+            order, starts = exact_groups(part.column("id").combine_chunks(), np.asarray(part.column("hash")))
+            sizes = np.diff(np.concatenate([starts, [len(order)]]))
+            twice = order[np.repeat(sizes > 1, sizes)]
             if len(twice):
-                found.append(part.filter(pc.is_in(part.column("id"), value_set=twice.combine_chunks())))
+                found.append(part.take(pa.array(twice)).select(DUPLICATES_SCHEMA.names))
     if not found:
         return DUPLICATES_SCHEMA.empty_table()
     return pa.concat_tables(found).sort_by([("file", "ascending"), ("row", "ascending")])

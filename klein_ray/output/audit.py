@@ -21,18 +21,19 @@ import random
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from klein_ray.output.checkpoint import DoneSet
 from klein_ray.output.ledger import CommittedRow, Ledger, Verdict
-from klein_ray.storage.spill import Spill, partitions_for, string_hashes
+from klein_ray.storage.spill import Spill, exact_groups, partitions_for, string_hashes
 
 log = logging.getLogger(__name__)
 
 Depth = str  # "shallow" (trust the sha256 an image carries) or "deep" (hash its bytes)
 SHARD = 10_000  # ids judged per shard (a task of a sharded verify)
-_IDS = pa.schema([("id", pa.string())])
+_IDS = pa.schema([("id", pa.string()), ("hash", pa.uint64())])
 
 
 @dataclass
@@ -82,11 +83,17 @@ class Claimed:
     def _add(self, ids: pa.Array) -> None:
         ids = ids.filter(pc.is_valid(ids)) if ids.null_count else ids
         if len(ids):
-            self._spill.add(pa.record_batch([ids], schema=_IDS), string_hashes(ids))
+            hashes = string_hashes(ids)
+            self._spill.add(pa.record_batch([ids, pa.array(hashes)], schema=_IDS), hashes)
 
     def _parts(self) -> Iterator[pa.Array]:
         for part in self._spill.parts():
-            yield pc.unique(part.column("id").combine_chunks()) if part.num_rows else pa.array([], pa.string())
+            ids = part.column("id").combine_chunks()
+            if not len(ids):
+                yield pa.array([], pa.string())
+                continue
+            order, starts = exact_groups(ids, np.asarray(part.column("hash")))
+            yield ids.take(pa.array(order[starts]))
 
     def __len__(self) -> int:
         return sum(self._sizes)

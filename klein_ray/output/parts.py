@@ -25,8 +25,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from klein_ray.storage import Store
-from klein_ray.storage.spill import Spill, partitions_for, string_hashes
-from klein_ray.storage.tables import ROW_GROUP_ROWS, TableWriter, open_table
+from klein_ray.storage.spill import Spill, exact_groups, partitions_for, string_hashes
+from klein_ray.storage.tables import TableWriter, open_table
 
 SCHEMA = pa.schema([
     ("id", pa.string()), ("variant", pa.string()), ("image_key", pa.string()),
@@ -42,8 +42,13 @@ SCHEMA = pa.schema([
 ])
 # Columns a resume reads for every record (adjacent in SCHEMA: one ranged read per row group).
 POSITION = ["setup", "epoch", "file", "tag", "row", "group"]
-# Columns with few distinct values: read as dictionary arrays (codes, and a string per value).
-DICTIONARY = ["setup", "file", "tag", "group"]
+# Columns with few distinct values: read as dictionary arrays (codes, and a string per value),
+# and so written by merges (a tag is 64 characters: a string per row would be most of a batch).
+DICTIONARY = ["setup", "file", "tag", "group", "variant", "run_id"]
+MERGED = pa.schema([pa.field(f.name, pa.dictionary(pa.int32(), f.type)) if f.name in DICTIONARY else f
+                    for f in SCHEMA])
+ROW_GROUP_ROWS = 262_144  # rows per row group of a merged part: memory of a merge, and reads of a resume
+READ_ROWS = 65_536  # rows a merge reads at a time
 
 
 class PartDamaged(Exception):
@@ -84,9 +89,18 @@ class PartFile:
             raise PartDamaged(self.key, exc) from exc
         return conform(table, columns, dictionaries)
 
-    def chunks(self, columns: list[str]) -> Iterator[pa.Table]:
-        for group in range(self.groups):
-            yield self.read(group, columns)
+    def batches(self, columns: list[str], dictionaries: bool = False, rows: int = READ_ROWS) -> Iterator[pa.Table]:
+        """Every record, ``rows`` at a time, a row group after another (the reader buffers the
+        column chunks of the row groups it is given: one at a time)."""
+        present = [c for c in columns if c in self._names]
+        try:
+            for group in range(self.groups):
+                for batch in self._pf.iter_batches(batch_size=rows, row_groups=[group], columns=present):
+                    yield conform(pa.Table.from_batches([batch]), columns, dictionaries)
+        except PartDamaged:
+            raise
+        except Exception as exc:
+            raise PartDamaged(self.key, exc) from exc
 
 
 def conform(table: pa.Table, columns: list[str] | None = None, dictionaries: bool = False) -> pa.Table:
@@ -113,9 +127,10 @@ def merge(store: Store, parts: list[PartFile], key: str, dedup: bool, drop: pa.A
     ``PartDamaged`` if an input turns out damaged midway (nothing is written then)."""
     keep = _winners(parts, tmp_dir) if dedup else None
     seq = 0
-    with TableWriter(store, key, SCHEMA, ROW_GROUP_ROWS, tmp_dir) as writer:
+    with TableWriter(store, key, MERGED, ROW_GROUP_ROWS, tmp_dir) as writer:
         for part in parts:
-            for table in part.chunks(SCHEMA.names):
+            for table in part.batches(SCHEMA.names, dictionaries=True):
+                table = _dictionaries(table)
                 n = table.num_rows
                 mask = np.ones(n, bool) if keep is None else keep[seq:seq + n]
                 seq += n
@@ -125,23 +140,39 @@ def merge(store: Store, parts: list[PartFile], key: str, dedup: bool, drop: pa.A
     return writer.rows
 
 
+def _dictionaries(table: pa.Table) -> pa.Table:
+    """``table`` in MERGED's types (a column an older part lacks is all nulls, not a dictionary)."""
+    columns = []
+    for field in MERGED:
+        column = table.column(field.name)
+        if column.type != field.type:
+            column = pc.dictionary_encode(column) if pa.types.is_dictionary(field.type) else column.cast(field.type)
+            if column.type != field.type:
+                column = column.cast(field.type)
+        columns.append(column)
+    return pa.Table.from_arrays(columns, schema=MERGED)
+
+
 def _winners(parts: list[PartFile], tmp_dir: str | None) -> np.ndarray:
     """A byte per record (in the parts' order): whether it is its id's newest record."""
     total = sum(p.rows for p in parts)
-    schema = pa.schema([("id", pa.string()), ("rank", pa.int64())])
+    schema = pa.schema([("id", pa.string()), ("hash", pa.uint64()), ("rank", pa.int64())])
     keep = np.zeros(total, bool)
     seq = 0
     with Spill(schema, partitions_for(total), tmp_dir) as spill:
         for part in parts:
-            for table in part.chunks(["id", "epoch"]):
+            for table in part.batches(["id", "epoch"]):
                 n = table.num_rows
                 epoch = np.asarray(pc.fill_null(table.column("epoch"), 0)).astype(np.int64)
                 rank = epoch * (total + 1) + np.arange(seq, seq + n, dtype=np.int64)
                 ids = table.column("id").combine_chunks()
-                spill.add(pa.record_batch([ids, pa.array(rank)], schema=schema), string_hashes(ids))
+                hashes = string_hashes(ids)
+                spill.add(pa.record_batch([ids, pa.array(hashes), pa.array(rank)], schema=schema), hashes)
                 seq += n
         for chunk in spill.parts():
             if chunk.num_rows:
-                best = chunk.group_by("id").aggregate([("rank", "max")]).column("rank_max")
-                keep[np.asarray(best) % (total + 1)] = True
+                rank, hashes = np.asarray(chunk.column("rank")), np.asarray(chunk.column("hash"))
+                order, starts = exact_groups(chunk.column("id").combine_chunks(), hashes, rank)
+                newest = order[np.concatenate([starts[1:], [len(order)]]) - 1]
+                keep[rank[newest] % (total + 1)] = True
     return keep

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.ipc
 
-PARTITION_ROWS = 2_000_000  # rows per part a spill aims at (one part is read whole)
-MEMORY_ROWS = 1_000_000  # a spill expected to hold at most this many rows stays in memory
+PARTITION_ROWS = 500_000  # rows per part a spill aims at (one part is read whole)
+MEMORY_ROWS = 500_000  # a spill expected to hold at most this many rows stays in memory
 HASH_BYTES = 128  # bytes hashed at each end of a longer string (ids are at most 128 characters)
 
 _M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9)
@@ -97,6 +98,41 @@ def _finish(h: np.ndarray) -> np.ndarray:
         h = h ^ (h >> np.uint64(27))
         h = h * np.uint64(0x94D049BB133111EB)
         return h ^ (h >> np.uint64(31))
+
+
+def exact_groups(keys: pa.Array, hashes: np.ndarray, rank: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of equal keys brought together, without a hash table of strings: ``order`` (row
+    indices sorted by hash, then by ``rank`` within a key) and ``starts`` (where each distinct
+    key's rows begin in ``order``). Exact: neighbours that share a hash are compared as strings,
+    and a run of one hash holding several keys (a collision) is sorted by the strings themselves.
+    Memory: a few integers a row."""
+    n = len(hashes)
+    order = np.lexsort((rank, hashes)) if rank is not None else np.argsort(hashes, kind="stable")
+    if n < 2:
+        return order, np.zeros(min(n, 1), np.int64)
+    h = hashes[order]
+    same = h[1:] == h[:-1]
+    pairs = np.flatnonzero(same)
+    if len(pairs):
+        equal = np.asarray(pc.equal(keys.take(pa.array(order[pairs])), keys.take(pa.array(order[pairs + 1]))))
+        same[pairs] = equal
+        if not equal.all():
+            _untangle(keys, rank, order, same, h, pairs[~equal])
+    return order, np.flatnonzero(np.concatenate([[True], ~same]))
+
+
+def _untangle(keys: pa.Array, rank: np.ndarray | None, order: np.ndarray, same: np.ndarray, h: np.ndarray,
+              clashes: np.ndarray) -> None:
+    """Re-sort the runs of one hash that hold several keys by (key, rank), in place."""
+    bounds = np.concatenate([[0], np.flatnonzero(h[1:] != h[:-1]) + 1, [len(h)]])
+    for lo, hi in {(int(bounds[i]), int(bounds[i + 1])) for i in np.searchsorted(bounds, clashes, side="right") - 1}:
+        rows = order[lo:hi]
+        values = keys.take(pa.array(rows)).to_pylist()
+        ranks = rank[rows] if rank is not None else np.arange(hi - lo)
+        resorted = sorted(range(hi - lo), key=lambda i: (values[i], ranks[i]))
+        order[lo:hi] = rows[resorted]
+        for i in range(lo, hi - 1):
+            same[i] = values[resorted[i - lo]] == values[resorted[i - lo + 1]]
 
 
 def partitions_for(rows: int) -> int:
