@@ -125,6 +125,8 @@ class Driver:
         except KeyboardInterrupt:
             self.interrupted = True
             self._stops.request(INTERRUPT)
+        finally:
+            self.tally.errors.close()  # (its counts stay; the local file of errors goes)
         summary = self._summary(started)
         log.info("run %s %s: %d committed, %d skipped, %d failed, %s remaining in %.1f s", self.run_id,
                  "stopped" if self.stopped else "finished", summary["committed"], summary["skipped"],
