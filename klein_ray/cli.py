@@ -327,18 +327,11 @@ def st_missing(output: str, config) -> bool:
 
 
 def cmd_verify(args) -> int:
-    from klein_ray.commands.render import executor_factory
-    from klein_ray.commands.verify import verify_output
+    from klein_ray.commands.verify import shard_executor, verify_output
     from klein_ray.scheduling.resume import spill_dir
 
     config = load_config(args.config)
-    if args.sample is not None and args.sample < 1:
-        raise ConfigError("--sample N: N must be at least 1")
-    kind = args.executor
-    if kind == "auto":
-        kind = "ray" if args.address or os.environ.get("RAY_ADDRESS") else "local"
-    executor = executor_factory(kind, args.address if kind == "ray" else None,
-                                config.run.ray_join_timeout_s)()
+    executor = shard_executor(args.executor, args.address, config.run.ray_join_timeout_s)
     try:
         found = verify_output(args.output, deep=args.deep, storage=config.storage, executor=executor,
                               sample=args.sample, seed=args.seed, tmp_dir=spill_dir(config))

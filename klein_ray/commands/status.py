@@ -21,6 +21,7 @@ from klein_ray.commands.currency import Judged, currency, judged
 from klein_ray.config import StorageConfig
 from klein_ray.intake.marks import DONE, FAILED, OUTDATED, STALE, STANDING
 from klein_ray.output.audit import census
+from klein_ray.output.checkpoint import retrying
 from klein_ray.output.joblog import error_batches, read_config, read_errors, read_progress, read_state
 from klein_ray.output.lease import holder_gone
 from klein_ray.output.ledger import CommittedRow, Ledger, Verdict
@@ -186,13 +187,17 @@ def _listing(ledger: Ledger, found: Judged, tmp_dir: str | None) -> tuple[int, i
     commit nothing, committed ids outside the manifest). Listed ids, the checkpoint's ids and the
     unnamed rows' ids are spilled by id hash and matched a partition at a time."""
     parts = partitions_for(found.manifest.total_rows + ledger.checkpoint.count())
-    with Spill(_ID, parts, tmp_dir) as listed, Spill(_ID, parts, tmp_dir) as named, \
-            Spill(_ROW, parts, tmp_dir) as rows:
+    spills = {"named": Spill(_ID, parts, tmp_dir)}
+
+    def anew() -> None:  # a part vanished midway (merged by a render): read them again
+        spills["named"].close()
+        spills["named"] = Spill(_ID, parts, tmp_dir)
+    for chunk in retrying(lambda: ledger.checkpoint.scan(["id"]), anew):
+        ids = chunk.table.column("id").combine_chunks()
+        spills["named"].add(pa.record_batch([ids], schema=_ID), string_hashes(ids))
+    with Spill(_ID, parts, tmp_dir) as listed, spills["named"] as named, Spill(_ROW, parts, tmp_dir) as rows:
         for ids in _pages(ledger.marker_ids()):
             listed.add(pa.record_batch([ids], schema=_ID), string_hashes(ids))
-        for chunk in ledger.checkpoint.scan(["id"]):
-            ids = chunk.table.column("id").combine_chunks()
-            named.add(pa.record_batch([ids], schema=_ID), string_hashes(ids))
         for index, at, ids in _unmarked(found):
             rows.add(pa.record_batch([ids, pa.array(np.full(len(at), index, np.int32)), pa.array(at)],
                                      schema=_ROW), string_hashes(ids))

@@ -17,12 +17,14 @@ upper bound (95%) on the broken fraction of the whole output that what it found 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from klein_ray.commands.currency import Judged, judge_rows
-from klein_ray.config import StorageConfig
+from klein_ray.commands.render import executor_factory
+from klein_ray.config import ConfigError, StorageConfig
 from klein_ray.executors.base import Executor
 from klein_ray.intake.marks import OUTDATED, STALE
 from klein_ray.output.audit import SHARD, AuditReport, Claimed, broken_bound
@@ -50,6 +52,14 @@ class Shard:
 class ShardResult:
     checked: int
     broken: list[Verdict] = field(default_factory=list)
+
+
+def shard_executor(kind: str, address: str | None, join_timeout: float) -> Executor:
+    """Where shards are judged: ``ray`` (tasks on the cluster), ``local`` (threads here), or
+    ``auto``: Ray when ``address`` or ``RAY_ADDRESS`` names a cluster, else local."""
+    if kind == "auto":
+        kind = "ray" if address or os.environ.get("RAY_ADDRESS") else "local"
+    return executor_factory(kind, address if kind == "ray" else None, join_timeout)()
 
 
 def judge_shard(shard: Shard) -> ShardResult:
@@ -98,6 +108,8 @@ def verify_output(uri: str, deep: bool = False, storage: StorageConfig | None = 
                   tmp_dir: str | None = None) -> Verification:
     """The audit of the output at ``uri`` (every claimed row, or a ``sample`` of them), sharded
     through ``executor`` (None: judged here), and how current its rows are."""
+    if sample is not None and sample < 1:
+        raise ConfigError("--sample N: N must be at least 1")
     storage = storage or StorageConfig()
     ledger = Ledger(open_store(uri, storage))
     state = read_state(ledger.store) or {}

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from klein_ray.output.checkpoint import DoneSet
+from klein_ray.output.checkpoint import DoneSet, retrying
 from klein_ray.output.ledger import CommittedRow, Ledger, Verdict
 from klein_ray.storage.spill import Spill, exact_groups, partitions_for, string_hashes
 
@@ -67,9 +67,13 @@ class Claimed:
     of the id (``rows_hint``: about how many, to size the partitions). Use as a context manager."""
 
     def __init__(self, ledger: Ledger, rows_hint: int = 0, tmp_dir: str | None = None):
-        hint = max(rows_hint, ledger.checkpoint.count())
-        self._spill = Spill(_IDS, partitions_for(2 * hint), tmp_dir)
-        for chunk in ledger.checkpoint.scan(["id"]):
+        parts = partitions_for(2 * max(rows_hint, ledger.checkpoint.count()))
+        self._spill = Spill(_IDS, parts, tmp_dir)
+
+        def anew() -> None:  # a part vanished midway (merged by a render): read them again
+            self._spill.close()
+            self._spill = Spill(_IDS, parts, tmp_dir)
+        for chunk in retrying(lambda: ledger.checkpoint.scan(["id"]), anew):
             self._add(chunk.table.column("id").combine_chunks())
         page: list[str] = []
         for row_id in ledger.marker_ids():
