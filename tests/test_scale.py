@@ -266,3 +266,24 @@ def test_a_damaged_part_costs_only_its_rows(tmp_path, monkeypatch):
     marked, found = _marks(store, str(path))
     assert marked == {("m.parquet", i): "done" for i in range(10, 20)}
     assert sorted(found.damaged) == sorted([merged, cut])
+
+
+def test_a_file_written_to_during_a_run_records_no_positions(tmp_path):
+    """Rows read from a manifest file rewritten after the run hashed it are recorded without a
+    position (the next run matches them by id): their bytes are not the tagged ones."""
+    from klein_ray.intake.marks import RowMarks
+    from klein_ray.intake.prescan import Prescan
+    from klein_ray.scheduling.resume import ResumePlan
+    from klein_ray.scheduling.standing import Standing
+    from klein_ray.types import RowSpec
+
+    path = write_manifest(tmp_path / "m.parquet", _rows(["r0", "r1"]))
+    with Manifest(str(path)) as manifest:
+        mf, tag = manifest.files[0], manifest.tags()[0]
+        plan = ResumePlan(manifest, Standing(RowMarks([2])), Prescan(), False, None,  # type: ignore[arg-type]
+                          origins={mf.name: (0, mf.key, tag)})
+        row = RowSpec("r1", "p", "tiny", (), 64, 64, None, 1.0, 1, "derived", "png", manifest_file=mf.name,
+                      manifest_row=1, group=setup_group({}))
+        assert plan.origin(row) == Origin("m.parquet", tag, 1, setup_group({}))
+        write_manifest(path, _rows(["r0", "r1"], prompt="another prompt {}"))
+        assert not manifest.unchanged(0) and plan.origin(row) is None

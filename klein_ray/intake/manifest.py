@@ -49,6 +49,7 @@ class Manifest:
         self.uri = uri
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._tags: list[str] | None = None
+        self._stats: list[tuple[int, int, int]] = []
         self.files = self._open(uri, storage or StorageConfig())
 
     def __enter__(self) -> Manifest:
@@ -82,9 +83,20 @@ class Manifest:
         hashlib hashes at C speed without the GIL). Identical bytes, identical rows: a resume
         finds the committed rows of a file whose tag is unchanged by their positions."""
         if self._tags is None:
+            self._stats = [_stat(f.path) for f in self.files]
             with ThreadPoolExecutor(TAG_THREADS, thread_name_prefix="klein-ray-tag") as pool:
                 self._tags = list(pool.map(lambda f: _sha256_file(f.path), self.files))
+            if [_stat(f.path) for f in self.files] != self._stats:
+                self._tags = [""] * len(self.files)  # written to while hashed: no tag is sure
         return self._tags
+
+    def unchanged(self, index: int) -> bool:
+        """Whether file ``index`` is as it was when tagged (its size, mtime and inode): a file
+        written to during a run (a local manifest edited in place) has rows whose tag is not
+        the one computed, so they are recorded without a position."""
+        if self._tags is None or not self._tags[index]:
+            return False
+        return _stat(self.files[index].path) == self._stats[index]
 
     def iter_record_batches(self, columns: list[str] | None = None, batch_size: int = READ_BATCH_ROWS,
                             wanted: Callable[[int, int, int], bool] | None = None, decode_all: bool = False,
@@ -223,6 +235,11 @@ def _check_text(batch: pa.RecordBatch, mf: ManifestFile, start: int) -> None:
 
 def id_hash(value: object) -> int:
     return int.from_bytes(hashlib.blake2b(str(value).encode(), digest_size=8).digest(), "big")
+
+
+def _stat(path: Path) -> tuple[int, int, int]:
+    info = path.stat()
+    return info.st_size, info.st_mtime_ns, info.st_ino
 
 
 def _sha256_file(path: Path) -> str:

@@ -73,7 +73,7 @@ class ResumePlan:
     log: JobLog
     rerender_outdated: bool = False
     repair: dict[str, str] = field(default_factory=dict)  # broken row -> its marker's version then
-    origins: dict[str, tuple[str, str]] = field(default_factory=dict)  # file name -> (relative name, tag)
+    origins: dict[str, tuple[int, str, str]] = field(default_factory=dict)  # file name -> (index, key, tag)
 
     @property
     def pending(self):
@@ -89,9 +89,12 @@ class ResumePlan:
         return self.standing.marks
 
     def origin(self, row: RowSpec) -> Origin | None:
-        """Where a row came from, as its checkpoint record says it."""
+        """Where a row came from, as its checkpoint record says it; None (matched by id next
+        time) when its file has no tag or was written to since it was tagged."""
         where = self.origins.get(row.manifest_file)
-        return Origin(where[0], where[1], row.manifest_row, row.group) if where and row.group else None
+        if not where or not where[2] or not row.group or not self.manifest.unchanged(where[0]):
+            return None
+        return Origin(where[1], where[2], row.manifest_row, row.group)
 
 
 def spill_dir(cfg: JobConfig) -> str | None:
@@ -128,17 +131,19 @@ def prepare(ledger: Ledger, manifest: Manifest, cfg: JobConfig, sources: dict[st
     standing = build(ledger.checkpoint, manifest, setup_of, tmp) if records \
         else Standing(RowMarks([f.rows for f in manifest.files]))
     files = [[f.key, tag, f.rows] for f, tag in zip(manifest.files, manifest.tags())]
-    duplicates = read_scan(ledger.store, files)
-    scanned = duplicates is None
+    tagged = all(tag for _, tag, _ in files)  # (no tag: a file written to while it was hashed)
+    duplicates = read_scan(ledger.store, files) if tagged else None
+    scanned = duplicates is None and tagged
     if duplicates is None:  # every column decoded: a damaged manifest stops here (exit 2)
         duplicates = find_duplicates(manifest, tmp)
+        scanned = scanned and all(manifest.unchanged(i) for i in range(len(manifest.files)))
     mark_duplicates(standing.marks, duplicates)
     scan = count(manifest, standing.marks, cfg.default_variant, rerender_outdated)
     if may_write():  # not if the lease was lost meanwhile (a long --verify audit)
         joblog.start(manifest.total_rows, setups, {"identities": ids, "scales": defaults}, sources)
         if scanned:
             joblog.put_scan(files, duplicates)
-    origins = {f.name: (f.key, tag) for f, tag in zip(manifest.files, manifest.tags())}
+    origins = {f.name: (i, f.key, tag) for i, (f, tag) in enumerate(zip(manifest.files, manifest.tags()))}
     return ResumePlan(manifest, standing, scan, empty, joblog, rerender_outdated, repair, origins)
 
 

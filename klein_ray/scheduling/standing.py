@@ -106,7 +106,7 @@ class _Builder:
     def __init__(self, checkpoint: Checkpoint, manifest: Manifest, setup_of: SetupOf, tmp_dir: str | None):
         self.checkpoint, self.manifest, self.setup_of, self.tmp_dir = checkpoint, manifest, setup_of, tmp_dir
         self.sizes = np.array([f.rows for f in manifest.files], np.int64)
-        self.files = {(f.key, tag): i for i, (f, tag) in enumerate(zip(manifest.files, manifest.tags()))}
+        self.files = {(f.key, tag): i for i, (f, tag) in enumerate(zip(manifest.files, manifest.tags())) if tag}
         self.found = Standing(RowMarks([f.rows for f in manifest.files]))
         total = checkpoint.count()
         self.partitions = partitions_for(total)
