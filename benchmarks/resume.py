@@ -9,16 +9,16 @@ itself, plus marker objects under ``meta/``), then measures in a fresh child pro
 the driver's path from ``Driver(...)`` to the first ``WorkUnit`` out of the ``Planner``, in
 ``Driver.run``'s order and through its real methods, without Ray:
 
-    Manifest(...) -> Lease.acquire() -> Ledger.done() -> output_is_empty() (only if done is empty)
-    -> prescan(...) -> JobLog(...).start() -> Driver.units(ResumePlan(...)) -> first WorkUnit
+    Manifest(...) -> Lease.acquire() -> Driver.prepare(manifest) (its standing.build timed apart)
+    -> Driver.units(plan) -> first WorkUnit
 
 It counts every HTTP request the shared boto3 client sends (botocore ``before-send`` event,
 retries included), wall seconds, the child's CPU seconds (the client side only: the server runs
 in this parent process) and the child's peak RSS.
 
-The baseline, measured in the same run, is the same path with ``Ledger.done()`` replaced by a
-listing of every marker (``Ledger.marker_ids()``), which is what a design without a checkpoint
-does. 990,000 marker objects cannot be created in moto in reasonable time, so the baseline runs at
+The baseline, measured in the same run, is the same path with ``standing.build`` (the rows'
+standing from the checkpoint) replaced by a listing of every marker (``Ledger.marker_ids()``),
+which is what a design without a checkpoint does. 990,000 marker objects cannot be created in moto in reasonable time, so the baseline runs at
 ``--baseline-rows`` (markers injected straight into moto's in-process backend) and its listing
 cost is extrapolated linearly to the full job; our path is measured at that scale too, on the very
 same OUT, for a like-for-like ratio. Figures only: nothing here asserts on time.
@@ -89,7 +89,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--markers", type=int, default=300, help="real markers under meta/ at full scale")
     ap.add_argument("--layout", choices=("tail", "spread"), default="tail",
                     help="which rows are done: the first DONE (a job killed late; default) or a random sample")
-    ap.add_argument("--no-diagnose", action="store_true", help="skip the per-row cost breakdown")
+    ap.add_argument("--no-diagnose", action="store_true", help="(kept for old command lines: no breakdown is made now)")
     ap.add_argument("--json", help="also write every figure to this file")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     return ap.parse_args()
@@ -99,7 +99,7 @@ def scenarios(args, spec: dict) -> list[tuple]:
     """(name, mode, manifest, OUT, diagnose) of each scenario, in the order the report expects."""
     return [
         (f"ours: checkpoint, {spec['full_parts']} parts (uncompacted)", "checkpoint",
-         spec["full_manifest"], spec["parts_out"], not args.no_diagnose),
+         spec["full_manifest"], spec["parts_out"], False),
         (f"ours: checkpoint, {spec['compact_parts']} part(s) after compact()", "checkpoint",
          spec["full_manifest"], spec["compact_out"], False),
         (f"ours: checkpoint, {spec['base_parts']} parts", "checkpoint",
@@ -154,7 +154,6 @@ def report(args, spec: dict, results: list[dict], started) -> None:
     _report_ratios(spec, full_parts, base_ours, base_list, ext)
     _report_targets((full_parts, full_compact, *what_if))
     _report_phases(results)
-    _report_diagnostics(full_parts)
     _report_setup(args, spec)
     if args.json:
         Path(args.json).write_text(json.dumps({"spec": spec, "results": results}, indent=1, default=str))
@@ -180,7 +179,7 @@ def extrapolate(spec: dict, full_parts: dict, base_list: dict) -> dict:
     per_k_req = listing["requests"] / (base_list["done"] / 1000)
     per_k_s = listing["s"] / (base_list["done"] / 1000)
     per_k_cpu = listing["cpu_s"] / (base_list["done"] / 1000)
-    ours_done = next(p for p in full_parts["phases"] if p["phase"].startswith("Ledger.done"))
+    ours_done = next(p for p in full_parts["phases"] if p["phase"].startswith("standing.build"))
     k = spec["full_done"] / 1000
     return {
         "per_k_req": per_k_req, "per_k_s": per_k_s, "per_k_cpu": per_k_cpu, "k": k,
@@ -252,31 +251,12 @@ def _report_phases(results: list[dict]) -> None:
           f"{r['is_fresh_alone']['s']:.3f} s)")
 
 
-DIAGNOSTICS = (("ids_to_pylist", "id column to Python list (65,536 batches)"),
-               ("id_hash_per_row", "prescan: blake2b id_hash per row, in Python"),
-               ("DoneSet.mask_65536", "DoneSet.mask, 65,536-row batches (prescan)"),
-               ("DoneSet.mask_4096", "DoneSet.mask, 4,096-row batches (_rows)"),
-               ("read_all_columns_to_pylist_4096", "Driver.rows: every column to dicts (4,096 batches)"))
-
-
-def _report_diagnostics(full_parts: dict) -> None:
-    w = print
-    d = full_parts.get("diagnostics")
-    if d:
-        n = d["rows"]
-        w("")
-        w(f"per-row costs on the {n:,}-row manifest (outside the measured path; us/row):")
-        for key, label in DIAGNOSTICS:
-            w(f"  {label:<52} {d[key]:6.2f} s  {1e6 * d[key] / n:6.2f}")
-        w(f"  (Driver.rows makes {d['mask_calls_4096']} DoneSet.mask calls of 4,096 ids)")
-
-
 def _report_setup(args, spec: dict) -> None:
     w = print
     w("")
     w(f"setup: {spec['full_parts']} parts = {spec['parts_mb']:.1f} MB; compacted part = {spec['compact_mb']:.1f} MB "
-      f"(Checkpoint.compact() took {spec['compact_s']:.1f} s at the end of the setup); the id column, all that "
-      f"Ledger.done() uses, is {100 * spec['id_share']:.0f}% of a part's bytes (load() GETs whole parts)")
+      f"(Checkpoint.compact() took {spec['compact_s']:.1f} s at the end of the setup); the id column is "
+      f"{100 * spec['id_share']:.0f}% of a part's bytes (a resume reads the positional columns, by ranged GETs)")
     w(f"caveats: only {args.markers} of the {spec['full_done']:,} markers exist at full scale (moto cannot hold "
       f"990k objects in reasonable time); our path never lists meta/ when the checkpoint is non-empty, so this "
       "does not flatter it. The baseline ran at its own scale with every marker present (injected into moto's "

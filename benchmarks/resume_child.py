@@ -3,7 +3,7 @@
 ``resume.py --child SPEC`` calls ``child`` here, in a process with no S3 server and no setup data
 in its memory. It owns what one scenario measures: the driver's path from ``Driver(...)`` to the
 first ``WorkUnit``, each phase's wall and CPU seconds, the HTTP requests the shared boto3 client
-sends and the bytes it reads, the peak RSS, and (``diagnose``) the per-row costs outside that path.
+sends and the bytes it reads, and the peak RSS.
 Nothing heavy is imported at module level: the client stack is imported inside ``child``, where
 its cost is measured as ``imports_s``.
 """
@@ -82,7 +82,8 @@ class _Phase:
 
 # The modules measured_path uses, boto3 first (it is most of the cost).
 STACK = ("boto3", "klein_ray.output.checkpoint", "klein_ray.config", "klein_ray.intake.manifest",
-         "klein_ray.output.joblog", "klein_ray.output.lease", "klein_ray.scheduling.driver", "klein_ray.storage.s3")
+         "klein_ray.output.joblog", "klein_ray.output.lease", "klein_ray.scheduling.driver", "klein_ray.storage.s3",
+         "klein_ray.scheduling.standing")
 
 
 def _import_stack() -> None:
@@ -93,13 +94,14 @@ def _import_stack() -> None:
 
 
 def measured_path(spec: dict, req: Requests, phase: Phases) -> SimpleNamespace:
-    """The calls ``Driver.run`` makes, in its order, up to the first ``WorkUnit`` (no Ray)."""
+    """The calls ``Driver.run`` makes, in its order, up to the first ``WorkUnit`` (no Ray).
+    ``Driver.prepare`` finds where every row stands (``standing.build``, timed as a phase of its
+    own); in the baseline's mode that step lists every marker instead."""
     from klein_ray.config import JobConfig, VariantConfig
-    from klein_ray.intake.manifest import Manifest, prescan
-    from klein_ray.output.checkpoint import DoneSet
-    from klein_ray.output.joblog import JobLog
+    from klein_ray.intake.manifest import Manifest
     from klein_ray.output.lease import Lease
-    from klein_ray.scheduling.driver import Driver, RenderJob, ResumePlan
+    from klein_ray.scheduling import resume
+    from klein_ray.scheduling.driver import Driver, RenderJob
     from klein_ray.storage.s3 import s3_client
 
     with phase("Driver(RenderJob(...))"):
@@ -114,27 +116,37 @@ def measured_path(spec: dict, req: Requests, phase: Phases) -> SimpleNamespace:
     with phase("Lease.acquire()"):
         lease = Lease(driver.store, driver.run_id)
         lease.acquire()
-    if spec["mode"] == "checkpoint":
-        with phase("checkpoint.compact(keep=64)"):  # as Driver.prepare does first
-            driver.ledger.checkpoint.compact(keep=64)
-        with phase("Ledger.done() (checkpoint)"):
-            done = driver.ledger.done()
-    else:
-        with phase("marker_ids() (list every marker)"):
-            done = DoneSet(sorted(driver.ledger.marker_ids()))
-    with phase("output_is_empty() as prepare() calls it"):
-        fresh = not len(done) and driver.ledger.output_is_empty()
-    with phase("prescan(...)"):
-        duplicates, pending = prescan(manifest, driver.cfg.default_variant, done.mask)
-    with phase("JobLog(...).start()"):
-        log = JobLog(driver.store, driver.cfg, driver.job.manifest, driver.run_id)
-        log.start(manifest.total_rows)
+    build = resume.build if spec["mode"] == "checkpoint" else _listing_build(driver)
+    name = "standing.build (checkpoint)" if spec["mode"] == "checkpoint" else "marker_ids() (list every marker)"
+
+    def timed_build(*args, **kwargs):
+        with phase(name):
+            return build(*args, **kwargs)
+    resume.build = timed_build
+    with phase("Driver.prepare(manifest)"):
+        plan = driver.prepare(manifest)
     with phase("Driver.units(plan) -> 1st unit"):
-        assert sum(pending.values()), "nothing pending: the job would not render"
-        plan = ResumePlan(manifest, done, duplicates, pending, fresh, log)
+        assert plan.scan.to_render, "nothing pending: the job would not render"
         unit = next(driver.units(plan))
-    return SimpleNamespace(driver=driver, manifest=manifest, lease=lease, done=done, fresh=fresh,
-                           pending=pending, unit=unit)
+    return SimpleNamespace(driver=driver, manifest=manifest, lease=lease, plan=plan, unit=unit)
+
+
+def _listing_build(driver):
+    """What a design without a checkpoint does instead: list every marker, mark the rows whose
+    id has one (ids in a Python set)."""
+    import numpy as np
+
+    from klein_ray.intake.marks import DONE, RowMarks
+    from klein_ray.scheduling.standing import Standing
+
+    def build(checkpoint, manifest, setup_of, tmp_dir=None):
+        listed = set(driver.ledger.marker_ids())
+        marks = RowMarks([f.rows for f in manifest.files])
+        for index, _, start, batch in manifest.iter_record_batches(["id"], 65536):
+            hit = np.array([i in listed for i in batch.column(0).to_pylist()], bool)
+            marks.set(index, start + np.flatnonzero(hit), DONE)
+        return Standing(marks, records=len(listed), by_id=len(listed))
+    return build
 
 
 def child(spec: dict, t_process: float) -> dict:
@@ -154,54 +166,24 @@ def child(spec: dict, t_process: float) -> dict:
     peak = maxrss_mb()
     by_op = dict(req.by_op)  # the measured path only (not the lease release below)
     result = {
-        "mode": spec["mode"], "rows": p.manifest.total_rows, "done": len(p.done), "fresh": bool(p.fresh),
+        "mode": spec["mode"], "rows": p.manifest.total_rows, "done": p.plan.kept, "fresh": bool(p.plan.output_was_empty),
         "requests": req.total, "by_op": by_op, "mb_in": req.bytes_in / 2**20,
         "seconds": wall_s, "cpu_s": cpu_s, "imports_s": imports_s, "startup_s": startup_s,
         "rss_start_mb": rss_start, "peak_rss_mb": peak, "peak_rss_increase_mb": peak - rss_start,
-        "maxrss_before_mb": maxrss_start, "phases": phases.rows, "pending": sum(p.pending.values()),
+        "maxrss_before_mb": maxrss_start, "phases": phases.rows, "pending": p.plan.scan.to_render,
         "skipped_before_unit": p.driver.tally.skipped, "unit_rows": p.unit.size,
         "first_row": p.unit.rows[0].id,
     }
     p.lease.release()
     p.manifest.close()
 
-    # For reference, outside the measured path: output_is_empty() alone (run() skips it when the
-    # checkpoint is non-empty) and where the per-row Python time of prescan / Driver.rows goes.
+    # For reference, outside the measured path: output_is_empty() alone (prepare skips it when
+    # the checkpoint has records).
     n0, t = req.total, time.perf_counter()
     p.driver.ledger.output_is_empty()
     result["is_fresh_alone"] = {"requests": req.total - n0, "s": time.perf_counter() - t}
-    if spec.get("diagnose"):
-        result["diagnostics"] = diagnose(spec["manifest"], p.done)
     return result
 
 
 def _renders_nothing():
     raise AssertionError("the resume benchmark measures up to the first unit; it starts no executor")
-
-
-def diagnose(manifest_path: str, done) -> dict:
-    """Split the per-row cost of prescan and Driver.rows cost into its parts, and time a vectorised lookup."""
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    from klein_ray.intake.manifest import READ_BATCH_ROWS, id_hash
-
-    pf = pq.ParquetFile(manifest_path)
-    n = pf.metadata.num_rows
-    out: dict[str, float] = {"rows": n}
-
-    def timed(name, fn):
-        t = time.perf_counter()
-        fn()
-        out[name] = time.perf_counter() - t
-
-    id_batches = [b.column("id") for b in pf.iter_batches(batch_size=65536, columns=["id"])]
-    ids_py = [b.to_pylist() for b in id_batches]
-    timed("ids_to_pylist", lambda: [b.to_pylist() for b in id_batches])
-    timed("id_hash_per_row", lambda: [np.fromiter((id_hash(v) for v in ids), np.uint64, len(ids)) for ids in ids_py])
-    timed("DoneSet.mask_65536", lambda: [done.mask(ids) for ids in ids_py])
-    timed("read_all_columns_to_pylist_4096", lambda: [b.to_pylist() for b in pf.iter_batches(batch_size=READ_BATCH_ROWS)])
-    small = [ids[i:i + READ_BATCH_ROWS] for ids in ids_py for i in range(0, len(ids), READ_BATCH_ROWS)]
-    timed("DoneSet.mask_4096", lambda: [done.mask(ids) for ids in small])
-    out["mask_calls_4096"] = len(small)
-    return out

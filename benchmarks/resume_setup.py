@@ -64,21 +64,26 @@ def done_indices(rows: int, done: int, layout: str) -> list[int]:
     return sorted(random.Random(0).sample(range(rows), done))
 
 
-def write_checkpoint(store, ids: list[str], run_id: str) -> int:
+def write_checkpoint(store, ids: list[str], run_id: str, manifest: Path, rows: list[int]) -> int:
     """What an uncompacted job leaves: Checkpoint.record() for every committed row (a part per
-    FLUSH_ROWS), then the final flush(). Returns the number of parts."""
+    FLUSH_ROWS), each with its origin in ``manifest`` (its position ``rows[n]``), then the final
+    flush(). Returns the number of parts."""
+    import hashlib
+
     from klein_ray.intake.rows import derive_seed
-    from klein_ray.output.checkpoint import Checkpoint
+    from klein_ray.intake.schema import setup_group
+    from klein_ray.output.checkpoint import Checkpoint, Origin
     from klein_ray.output.layout import RESULTS as PREFIX
     from klein_ray.types import RowResult
 
+    tag, group = hashlib.sha256(manifest.read_bytes()).hexdigest(), setup_group({})
     cp = Checkpoint(store, run_id)
     for n, rid in enumerate(ids):
         cp.record(RowResult(
             id=rid, variant="tiny", image_key=f"images/{rid}.png", meta_key=f"meta/{rid}.json",
             sha256=os.urandom(32).hex(), bytes=400_000 + n % 5000, width=512, height=512,
             seed=derive_seed(rid), prompt="", timings={"render": 1.0 + (n % 97) / 100},
-            worker=f"node-{n % 8}/actor-{n % 4}"))
+            worker=f"node-{n % 8}/actor-{n % 4}"), Origin(manifest.name, tag, rows[n], group))
     cp.flush()
     return sum(1 for o in store.list(PREFIX) if o.key.endswith(".parquet"))
 
@@ -99,7 +104,7 @@ def inject_markers(bucket: str, prefix: str, ids: list[str]) -> None:
 
 
 def id_column_share(store, key: str) -> float:
-    """The share of a checkpoint part's bytes that is the ``id`` column (all load() uses)."""
+    """The share of a checkpoint part's bytes that is the ``id`` column (what the old load() read)."""
     import io
 
     import pyarrow.parquet as pq
@@ -144,10 +149,12 @@ def _full_scale(args, tmp: Path, cfg, spec: dict, full_rows: int, full_done: int
     t = time.perf_counter()
     spec["full_manifest"] = str(tmp / f"manifest-{full_rows}.parquet")
     write_manifest(Path(spec["full_manifest"]), full_rows)
-    done_ids = [row_id(i) for i in done_indices(full_rows, full_done, args.layout)]
+    done_rows = done_indices(full_rows, full_done, args.layout)
+    done_ids = [row_id(i) for i in done_rows]
     parts_out = f"s3://{BUCKET_FULL}/parts"
     parts_store = open_store(parts_out, cfg)
-    spec["full_parts"] = write_checkpoint(parts_store, done_ids, "20261124T120000Z-a1b2c3")
+    spec["full_parts"] = write_checkpoint(parts_store, done_ids, "20261124T120000Z-a1b2c3",
+                                          Path(spec["full_manifest"]), done_rows)
     for rid in done_ids[:args.markers]:  # real PUTs over HTTP
         parts_store.put(f"meta/{rid}.json", MARKER_BODY.replace("ID", rid).encode(),
                         content_type="application/json", if_absent=True)
@@ -190,9 +197,11 @@ def _baseline_scale(args, tmp: Path, cfg, spec: dict, base_rows: int, base_done:
     t = time.perf_counter()
     spec["base_manifest"] = str(tmp / f"manifest-{base_rows}.parquet")
     write_manifest(Path(spec["base_manifest"]), base_rows)
-    base_ids = [row_id(i) for i in done_indices(base_rows, base_done, args.layout)]
+    base_rows_done = done_indices(base_rows, base_done, args.layout)
+    base_ids = [row_id(i) for i in base_rows_done]
     base_out = f"s3://{BUCKET_BASE}/out"
-    spec["base_parts"] = write_checkpoint(open_store(base_out, cfg), base_ids, "20261124T140000Z-0a0b0c")
+    spec["base_parts"] = write_checkpoint(open_store(base_out, cfg), base_ids, "20261124T140000Z-0a0b0c",
+                                          Path(spec["base_manifest"]), base_rows_done)
     inject_markers(BUCKET_BASE, "out", base_ids)
     log(f"  baseline-scale OUT {base_out}: {base_done:,} markers (injected), {spec['base_parts']} parts "
         f"({time.perf_counter() - t:.1f} s)")

@@ -52,6 +52,9 @@ class RowSpec:
     # `render --verify` found the row broken: its marker's version then ('' if none), which the
     # repair replaces only if it is still that (None: an ordinary row).
     repair: str | None = None
+    # Its variant and adapters as the manifest states them (intake.schema.setup_group): the
+    # checkpoint records it, so a resume computes the row's setup per group, not per row.
+    group: str = ""
 
 
 @dataclass(frozen=True)

@@ -86,15 +86,30 @@ def _audit_parsers(sub) -> None:
                        description="Counts from storage alone (no Ray). The last line is JSON.")
     s.add_argument("output")
     s.add_argument("--config", "-c", help="job config (for storage settings)")
+    s.add_argument("--markers", action="store_true", help="list every marker even when the output "
+                   "is large (by default an output of more than a million rows is counted from its "
+                   "checkpoint, and the rows it does not name are looked up only when few)")
+    _verify_parser(sub)
 
+
+def _verify_parser(sub) -> None:
     f = sub.add_parser("verify", help="audit every committed row of an output",
                        description="Check every row the output says is committed: marker, image "
                        "key, size and sha256 (--deep downloads and hashes every image). Prints "
                        "each broken row (id, problem), then a JSON summary; exit 0 if none is "
-                       "broken, 1 if some are (`render --verify` repairs them).")
+                       "broken, 1 if some are (`render --verify` repairs them). The rows are "
+                       "judged in shards of 10,000, as Ray tasks with --executor ray.")
     f.add_argument("output")
     f.add_argument("--deep", action="store_true", help="download and hash every image")
     f.add_argument("--config", "-c", help="job config (for storage settings)")
+    f.add_argument("--sample", type=int, metavar="N", help="judge N committed rows drawn uniformly "
+                   "(seeded) instead of all; the summary says what was sampled and the upper bound "
+                   "(95%%) on the broken fraction")
+    f.add_argument("--seed", type=int, default=0, help="the --sample draw (default 0: the same rows each time)")
+    f.add_argument("--executor", choices=("auto", *EXECUTORS), default="auto",
+                   help="where the shards are judged: ray (tasks on the cluster), local (threads "
+                   "here); auto: ray when --address or RAY_ADDRESS names a cluster, else local")
+    f.add_argument("--address", help="Ray cluster address for --executor ray (default: $RAY_ADDRESS)")
 
 
 def _setup_parsers(sub) -> None:
@@ -250,9 +265,10 @@ def cmd_validate(args) -> int:
 
 def cmd_status(args) -> int:
     from klein_ray.commands.status import output_status
+    from klein_ray.scheduling.resume import spill_dir
 
     config = load_config(args.config)
-    st = output_status(args.output, config.storage)
+    st = output_status(args.output, config.storage, markers=args.markers, tmp_dir=spill_dir(config))
     if st.total is None and st.committed == 0 and st_missing(args.output, config):
         print(f"klein-ray: no klein-ray output at {args.output} (no _job/state.json)", file=sys.stderr)
         return EXIT_INVALID
@@ -279,17 +295,26 @@ def st_missing(output: str, config) -> bool:
 
 
 def cmd_verify(args) -> int:
-    from klein_ray.commands.verify import verify_output
+    from klein_ray.commands.verify import shard_executor, verify_output
+    from klein_ray.scheduling.resume import spill_dir
 
     config = load_config(args.config)
-    found = verify_output(args.output, deep=args.deep, storage=config.storage)
-    if found.report.checked == 0 and st_missing(args.output, config):
-        print(f"klein-ray: no klein-ray output at {args.output} (nothing committed, no _job/state.json)",
-              file=sys.stderr)
-        return EXIT_INVALID  # a mistyped path must not read as "every row sound"
-    for line in found.lines():
-        print(line)
-    print(json.dumps(found.as_dict()))
+    executor = shard_executor(args.executor, args.address, config.run.ray_join_timeout_s)
+    try:
+        found = verify_output(args.output, deep=args.deep, storage=config.storage, executor=executor,
+                              sample=args.sample, seed=args.seed, tmp_dir=spill_dir(config))
+    finally:
+        executor.shutdown([])
+    try:
+        if found.report.checked == 0 and st_missing(args.output, config):
+            print(f"klein-ray: no klein-ray output at {args.output} (nothing committed, no _job/state.json)",
+                  file=sys.stderr)
+            return EXIT_INVALID  # a mistyped path must not read as "every row sound"
+        for line in found.lines():
+            print(line)
+        print(json.dumps(found.as_dict()))
+    finally:
+        found.close()
     return 1 if found.report.broken else 0
 
 

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 
 from klein_ray.config import ConfigError, StorageConfig
 from klein_ray.output import layout
-from klein_ray.output.joblog import markers_of, read_contact, read_errors, read_state, read_summary
+from klein_ray.output.errors import KEEP
+from klein_ray.output.joblog import errors_head, markers_of, read_contact, read_state, read_summary
 from klein_ray.output.lease import LeaseRecord
 from klein_ray.output.ledger import Ledger
 from klein_ray.output.report import build_report
 from klein_ray.output.review import group_value
 from klein_ray.storage import NotFound, open_store
-from klein_ray.types import RowError
 from klein_ray.uris import FILE, S3, UriError, parse
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,9 @@ def rebuild_report(out: str, group_by: str | None = None, dest: str | None = Non
                               f"(their columns: {', '.join(_columns(metas)) or 'none'})")
     summary = dict(read_summary(store) or {}, output=store.uri)
     noise = any(bool(m and m.get("generated_by_test_model")) for m in metas.values())
-    page = build_report(summary, entries, _errors(store), total_committed=len(Ledger(store).done()),
-                        noise_model=noise, group_by=group_by, groups=groups)
+    errors, failed = errors_head(store, KEEP)
+    page = build_report(summary, entries, errors, total_committed=Ledger(store).checkpoint.count(),
+                        noise_model=noise, group_by=group_by, groups=groups, errors_total=failed)
     written = _put(store, dest, page.encode(), storage)
     return ReportResult(written, len(entries), len({v for v in (groups or {}).values()}))
 
@@ -70,15 +71,6 @@ def _columns(metas: dict[str, dict | None]) -> list[str]:
     for meta in metas.values():
         found.update(dict.fromkeys((meta or {}).get("passthrough") or {}))
     return [*found, "variant", "seed", "width", "height", "format"]
-
-
-def _errors(store) -> list[RowError]:
-    table = read_errors(store)
-    if table is None:
-        return []
-    fields = ("id", "stage", "error_type", "message", "attempts", "manifest_file", "manifest_row", "column")
-    return [RowError(**{k: row[k] for k in fields if row.get(k) is not None})
-            for row in table.select([f for f in fields if f in table.column_names]).to_pylist()]
 
 
 def _put(store, dest: str | None, page: bytes, storage: StorageConfig) -> str:

@@ -6,7 +6,7 @@ from klein_ray.assets.confinement import confine, refusal
 from klein_ray.assets.references import ReferenceError, ReferenceFetcher
 from klein_ray.config import JobConfig
 from klein_ray.intake.manifest import Manifest
-from klein_ray.intake.prescan import id_hash, prescan
+from klein_ray.intake.prescan import find_duplicates
 from klein_ray.intake.rows import RowValidator, duplicate_id_error
 from klein_ray.model.limits import shape_problem
 from klein_ray.types import RowError, RowSpec
@@ -25,12 +25,14 @@ def validate_manifest(uri: str, config: JobConfig, check_references: bool = Fals
     checked_refs: dict[str, str | None] = {}  # uri -> problem (None: fine)
     problems: list[RowError] = []
     with Manifest(uri, config.storage) as manifest:
-        duplicates = prescan(manifest, config.default_variant).duplicates
+        found = find_duplicates(manifest)
+        files = [f.name for f in manifest.files]
+        duplicates = {(files[f], r) for f, r in zip(found.column("file").to_pylist(), found.column("row").to_pylist())}
         validator = RowValidator(config, base_dir=manifest.base_dir)
         for mf, index, raw in manifest.iter_rows():
             row_id = raw.get("id")
-            if isinstance(row_id, str) and id_hash(row_id) in duplicates:
-                problems.append(duplicate_id_error(row_id, mf.name, index))
+            if (mf.name, index) in duplicates:
+                problems.append(duplicate_id_error(str(row_id), mf.name, index))
             checked = validator.validate(raw, mf.name, index)
             if isinstance(checked, list):
                 problems.extend(checked)

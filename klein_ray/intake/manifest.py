@@ -11,8 +11,9 @@ from __future__ import annotations
 import difflib
 import hashlib
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from klein_ray.types import first_line
 from klein_ray.uris import FILE, S3, UriError, is_s3, local_path, parse, split_s3
 
 READ_BATCH_ROWS = 4096
+TAG_THREADS, TAG_CHUNK = 4, 8 * 1024 * 1024
 
 class ManifestError(ValueError):
     """The manifest cannot be used as a whole (exit code 2)."""
@@ -37,6 +39,7 @@ class ManifestFile:
     path: Path  # local file to read
     rows: int
     columns: tuple[str, ...] = ()
+    key: str = ""  # its name relative to the manifest (in a directory or prefix; else the file name)
 
 
 class Manifest:
@@ -45,6 +48,8 @@ class Manifest:
     def __init__(self, uri: str, storage: StorageConfig | None = None):
         self.uri = uri
         self._tmp: tempfile.TemporaryDirectory | None = None
+        self._tags: list[str] | None = None
+        self._stats: list[tuple[int, int, int]] = []
         self.files = self._open(uri, storage or StorageConfig())
 
     def __enter__(self) -> Manifest:
@@ -72,6 +77,52 @@ class Manifest:
     @property
     def total_rows(self) -> int:
         return sum(f.rows for f in self.files)
+
+    def tags(self) -> list[str]:
+        """Each file's content tag: the sha256 of its bytes (read once, several files at once;
+        hashlib hashes at C speed without the GIL). Identical bytes, identical rows: a resume
+        finds the committed rows of a file whose tag is unchanged by their positions."""
+        if self._tags is None:
+            self._stats = [_stat(f.path) for f in self.files]
+            with ThreadPoolExecutor(TAG_THREADS, thread_name_prefix="klein-ray-tag") as pool:
+                self._tags = list(pool.map(lambda f: _sha256_file(f.path), self.files))
+            if [_stat(f.path) for f in self.files] != self._stats:
+                self._tags = [""] * len(self.files)  # written to while hashed: no tag is sure
+        return self._tags
+
+    def unchanged(self, index: int) -> bool:
+        """Whether file ``index`` is as it was when tagged (its size, mtime and inode): a file
+        written to during a run (a local manifest edited in place) has rows whose tag is not
+        the one computed, so they are recorded without a position."""
+        if self._tags is None or not self._tags[index]:
+            return False
+        return _stat(self.files[index].path) == self._stats[index]
+
+    def iter_record_batches(self, columns: list[str] | None = None, batch_size: int = READ_BATCH_ROWS,
+                            wanted: Callable[[int, int, int], bool] | None = None, decode_all: bool = False,
+                            ) -> Iterator[tuple[int, ManifestFile, int, pa.RecordBatch]]:
+        """(file index, file, index of the batch's first row, batch) of ``columns`` (those the
+        file has; all by default). ``wanted(file index, first row, rows)`` is asked per row
+        group: a row group it declines is not read at all (a resume skips the row groups whose
+        rows are all committed without decoding them). ``decode_all``: as ``iter_batches``."""
+        for index, mf in enumerate(self.files):
+            present = None if columns is None else [c for c in columns if c in mf.columns]
+            try:
+                pf = pq.ParquetFile(mf.path)
+                groups = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
+            except (OSError, pa.ArrowException) as exc:
+                raise ManifestError(f"manifest {mf.name}: its data cannot be read ({first_line(exc)[:200]})") from None
+            start = 0
+            for group, rows in enumerate(groups):
+                if wanted is None or wanted(index, start, rows):
+                    at = start
+                    for batch in _batches(mf, batch_size, None if decode_all else present, [group], pf):
+                        if decode_all:
+                            _check_text(batch, mf, at)
+                            batch = batch.select(present) if present is not None else batch
+                        yield index, mf, at, batch
+                        at += batch.num_rows
+                start += rows
 
     def iter_rows(self, columns: list[str] | None = None) -> Iterator[tuple[ManifestFile, int, dict[str, Any]]]:
         """Yield (file, row index in file, row dict), one record batch in memory at a time."""
@@ -112,7 +163,7 @@ class Manifest:
             paths = self._download_s3(uri, storage)
         else:
             paths = _local_files(uri)
-        files = [self._check(name, path) for name, path in paths]
+        files = [replace(self._check(name, path), key=_relative(uri, name)) for name, path in paths]
         if not files:
             raise ManifestError(f"manifest {uri}: no Parquet files found")
         return files
@@ -152,11 +203,13 @@ class Manifest:
         return ManifestFile(name, path, pf.metadata.num_rows, tuple(schema.names))
 
 
-def _batches(mf: ManifestFile, batch_size: int, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+def _batches(mf: ManifestFile, batch_size: int, columns: list[str] | None, row_groups: list[int] | None = None,
+             pf: pq.ParquetFile | None = None) -> Iterator[pa.RecordBatch]:
     """The file's record batches; a file whose footer reads but whose data does not (damaged
     pages, truncated row groups) is a manifest that cannot be used: ManifestError, no traceback."""
     try:
-        yield from pq.ParquetFile(mf.path).iter_batches(batch_size=batch_size, columns=columns)
+        pf = pf or pq.ParquetFile(mf.path)
+        yield from pf.iter_batches(batch_size=batch_size, columns=columns, row_groups=row_groups)
     except (OSError, pa.ArrowException) as exc:
         raise ManifestError(f"manifest {mf.name}: its data cannot be read ({first_line(exc)[:200]})") from None
 
@@ -182,6 +235,30 @@ def _check_text(batch: pa.RecordBatch, mf: ManifestFile, start: int) -> None:
 
 def id_hash(value: object) -> int:
     return int.from_bytes(hashlib.blake2b(str(value).encode(), digest_size=8).digest(), "big")
+
+
+def _stat(path: Path) -> tuple[int, int, int]:
+    info = path.stat()
+    return info.st_size, info.st_mtime_ns, info.st_ino
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(TAG_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _relative(uri: str, name: str) -> str:
+    """A file's name relative to the manifest ``uri`` (a directory or prefix; for a manifest
+    that is one file, its file name): what stays the same when the manifest moves."""
+    if is_s3(uri):
+        base = uri.rstrip("/")
+        rest = name[len(base):].lstrip("/") if name.startswith(base) else ""
+        return rest or name.rsplit("/", 1)[-1]
+    root, path = local_path(uri), Path(name)
+    return path.relative_to(root).as_posix() if root.is_dir() and path.is_relative_to(root) else path.name
 
 
 def _local_files(uri: str) -> list[tuple[str, Path]]:

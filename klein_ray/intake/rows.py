@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from klein_ray.config import JobConfig
-from klein_ray.intake.schema import KNOWN_COLUMNS, row_digest
+from klein_ray.intake.schema import KNOWN_COLUMNS, row_digest, setup_group
 from klein_ray.types import IMAGE_EXTENSIONS, RowError, RowSpec
 from klein_ray.uris import FILE, HTTP, S3, parse
 
@@ -123,6 +123,7 @@ class RowValidator:
             manifest_row=index,
             digest=row_digest(raw),
             adapters=adapters,
+            group=setup_group(raw),
         )
 
     def _sampling(self, raw: dict[str, Any], bad) -> tuple:

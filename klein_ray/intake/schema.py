@@ -78,6 +78,17 @@ def row_digest(raw: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(values, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
+# The columns a row's setup depends on besides its variant's config (``output.record.row_setup``).
+SETUP_COLUMNS = ("variant", "adapters", "adapter_scales")
+
+
+def setup_group(raw: dict[str, Any]) -> str:
+    """The values of ``SETUP_COLUMNS`` as the manifest states them (null and absent alike), as
+    compact JSON: rows of one group share their setup under any config, so a checkpoint
+    records the group with each row and a reader computes the setup once per group, not per row."""
+    return json.dumps([_plain(raw.get(c)) for c in SETUP_COLUMNS], separators=(",", ":"))
+
+
 def _plain(value: Any) -> Any:
     """A value as JSON states it the same however Parquet typed it (int32 or int64 widths, a
     float guidance of 4 or 4.0, a list or a tuple of references)."""

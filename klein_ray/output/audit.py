@@ -7,20 +7,33 @@ naming the row's image, stored with the size and sha256 the marker names; ``deep
 every image and hashes it (a shallow check trusts the sha256 an image carries in its metadata,
 which a tool writing behind our back does not update). Read-only: auditing needs no lease and
 writes nothing.
+
+The claimed rows (``Claimed``) are the checkpoint's ids and a listing of ``meta/``, each id once:
+both are spilled to local disk partitioned by a hash of the id and deduplicated one partition at
+a time (exact: the strings are compared), so an audit of 100 million rows holds one partition.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+import math
+import random
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 
-from klein_ray.output.checkpoint import DoneSet
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from klein_ray.output.checkpoint import DoneSet, retrying
 from klein_ray.output.ledger import CommittedRow, Ledger, Verdict
+from klein_ray.storage.spill import Spill, exact_groups, partitions_for, string_hashes
 
 log = logging.getLogger(__name__)
 
 Depth = str  # "shallow" (trust the sha256 an image carries) or "deep" (hash its bytes)
+SHARD = 10_000  # ids judged per shard (a task of a sharded verify)
+_IDS = pa.schema([("id", pa.string()), ("hash", pa.uint64())])
 
 
 @dataclass
@@ -28,6 +41,7 @@ class AuditReport:
     checked: int = 0
     deep: bool = False
     broken: list[Verdict] = field(default_factory=list)  # in id order
+    sample: dict | None = None  # what a sampled audit sampled, how, and the bound it gives
 
     @property
     def repairs(self) -> dict[str, str]:
@@ -35,7 +49,8 @@ class AuditReport:
         return {v.id: v.marker_version for v in self.broken}
 
     def as_dict(self) -> dict:
-        return {"checked": self.checked, "broken": len(self.broken), "deep": self.deep}
+        found = {"checked": self.checked, "broken": len(self.broken), "deep": self.deep}
+        return dict(found, sample=self.sample) if self.sample is not None else found
 
 
 @dataclass(frozen=True)
@@ -47,25 +62,106 @@ class Census:
     how: str  # how the rows outside the checkpoint were found
 
 
+class Claimed:
+    """Every id the checkpoint or a marker says is committed, each once, partitioned by a hash
+    of the id (``rows_hint``: about how many, to size the partitions). Use as a context manager."""
+
+    def __init__(self, ledger: Ledger, rows_hint: int = 0, tmp_dir: str | None = None):
+        parts = partitions_for(2 * max(rows_hint, ledger.checkpoint.count()))
+        self._spill = Spill(_IDS, parts, tmp_dir)
+
+        def anew() -> None:  # a part vanished midway (merged by a render): read them again
+            self._spill.close()
+            self._spill = Spill(_IDS, parts, tmp_dir)
+        for chunk in retrying(lambda: ledger.checkpoint.scan(["id"]), anew):
+            self._add(chunk.table.column("id").combine_chunks())
+        page: list[str] = []
+        for row_id in ledger.marker_ids():
+            page.append(row_id)
+            if len(page) >= 65536:
+                self._add(pa.array(page, pa.string()))
+                page = []
+        self._add(pa.array(page, pa.string()))
+        self._sizes = [len(part) for part in self._parts()]
+
+    def _add(self, ids: pa.Array) -> None:
+        ids = ids.filter(pc.is_valid(ids)) if ids.null_count else ids
+        if len(ids):
+            hashes = string_hashes(ids)
+            self._spill.add(pa.record_batch([ids, pa.array(hashes)], schema=_IDS), hashes)
+
+    def _parts(self) -> Iterator[pa.Array]:
+        for part in self._spill.parts():
+            ids = part.column("id").combine_chunks()
+            if not len(ids):
+                yield pa.array([], pa.string())
+                continue
+            order, starts = exact_groups(ids, np.asarray(part.column("hash")))
+            yield ids.take(pa.array(order[starts]))
+
+    def __len__(self) -> int:
+        return sum(self._sizes)
+
+    def chunks(self, size: int = SHARD) -> Iterator[list[str]]:
+        """Every claimed id, in lists of at most ``size``."""
+        for ids in self._parts():
+            for at in range(0, len(ids), size):
+                yield ids.slice(at, size).to_pylist()
+
+    def sample(self, n: int, seed: int) -> list[str]:
+        """``n`` claimed ids drawn uniformly without replacement (``seed``: the same draw again)."""
+        picks = sorted(random.Random(seed).sample(range(len(self)), min(n, len(self))))
+        found: list[str] = []
+        at, p = 0, 0
+        for ids in self._parts():
+            mine = [i - at for i in picks[p:] if i < at + len(ids)]
+            found.extend(ids.take(pa.array(mine, pa.int64())).to_pylist() if mine else [])
+            p += len(mine)
+            at += len(ids)
+        return found
+
+    def close(self) -> None:
+        self._spill.close()
+
+    def __enter__(self) -> Claimed:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def claimed(ledger: Ledger) -> list[str]:
-    """Every id the checkpoint or a marker says is committed, sorted."""
-    return sorted(set(ledger.done()) | set(ledger.marker_ids()))
+    """Every id the checkpoint or a marker says is committed, sorted (small outputs)."""
+    with Claimed(ledger) as found:
+        return sorted(i for chunk in found.chunks() for i in chunk)
 
 
-def audit(ledger: Ledger, deep: bool = False, ids: list[str] | None = None) -> AuditReport:
-    """Judge every claimed row (or ``ids``), in parallel; broken rows in id order."""
-    ids = claimed(ledger) if ids is None else ids
-    report = AuditReport(checked=len(ids), deep=deep)
-    for _, verdict in ledger.judge_all(ids, deep):
-        if isinstance(verdict, Verdict):
-            report.broken.append(verdict)
+def audit(ledger: Ledger, deep: bool = False, ids: list[str] | None = None,
+          tmp_dir: str | None = None) -> AuditReport:
+    """Judge every claimed row (or ``ids``), in parallel, a shard at a time; broken rows in id
+    order."""
+    report = AuditReport(deep=deep)
+    if ids is not None:
+        shards: Iterator[list[str]] = iter([ids])
+        found = None
+    else:
+        found = Claimed(ledger, tmp_dir=tmp_dir)
+        shards = found.chunks()
+    try:
+        for shard in shards:
+            report.checked += len(shard)
+            report.broken.extend(v for _, v in ledger.judge_all(shard, deep) if isinstance(v, Verdict))
+    finally:
+        if found is not None:
+            found.close()
+    report.broken.sort(key=lambda v: v.id)
     return report
 
 
-def broken_rows(ledger: Ledger, depth: Depth) -> dict[str, str]:
+def broken_rows(ledger: Ledger, depth: Depth, tmp_dir: str | None = None) -> dict[str, str]:
     """``render --verify`` (``depth`` "shallow" or "deep"): the committed rows that are broken,
     logged (the first 20 with their problem), to be rendered again and repaired."""
-    report = audit(ledger, deep=depth == "deep")
+    report = audit(ledger, deep=depth == "deep", tmp_dir=tmp_dir)
     for damage in report.broken[:20]:
         log.warning("verify: %s: %s", damage.id, damage.problem)
     log.info("verify: %d committed rows checked (%s), %d broken: rendering them again",
@@ -73,12 +169,42 @@ def broken_rows(ledger: Ledger, depth: Depth) -> dict[str, str]:
     return report.repairs
 
 
+def broken_bound(broken: int, sampled: int, confidence: float = 0.95) -> float:
+    """The one-sided upper confidence bound on the broken fraction of the whole output, from
+    ``broken`` of ``sampled`` rows drawn uniformly (Clopper-Pearson, exact: conservative for a
+    draw without replacement)."""
+    if sampled == 0:
+        return 1.0
+    if broken >= sampled:
+        return 1.0
+    lo, hi = broken / sampled, 1.0
+    for _ in range(60):  # the p at which seeing at most `broken` is 1 - confidence likely
+        mid = (lo + hi) / 2
+        if _binom_cdf(broken, sampled, mid) > 1 - confidence:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def _binom_cdf(k: int, n: int, p: float) -> float:
+    if p <= 0:
+        return 1.0
+    if p >= 1:
+        return 0.0 if k < n else 1.0
+    lp, lq = math.log(p), math.log1p(-p)
+    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq
+             for i in range(k + 1)]
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
 def census(ledger: Ledger, lookups: Collection[str] | None, done: DoneSet | None = None,
            judge_checkpointed: bool = False) -> Census:
-    """Committed rows, cheaply: the checkpoint (``done``, read if not given) names most; the
-    rows outside it are judged one by one, either the ids in ``lookups`` (when the caller knows
-    them and they are few) or every marker the checkpoint does not name (found by listing
-    ``meta/``: a request per 1,000). A damaged checkpoint part means a listing, whatever
+    """Committed rows of a small output: the checkpoint (``done``, read if not given) names
+    most; the rows outside it are judged one by one, either the ids in ``lookups`` (when the
+    caller knows them and they are few) or every marker the checkpoint does not name (found by
+    listing ``meta/``: a request per 1,000). A damaged checkpoint part means a listing, whatever
     ``lookups`` says: its rows are not in the checkpoint any more. ``judge_checkpointed``: judge
     the rows the checkpoint names too (exact whatever happened to their markers since they
     were committed: a GET and a HEAD each)."""

@@ -4,14 +4,17 @@
 markers, never the truth: a part is written only after its rows' markers were committed (judged
 by the ledger's predicate), so a row it names was done when it was written; a row committed
 after the last part (a driver killed between flushes) is caught by the worker's marker check
-before rendering. Resuming reads a listing page and a few parts instead of listing every marker
-(1,000 keys per request). Each row carries what it was rendered from (``inputs``: the manifest
-row's digest; ``setup``: the variant's), so an edited row is not taken for done.
+before rendering. Each row carries what it was rendered from (``inputs``: the manifest row's
+digest; ``setup``: the variant's) and where it came from (``Origin``: the manifest file, that
+file's content tag, the row's position, its setup group), so that a resume can find the rows of
+an unchanged manifest file by position, without a string per row (docs/scale.md).
 
 Parts are merged like an LSM tree so their number stays small however long a run is and however
 often it is killed: every ``MERGE_FANOUT`` parts of one level become one part of the next
 (written first, the merged parts deleted after, so a crash in between only duplicates ids),
-and a run starts by merging whatever earlier runs left when that is more than a handful.
+and a run starts by merging whatever earlier runs left when that is more than a handful. Merges
+stream (``parts.merge``): memory is one row group, whatever the checkpoint's size. Readers
+never hold a part either: ``scan`` yields one row group of a few columns at a time.
 
 A part that cannot be read (cut short, garbage) is not fatal: its rows are simply not known
 committed here, and the worker's marker check finds them (so the truth is rebuilt from the
@@ -24,15 +27,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute
 
 from klein_ray.output import layout
+from klein_ray.output.parts import SCHEMA, PartDamaged, PartFile, PartRef, merge
 from klein_ray.storage import NotFound, Store
-from klein_ray.storage.tables import get_table, put_table
+from klein_ray.storage.tables import put_table
 from klein_ray.types import RowResult
 
 log = logging.getLogger(__name__)
@@ -41,23 +43,29 @@ FLUSH_ROWS = 10_000
 FLUSH_SECONDS = 30.0
 MERGE_FANOUT = 16
 WHOLE = 99  # the level of a part that merged every part of the output (named in its key)
-LOAD_THREADS = 8
+RESCANS = 3  # a scan restarted because a part vanished or broke midway, at most this often
 
-SCHEMA = pa.schema([
-    ("id", pa.string()), ("variant", pa.string()), ("image_key", pa.string()),
-    ("meta_key", pa.string()), ("sha256", pa.string()), ("bytes", pa.int64()),
-    ("width", pa.int32()), ("height", pa.int32()), ("seed", pa.int64()),
-    ("render_s", pa.float64()), ("worker", pa.string()), ("run_id", pa.string()),
-    ("inputs", pa.string()), ("setup", pa.string()), ("epoch", pa.int64()),
-])
+__all__ = ["DONE", "OUTDATED", "SCHEMA", "STALE", "Checkpoint", "Chunk", "DoneSet", "Origin", "Rescan"]
 
 # How a row the checkpoint names stands against the manifest row with its id now.
 DONE, STALE, OUTDATED = "done", "stale", "outdated"
 
 
+@dataclass(frozen=True)
+class Origin:
+    """Where a committed row came from: recorded with it, for a resume by position."""
+
+    file: str  # the manifest file, relative to the manifest (its name in a directory or prefix)
+    tag: str  # the file's content tag (sha256 of its bytes) when the row was read
+    row: int  # the row's position in that file
+    group: str  # its setup group (intake.schema.setup_group)
+
+
 class DoneSet:
     """Committed ids, exact, each with the row digest and variant setup it was rendered from
-    (None where a part written before these were recorded says nothing: taken as current)."""
+    (None where a part written before these were recorded says nothing: taken as current).
+    Holds every id in memory: for small outputs and tests. Resume, ``status`` and ``verify``
+    read the checkpoint in Arrow batches instead (``Checkpoint.scan``)."""
 
     def __init__(self, rows: dict[str, tuple[str | None, str | None]]):
         self._rows = rows
@@ -91,11 +99,33 @@ class DoneSet:
         return DONE
 
 
+class Rescan(Exception):
+    """A part vanished or broke after some of its records were read: read the checkpoint again
+    (without it: it is in ``Checkpoint.damaged`` now, or merged into another)."""
+
+
+@dataclass
+class Chunk:
+    """One row group of one part: ``table`` holds the columns asked for; ``seq`` is the index of
+    its first record in the checkpoint's order (parts in key order: later is newer within an
+    epoch)."""
+
+    part: PartFile
+    group: int
+    seq: int
+    table: pa.Table
+
+    def more(self, columns: list[str]) -> pa.Table:
+        """Other columns of the same rows."""
+        return self.part.read(self.group, columns)
+
+
 class Checkpoint:
-    def __init__(self, store: Store, run_id: str, set_aside: bool = False):
+    def __init__(self, store: Store, run_id: str, set_aside: bool = False, tmp_dir: str | None = None):
         self.store = store
         self.run_id = run_id
         self.set_aside = set_aside  # move damaged parts to _job/damaged/ (only under the lease)
+        self.tmp_dir = tmp_dir  # where merges spill and buffer (None: the system's temp dir)
         self.damaged: list[str] = []  # parts found unreadable
         self.epoch = 0  # the lease's epoch, recorded with every row this run commits
         self._rows: list[dict] = []
@@ -103,16 +133,47 @@ class Checkpoint:
         self._seq = 0
         self._levels: dict[int, list[str]] = {}  # this run's parts per merge level
 
+    # -- reading -------------------------------------------------------------------------
+
+    def scan(self, columns: list[str], dictionaries: bool = False) -> Iterator[Chunk]:
+        """Every record, one row group of ``columns`` at a time, parts in key order
+        (``dictionaries``: the few-valued columns as dictionary arrays). Damaged parts are
+        skipped (and recorded, and set aside under the lease); ``Rescan`` if one breaks, or
+        vanishes (merged meanwhile), after some of its rows were yielded."""
+        seq = 0
+        for ref in self._refs():
+            part = self._open(ref)
+            if part is None:
+                continue
+            for group in range(part.groups):
+                try:
+                    table = part.read(group, columns, dictionaries)
+                except PartDamaged as exc:
+                    if isinstance(exc.cause, NotFound):
+                        raise Rescan(ref.key) from None
+                    self._damaged(ref.key, exc.cause)
+                    if group:
+                        raise Rescan(ref.key) from None
+                    break
+                yield Chunk(part, group, seq, table)
+                seq += table.num_rows
+
+    def count(self) -> int:
+        """Records in the checkpoint (from the parts' footers; an id recorded twice before its
+        parts were merged counts twice)."""
+        return sum(part.rows for part in filter(None, map(self._open, self._refs())))
+
     def load(self) -> DoneSet:
-        """Every committed id the parts name, with what it was rendered from, read in parallel."""
-        keys = self._keys()
-        with ThreadPoolExecutor(LOAD_THREADS) as pool:
-            tables = list(pool.map(lambda k: self._read(k, ["id", "inputs", "setup", "epoch"]), keys))
+        """Every committed id with what it was rendered from (every id in memory: see DoneSet)."""
         rows: dict[str, tuple[str | None, str | None]] = {}
         epochs: dict[str, int] = {}
-        for table in tables:
-            if table is None:
-                continue
+        columns = ["id", "inputs", "setup", "epoch"]
+
+        def anew() -> None:
+            rows.clear()
+            epochs.clear()
+        for chunk in retrying(lambda: self.scan(columns), anew):
+            table = chunk.table
             ids, inputs, setups, written = (table.column(c).to_pylist() for c in ("id", "inputs", "setup", "epoch"))
             for row_id, recorded, epoch in zip(ids, zip(inputs, setups), written):
                 # An id recorded twice (rendered again, or a crash mid-merge): the newest epoch
@@ -123,29 +184,31 @@ class Checkpoint:
 
     def records(self, columns: tuple[str, ...] = ("id", "image_key", "sha256", "bytes", "meta_key")
                 ) -> Iterator[dict]:
-        """The committed rows the parts name, part by part (an id may occur in two parts
-        after a crash mid-merge)."""
-        for key in self._keys():
-            table = self._read(key, list(columns))
-            if table is not None:
-                for batch in table.to_batches():
-                    yield from batch.to_pylist()
+        """The committed rows the parts name, a row group at a time (an id may occur in two
+        parts after a crash mid-merge)."""
+        for chunk in self.scan(list(columns)):
+            for batch in chunk.table.to_batches():
+                yield from batch.to_pylist()
+
+    # -- writing -------------------------------------------------------------------------
 
     def revoke(self, ids: Iterable[str]) -> None:
         """These rows are not committed after all (``render --verify`` is about to repair
         them): the checkpoint is rewritten without them, before any repair starts, so that an
         interrupted repair never leaves a row the checkpoint calls done."""
-        drop = set(ids)
+        drop = sorted(set(ids))
         if drop:
-            self._merge(self._keys(), level=WHOLE, drop=drop)
+            self._merge(self._keys(), level=WHOLE, drop=pa.array(drop, pa.string()))
 
-    def record(self, result: RowResult) -> None:
+    def record(self, result: RowResult, origin: Origin | None = None) -> None:
         self._rows.append({
             "id": result.id, "variant": result.variant, "image_key": result.image_key,
             "meta_key": result.meta_key, "sha256": result.sha256, "bytes": result.bytes,
             "width": result.width, "height": result.height, "seed": result.seed,
             "render_s": result.timings.get("render"), "worker": result.worker, "run_id": self.run_id,
             "inputs": result.inputs or None, "setup": result.setup or None, "epoch": self.epoch,
+            "file": origin.file if origin else None, "tag": origin.tag if origin else None,
+            "row": origin.row if origin else None, "group": origin.group if origin else None,
         })
         if len(self._rows) >= FLUSH_ROWS or time.monotonic() - self._last_flush >= FLUSH_SECONDS:
             self.flush()
@@ -166,8 +229,11 @@ class Checkpoint:
 
     # -- internals -------------------------------------------------------------------------
 
+    def _refs(self) -> list[PartRef]:
+        return [PartRef(o.key, o.size) for o in self.store.list(layout.RESULTS) if o.key.endswith(".parquet")]
+
     def _keys(self) -> list[str]:
-        return [o.key for o in self.store.list(layout.RESULTS) if o.key.endswith(".parquet")]
+        return [ref.key for ref in self._refs()]
 
     def _add(self, level: int, table: pa.Table) -> None:
         key = layout.results_part(self.run_id, level, self._seq)
@@ -179,37 +245,47 @@ class Checkpoint:
             self._levels[level] = []
             self._merge(parts, level + 1)
 
-    def _merge(self, keys: list[str], level: int, drop: set[str] | None = None) -> None:
-        tables = [(key, self._read(key)) for key in keys]
-        merged = pa.concat_tables([table for _, table in tables if table is not None] or [SCHEMA.empty_table()])
-        if drop:
-            merged = merged.filter(pa.compute.invert(pa.compute.is_in(merged.column("id"), pa.array(sorted(drop)))))
-        if level == WHOLE:  # a whole-output merge: drop the ids earlier crashes left twice
-            merged = _unique_ids(merged)
+    def _merge(self, keys: list[str], level: int, drop: pa.Array | None = None) -> None:
+        """Merge ``keys`` into one part of ``level``, streamed (a whole-output merge also drops
+        the older records of ids recorded twice); the merged parts are deleted after. A part
+        found damaged midway is set aside (or left) and the merge made again without it."""
+        wanted = set(keys)
+        refs = [ref for ref in self._refs() if ref.key in wanted]
+        while True:
+            parts = [p for p in map(self._open, refs) if p is not None]
             key = layout.results_part(self.run_id, level, self._seq)
             self._seq += 1
-            put_table(self.store, key, merged)
+            try:
+                merge(self.store, parts, key, dedup=level == WHOLE, drop=drop, tmp_dir=self.tmp_dir)
+                break
+            except PartDamaged as exc:
+                self._damaged(exc.key, exc.cause)
+                refs = [ref for ref in refs if ref.key != exc.key]
+        if level == WHOLE:
             self._levels = {}
         else:
-            self._add(level, merged)
-        for key, table in tables:
-            if table is not None:  # a damaged part was set aside (or is left for the driver to)
-                self.store.delete(key)
+            self._levels.setdefault(level, []).append(key)
+        for part in parts:  # (a damaged part was set aside, or is left for the driver to)
+            self.store.delete(part.key)
+        if level != WHOLE and len(self._levels[level]) >= MERGE_FANOUT:
+            merged, self._levels[level] = self._levels[level], []
+            self._merge(merged, level + 1)
 
-    def _read(self, key: str, columns: list[str] | None = None) -> pa.Table | None:
-        """A part (in SCHEMA, columns older parts lack filled with nulls), or None when it is
-        damaged: then it is set aside, or left for the driver, with a warning."""
-        try:
-            table = get_table(self.store, key)
-        except NotFound:  # merged and deleted by a concurrent compaction: its rows are elsewhere
-            table = SCHEMA.empty_table()
-        except Exception as exc:  # noqa: BLE001 - any way a part fails to parse: it is damaged
-            self._damaged(key, exc)
+    def _open(self, ref: PartRef) -> PartFile | None:
+        """A part opened for reading, or None: vanished (merged and deleted by a concurrent
+        compaction: its rows are elsewhere), or damaged (set aside, or left for the driver)."""
+        if ref.key in self.damaged:
             return None
-        table = _conform(table)
-        return table if columns is None else table.select(columns)
+        try:
+            return PartFile(self.store, ref)
+        except PartDamaged as exc:
+            if not isinstance(exc.cause, NotFound):
+                self._damaged(ref.key, exc.cause)
+            return None
 
-    def _damaged(self, key: str, exc: Exception) -> None:
+    def _damaged(self, key: str, exc: BaseException) -> None:
+        if key in self.damaged:
+            return
         self.damaged.append(key)
         if not self.set_aside:
             log.warning("checkpoint part %s cannot be read (%s); its rows are judged by their "
@@ -218,6 +294,19 @@ class Checkpoint:
         kept = set_aside(self.store, key)
         log.warning("checkpoint part %s cannot be read (%s): moved to %s; its rows are checked "
                     "against their markers as the run goes", key, type(exc).__name__, kept)
+
+
+def retrying(scan: Callable[[], Iterator[Chunk]], reset: Callable[[], object]) -> Iterator[Chunk]:
+    """``scan()``'s chunks; when it raises ``Rescan``, ``reset()`` and scan again (the part
+    that broke is skipped then), at most ``RESCANS`` times."""
+    for attempt in range(RESCANS + 1):
+        try:
+            yield from scan()
+            return
+        except Rescan:
+            if attempt == RESCANS:
+                raise
+            reset()
 
 
 def set_aside(store: Store, key: str) -> str:
@@ -230,22 +319,3 @@ def set_aside(store: Store, key: str) -> str:
         return kept
     store.delete(key)
     return kept
-
-
-def _conform(table: pa.Table) -> pa.Table:
-    """A part in SCHEMA: columns it lacks (written by an older klein-ray) as nulls."""
-    for field in SCHEMA:
-        if field.name not in table.column_names:
-            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
-    return table.select(SCHEMA.names).cast(SCHEMA)
-
-
-def _unique_ids(table: pa.Table) -> pa.Table:
-    """One record per id: the newest (highest epoch; within one, the later part: a row rendered
-    again because it went stale is recorded after its first render)."""
-    order = pa.compute.fill_null(table.column("epoch"), 0).to_numpy(zero_copy_only=False).astype("int64")
-    rank = order * (table.num_rows + 1) + np.arange(table.num_rows, dtype="int64")
-    indexed = table.append_column("_i", pa.array(rank, pa.int64()))
-    best = indexed.group_by("id").aggregate([("_i", "max")]).column("_i_max").to_numpy()
-    keep = best % (table.num_rows + 1)
-    return table.take(pa.array(keep)).sort_by("id") if len(keep) else table

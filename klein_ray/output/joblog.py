@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -25,6 +25,7 @@ import yaml
 from klein_ray.config import JobConfig
 from klein_ray.output import layout
 from klein_ray.output.checkpoint import set_aside
+from klein_ray.output.errors import ERRORS_SCHEMA, ErrorLog  # (ERRORS_SCHEMA: imported from here too)
 from klein_ray.output.ledger import Ledger
 from klein_ray.output.report import (
     MAX_CONTACT_ENTRIES,
@@ -35,17 +36,13 @@ from klein_ray.output.report import (
 )
 from klein_ray.output.review import group_value
 from klein_ray.storage import NotFound, Store
-from klein_ray.storage.tables import get_table, put_table
+from klein_ray.storage.tables import TableWriter, get_table, open_table
 from klein_ray.types import RowError, RowResult
 from klein_ray.uris import local_path, redact
 
 log = logging.getLogger(__name__)
 
-ERRORS_SCHEMA = pa.schema([
-    ("id", pa.string()), ("stage", pa.string()), ("error_type", pa.string()),
-    ("message", pa.string()), ("attempts", pa.int32()), ("column", pa.string()),
-    ("manifest_file", pa.string()), ("manifest_row", pa.int64()), ("run_id", pa.string()),
-])
+SCAN_VERSION = 1  # what a scan record means; another version's is scanned again
 
 
 class JobLog:
@@ -100,10 +97,17 @@ class JobLog:
         self.contact.append(entry)
         self._contact_ids.add(result.id)
 
-    def finish(self, errors: list[RowError], summary: dict, committed_total: int, noise_model: bool) -> None:
-        """Write the errors table, summary, contact entries and the report (in that order)."""
-        rows = [dict(asdict(e), run_id=self.run_id) for e in errors]
-        put_table(self.store, layout.ERRORS, pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA))
+    def finish(self, errors: ErrorLog | list[RowError], summary: dict, committed_total: int,
+               noise_model: bool) -> None:
+        """Write the errors table (streamed: a run may fail millions of rows), summary, contact
+        entries and the report (in that order; the report lists the first errors)."""
+        if isinstance(errors, list):
+            log_ = ErrorLog(self.run_id)
+            log_.extend(errors)
+            errors = log_
+        with TableWriter(self.store, layout.ERRORS, ERRORS_SCHEMA) as writer:
+            for batch in errors.batches():
+                writer.write(batch)
         self._put_json(layout.SUMMARY, summary)
         self.store.put(layout.CONTACT, entries_to_parquet_bytes(self.contact))
         group_by = self.config.report.group_by
@@ -112,9 +116,9 @@ class JobLog:
             log.warning("report.group_by: no image of the report has a %r column; the report is not "
                         "grouped", group_by)
             group_by = None
-        html = build_report(dict(summary, run_id=self.run_id), self.contact, errors,
+        html = build_report(dict(summary, run_id=self.run_id), self.contact, errors.first,
                             total_committed=committed_total, noise_model=noise_model,
-                            group_by=group_by, groups=groups)
+                            group_by=group_by, groups=groups, errors_total=len(errors))
         self.store.put(layout.REPORT, html.encode(), content_type="text/html; charset=utf-8")
 
     # -- helpers ---------------------------------------------------------------------------
@@ -129,6 +133,14 @@ class JobLog:
             log.warning("%s cannot be read (%s): left in %s; the contact sheet starts anew",
                         layout.CONTACT, type(exc).__name__, where)
             return []
+
+    def put_scan(self, files: list[list], duplicates: pa.Table) -> None:
+        """What the prescan found (the rows whose id another row shares), keyed by the manifest's
+        files as scanned whole: [relative name, content tag, rows] each. A run over the same
+        bytes reads it instead of scanning again (``read_scan``)."""
+        meta = {"klein_ray_scan": json.dumps({"version": SCAN_VERSION, "files": files})}
+        with TableWriter(self.store, layout.SCAN, duplicates.schema.with_metadata(meta)) as writer:
+            writer.write(duplicates.replace_schema_metadata(meta))
 
     def put_progress(self, progress: dict) -> None:
         """``_job/progress.json``: what a scheduler or `status` reads while the run goes on."""
@@ -148,6 +160,59 @@ def read_progress(store: Store) -> dict | None:
 def read_state(store: Store) -> dict | None:
     """The job's state (manifest, total, run), {} if damaged (warned), None if absent."""
     return _read_json(store, layout.STATE)
+
+
+def read_scan(store: Store, files: list[list]) -> pa.Table | None:
+    """The duplicates a prescan of exactly these ``files`` found, or None (none recorded, another
+    manifest or version, unreadable: scan again)."""
+    try:
+        table = get_table(store, layout.SCAN)
+        meta = json.loads((table.schema.metadata or {}).get(b"klein_ray_scan", b"{}"))
+    except NotFound:
+        return None
+    except Exception as exc:  # noqa: BLE001 - any way the file fails to parse: scanned again
+        log.warning("%s cannot be read (%s): the manifest is scanned again", layout.SCAN, type(exc).__name__)
+        return None
+    if meta.get("version") != SCAN_VERSION or meta.get("files") != files:
+        return None
+    return table.replace_schema_metadata(None)
+
+
+def errors_head(store: Store, limit: int) -> tuple[list[RowError], int]:
+    """The latest run's first ``limit`` errors and how many there are (row groups read only
+    as far as needed; ``([], 0)`` when absent or damaged)."""
+    fields = ("id", "stage", "error_type", "message", "attempts", "manifest_file", "manifest_row", "column")
+    found: list[RowError] = []
+    try:
+        table = open_table(store, layout.ERRORS)
+        total = table.metadata.num_rows
+        for group in range(table.metadata.num_row_groups):
+            if len(found) >= limit:
+                break
+            rows = table.read_row_group(group, columns=[f for f in fields if f in table.schema_arrow.names])
+            found.extend(RowError(**{k: v for k, v in row.items() if v is not None})
+                         for row in rows.slice(0, limit - len(found)).to_pylist())
+    except NotFound:
+        return [], 0
+    except Exception as exc:  # noqa: BLE001 - any way the table fails to parse: it is damaged
+        log.warning("%s cannot be read (%s): counted as no errors recorded", layout.ERRORS, type(exc).__name__)
+        return [], 0
+    return found, total
+
+
+def error_batches(store: Store, columns: list[str]) -> Iterator[pa.Table]:
+    """The latest run's errors, a row group of ``columns`` at a time (nothing when absent or
+    damaged: warned)."""
+    try:
+        table = open_table(store, layout.ERRORS)
+        groups = range(table.metadata.num_row_groups)
+        names = table.schema_arrow.names
+        for group in groups:
+            yield table.read_row_group(group, columns=[c for c in columns if c in names])
+    except NotFound:
+        return
+    except Exception as exc:  # noqa: BLE001 - any way the table fails to parse: it is damaged
+        log.warning("%s cannot be read (%s): counted as no errors recorded", layout.ERRORS, type(exc).__name__)
 
 
 def read_errors(store: Store) -> pa.Table | None:

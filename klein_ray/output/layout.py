@@ -9,6 +9,7 @@ _job/lease.json                the running driver's lease
 _job/progress.json             the running (or last) run's progress, rewritten every few seconds
 _job/results/{run}-L{level}-{seq}.parquet   the results table, which is the checkpoint
 _job/errors.parquet            rows that failed in the latest run
+_job/scan.parquet              the manifest's files (name, content tag) as last scanned, and its duplicate ids
 _job/summary.json              the summary `render` prints last
 _job/contact.parquet           the contact sheet's entries (thumbnails)
 _job/report.html               the contact sheet
@@ -34,6 +35,7 @@ STATE = f"{JOB}state.json"
 LEASE = f"{JOB}lease.json"
 PROGRESS = f"{JOB}progress.json"
 ERRORS = f"{JOB}errors.parquet"
+SCAN = f"{JOB}scan.parquet"  # the prescan's findings, keyed by the manifest files' content tags
 SUMMARY = f"{JOB}summary.json"
 CONTACT = f"{JOB}contact.parquet"
 REPORT = f"{JOB}report.html"

@@ -50,7 +50,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from klein_ray.output import layout
-from klein_ray.output.checkpoint import Checkpoint, DoneSet
+from klein_ray.output.checkpoint import Checkpoint, DoneSet, Origin
 from klein_ray.output.layout import image_key, meta_key
 from klein_ray.output.markers import (
     CommittedRow,
@@ -102,12 +102,14 @@ class Ledger:
 
     def done(self) -> DoneSet:
         """Rows known committed, from the compact checkpoint (a few requests, not a listing).
-        The checkpoint names only rows the predicate passed when they were committed."""
+        The checkpoint names only rows the predicate passed when they were committed. Every id
+        in memory: large outputs are read through ``checkpoint.scan`` (docs/scale.md)."""
         return self.checkpoint.load()
 
-    def record(self, result: RowResult) -> None:
-        """Add a committed row to the checkpoint (flushed in parts)."""
-        self.checkpoint.record(result)
+    def record(self, result: RowResult, origin: Origin | None = None) -> None:
+        """Add a committed row to the checkpoint (flushed in parts), with where in the manifest
+        it came from when known."""
+        self.checkpoint.record(result, origin)
 
     def output_is_empty(self) -> bool:
         """No marker and no image under OUT (two listing requests): nothing to check or adopt."""

@@ -27,12 +27,13 @@ from klein_ray.executors.base import Executor, Outcome, Pool, WorkerLost
 from klein_ray.intake.manifest import Manifest
 from klein_ray.intake.planner import Planner, look_ahead
 from klein_ray.output.audit import Depth
+from klein_ray.output.errors import ErrorLog
 from klein_ray.output.joblog import JobLog, new_run_id
 from klein_ray.output.lease import Lease
 from klein_ray.output.ledger import Ledger
 from klein_ray.scheduling.policy import settle
 from klein_ray.scheduling.pools import check_sources, start_pools, worker_specs
-from klein_ray.scheduling.resume import ResumePlan, Tally
+from klein_ray.scheduling.resume import ResumePlan, Tally, spill_dir
 from klein_ray.scheduling.resume import prepare as prepare_resume
 from klein_ray.scheduling.resume import rows as resume_rows
 from klein_ray.scheduling.stopping import (  # the exit codes are the driver's API too
@@ -99,7 +100,9 @@ class Driver:
         self.store = open_store(job.output, self.cfg.storage)
         self.run_id = new_run_id()
         self.ledger = Ledger(self.store, self.run_id, set_aside=True)
-        self.tally = Tally()
+        # Failed rows are counted and kept on local disk, not in memory (the first few are).
+        self.tally = Tally(errors=ErrorLog(self.run_id, flagged=unreachable, tmp_dir=spill_dir(self.cfg)))
+        self._plan: ResumePlan | None = None
         self.interrupted = False
         self._stops = Stops()
         self.sources = check_sources(self.cfg)
@@ -122,6 +125,8 @@ class Driver:
         except KeyboardInterrupt:
             self.interrupted = True
             self._stops.request(INTERRUPT)
+        finally:
+            self.tally.errors.close()  # (its counts stay; the local file of errors goes)
         summary = self._summary(started)
         log.info("run %s %s: %d committed, %d skipped, %d failed, %s remaining in %.1f s", self.run_id,
                  "stopped" if self.stopped else "finished", summary["committed"], summary["skipped"],
@@ -201,6 +206,7 @@ class Driver:
     def execute(self, plan: ResumePlan) -> None:
         """Render what ``plan`` leaves; rows found bad on the way are recorded, never rendered."""
         old_handlers = trap_signals(self._on_signal)
+        self._plan = plan
         try:
             if self.stopped is not None:  # stopped while preparing: start nothing
                 pass
@@ -304,9 +310,11 @@ class Driver:
         settled = settle(unit, outcome)
         self._watch.returned(unit)
         self._watch.settled(unit.variant, settled)
+        rows = {row.id: row for row in unit.rows}
         for result in settled.committed:
             if self._writes_log():  # else committed all the same: a re-run's marker check finds it
-                self.ledger.record(result)
+                row = rows.get(result.id)
+                self.ledger.record(result, self._plan.origin(row) if self._plan and row else None)
             if result.already:
                 self.tally.skipped += 1
                 self.tally.already += 1
@@ -391,12 +399,12 @@ class Driver:
         release.join(STOP_GRACE_S)
 
     def _summary(self, started: float) -> dict:
-        errors = self.tally.errors
+        failed = len(self.tally.errors)
         if self._offline:  # rows that could not be stored are not failed, only not done yet
-            errors = [e for e in errors if not unreachable(e)]
+            failed -= self.tally.errors.flagged
         stop = self.stopped
         return {"total": self.tally.total, "committed": self.tally.committed, "skipped": self.tally.skipped,
-                "failed": len(errors), "remaining": self.tally.remaining(len(errors)),
+                "failed": failed, "remaining": self.tally.remaining(failed),
                 "output": self.store.uri, "seconds": round(time.monotonic() - started, 3),
                 "run_id": self.run_id, "interrupted": self.interrupted,
                 "stopped": None if stop in (None, INTERRUPT) else scrub(stop.reason)}

@@ -92,6 +92,12 @@ class Store(ABC):
     def get(self, key: str, max_bytes: int | None = None) -> bytes:
         """Read ``key``; NotFound if missing, TooLarge past ``max_bytes`` (checked while reading)."""
 
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """``length`` bytes of ``key`` from ``start`` (fewer at its end); NotFound if missing.
+        Large tables are read a few columns at a time through this (``tables.open_table``).
+        This default reads the whole object: the implementations read only the range."""
+        return self.get(key)[start:start + length]
+
     @abstractmethod
     def get_versioned(self, key: str, max_bytes: int | None = None) -> Versioned:
         """Read ``key`` with its etag (what a later ``if_match`` names); errors as ``get``."""

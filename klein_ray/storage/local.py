@@ -133,6 +133,15 @@ class LocalStore(Store):
             raise TooLarge(f"{key}: larger than {max_bytes} bytes")
         return data
 
+    def get_range(self, key, start, length):
+        path = self._path(key)
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(start)
+                return fh.read(length)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFound(key) from None
+
     def get_versioned(self, key, max_bytes=None):
         data = self.get(key, max_bytes)
         return Versioned(data, _etag(data))

@@ -183,6 +183,26 @@ class S3Store(Store):
                 raise NotFound(key) from None
             raise _failure(exc)(f"get {self.url_of(key)}: {_describe(exc)}") from exc
 
+    def get_range(self, key, start, length):
+        if length <= 0:
+            return b""
+        full = self._key(key)
+
+        def once() -> bytes:
+            resp = self.client.get_object(Bucket=self.bucket, Key=full, Range=f"bytes={start}-{start + length - 1}")
+            try:
+                return resp["Body"].read()
+            finally:
+                resp["Body"].close()
+        try:
+            return self._retrying(once)
+        except Exception as exc:
+            if _code(exc) in ("NoSuchKey", "404", "NotFound"):
+                raise NotFound(key) from None
+            if _code(exc) in ("InvalidRange", "416"):
+                return b""  # past the end
+            raise _failure(exc)(f"get {self.url_of(key)}: {_describe(exc)}") from exc
+
     def _get_once(self, key: str, max_bytes: int | None) -> Versioned:
         resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
         body = resp["Body"]
