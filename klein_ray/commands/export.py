@@ -23,11 +23,10 @@ from dataclasses import asdict, dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
-import numpy as np
-
 from klein_ray.commands.render import executor_factory
 from klein_ray.config import ConfigError, StorageConfig
-from klein_ray.intake.manifest import Manifest, id_hash
+from klein_ray.intake.manifest import Manifest
+from klein_ray.intake.prescan import find_duplicates
 from klein_ray.intake.schema import row_digest
 from klein_ray.output.export.index import finish, totals
 from klein_ray.output.export.plan import (
@@ -150,7 +149,7 @@ def _check_dest(target: Store, plan: ExportPlan) -> None:
                           "directory or prefix")
 
 
-def _tasks(plan: ExportPlan, manifest: Manifest, duplicates: set[int],
+def _tasks(plan: ExportPlan, manifest: Manifest, duplicates: set[str],
            failures: dict[Any, RowFailure]) -> Iterator[ShardTask]:
     """Shard ``k``: the rows at manifest positions ``[k*N, (k+1)*N)``, streamed."""
     rows: list[ShardRow] = []
@@ -166,26 +165,22 @@ def _tasks(plan: ExportPlan, manifest: Manifest, duplicates: set[int],
         yield ShardTask(plan, index, tuple(rows))
 
 
-def _shard_row(position: int, file: str, row: int, raw: dict[str, Any], duplicates: set[int],
+def _shard_row(position: int, file: str, row: int, raw: dict[str, Any], duplicates: set[str],
                failures: dict[Any, RowFailure]) -> ShardRow:
     row_id = raw.get("id")
     rejected = None
     if not isinstance(row_id, str):
         row_id, rejected = None, "the row has no id"
-    elif id_hash(row_id) in duplicates:
+    elif row_id in duplicates:
         rejected = f"id {row_id!r} occurs more than once in the manifest (render rejects every such row)"
     failure = failures.get(row_id) if row_id is not None else failures.get((PurePosixPath(file).name, row))
     return ShardRow(position, row_id, file, row, row_digest(raw), rejected, failure)
 
 
-def _duplicates(manifest: Manifest) -> set[int]:
-    """Hashes of the ids that occur more than once (8 bytes a row while counting, as render's prescan)."""
-    chunks = [np.fromiter((id_hash(v) for v in batch.column("id").to_pylist() if isinstance(v, str)),
-                          dtype=np.uint64) for batch in manifest.iter_batches(["id"])]
-    if not chunks:
-        return set()
-    values, counts = np.unique(np.concatenate(chunks), return_counts=True)
-    return {int(v) for v in values[counts > 1]}
+def _duplicates(manifest: Manifest) -> set[str]:
+    """The ids that occur more than once: exact (full strings compared), in bounded memory, as
+    render's prescan finds them (``intake.prescan.find_duplicates``)."""
+    return set(find_duplicates(manifest).column("id").to_pylist())
 
 
 def _failures(source: Store) -> dict[Any, RowFailure]:

@@ -233,10 +233,6 @@ def _check_text(batch: pa.RecordBatch, mf: ManifestFile, start: int) -> None:
                                 "UTF-8 text; write the file with UTF-8 strings") from None
 
 
-def id_hash(value: object) -> int:
-    return int.from_bytes(hashlib.blake2b(str(value).encode(), digest_size=8).digest(), "big")
-
-
 def _stat(path: Path) -> tuple[int, int, int]:
     info = path.stat()
     return info.st_size, info.st_mtime_ns, info.st_ino
