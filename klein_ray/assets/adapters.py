@@ -22,11 +22,10 @@ from pathlib import Path
 
 from klein_ray.assets.modelsource import REPO_ID, ModelSourceError, sync_s3_file
 from klein_ray.config import AdapterConfig, ConfigError, JobConfig, StorageConfig
-from klein_ray.storage import StorageError, open_store
+from klein_ray.storage import StorageError, file_sha256, open_store
 from klein_ray.uris import FILE, S3, kind_of, local_path, split_s3
 
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -95,14 +94,6 @@ def identities(cfg: JobConfig) -> dict[str, dict[str, str]]:
             except (ModelSourceError, OSError, ValueError) as exc:
                 raise ConfigError(f"variant {name!r}, adapter {adapter!r}: {exc}") from None
     return found
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _local_file(name: str, cfg: AdapterConfig, cache_dir: str, storage: StorageConfig) -> Path:

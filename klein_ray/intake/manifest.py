@@ -9,7 +9,6 @@ Objects under ``s3://`` are first copied to a private temporary directory, strea
 from __future__ import annotations
 
 import difflib
-import hashlib
 import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,7 @@ import pyarrow.parquet as pq
 
 from klein_ray.config import StorageConfig
 from klein_ray.intake.schema import REQUIRED, type_problem
-from klein_ray.storage import StorageError, Store, open_store
+from klein_ray.storage import StorageError, Store, file_sha256, open_store
 from klein_ray.types import first_line
 from klein_ray.uris import FILE, S3, UriError, is_s3, local_path, parse, split_s3
 
@@ -85,7 +84,7 @@ class Manifest:
         if self._tags is None:
             self._stats = [_stat(f.path) for f in self.files]
             with ThreadPoolExecutor(TAG_THREADS, thread_name_prefix="klein-ray-tag") as pool:
-                self._tags = list(pool.map(lambda f: _sha256_file(f.path), self.files))
+                self._tags = list(pool.map(lambda f: file_sha256(f.path, TAG_CHUNK), self.files))
             if [_stat(f.path) for f in self.files] != self._stats:
                 self._tags = [""] * len(self.files)  # written to while hashed: no tag is sure
         return self._tags
@@ -236,14 +235,6 @@ def _check_text(batch: pa.RecordBatch, mf: ManifestFile, start: int) -> None:
 def _stat(path: Path) -> tuple[int, int, int]:
     info = path.stat()
     return info.st_size, info.st_mtime_ns, info.st_ino
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(TAG_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _relative(uri: str, name: str) -> str:

@@ -21,7 +21,7 @@ from klein_ray.storage.base import (
     Versioned,
     check_key,
 )
-from klein_ray.storage.local import LocalStore
+from klein_ray.storage.local import LocalStore, file_sha256
 from klein_ray.uris import FILE, S3, parse
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "VersionChanged",
     "Versioned",
     "check_key",
+    "file_sha256",
     "open_store",
     "reset_clients",
 ]

@@ -214,16 +214,22 @@ def _etag(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def file_sha256(path: Path, chunk_bytes: int = _CHUNK) -> str:
+    """The sha256 of a local file's content, streamed (the local ETag, a manifest file's content
+    tag, an adapter file's identity); OSError when it cannot be read."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _file_etag(path: Path) -> str | None:
     """The sha256 of the file's content, streamed; None if it is not a file."""
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(_CHUNK):
-                digest.update(chunk)
+        return file_sha256(path)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
-    return digest.hexdigest()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
