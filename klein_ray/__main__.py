@@ -3,24 +3,20 @@ line. A scheduler may stop a job while Python is still importing the CLI's libra
 pyarrow, pydantic take seconds): that stop is an interrupt like any other, exit 130, with the
 summary line `render` promises (nothing had started yet), never a bare 143."""
 
-import signal
 import sys
 
-from klein_ray.startup import interrupted_before_start
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+from klein_ray.startup import interrupted_before_start, own_stop_signals, stop_asked
 
 
 def entry() -> int:
-    try:
-        signal.signal(signal.SIGTERM, _interrupt)
-    except ValueError:  # not the main thread: embedded use keeps its own handlers
-        pass
+    own_stop_signals()
     try:
         from klein_ray.cli import main
     except KeyboardInterrupt:
+        return interrupted_before_start(sys.argv[1:])
+    except Exception:  # a library swallowed the interrupt and broke on the way (see startup)
+        if not stop_asked():
+            raise
         return interrupted_before_start(sys.argv[1:])
     return main()
 

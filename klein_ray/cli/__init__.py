@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from klein_ray.intake.manifest import ManifestError
 from klein_ray.output.lease import LeaseHeld
 from klein_ray.scheduling.driver import EXIT_INTERRUPTED, EXIT_INVALID, EXIT_TEMPFAIL, RenderJob
 from klein_ray.scheduling.stopping import TRY_LATER
-from klein_ray.startup import interrupted_before_start
+from klein_ray.startup import interrupted_before_start, own_stop_signals, stop_asked
 from klein_ray.storage import StorageError
 from klein_ray.storage.base import StorageUnavailable
 from klein_ray.uris import scrub
@@ -137,19 +136,6 @@ def _setup_parsers(sub) -> None:
     lora.add_argument("--seed", type=int, default=0)
 
 
-def _terminate_like_interrupt() -> None:
-    """SIGTERM (a scheduler stopping the job) is Ctrl-C from the first instant: whatever is held
-    (the output's lease) is released on the way out and the exit code is 130, never a bare 143.
-    While rendering, the driver installs its own handler, which lets in-flight commits land."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread: embedded use keeps its own handlers
-        pass
-
-
 class Scrubbed(logging.Filter):
     """Every log line through ``uris.scrub``: no URL's query, userinfo or credential, whatever
     a library's message quoted."""
@@ -203,7 +189,7 @@ def configure_logging(level: int = logging.INFO, fmt: str | None = None) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
-    _terminate_like_interrupt()
+    own_stop_signals()  # (again: `main` is also called without `python -m klein_ray`)
     args = _parser().parse_args(argv)
     configure_logging(fmt=args.log_format)
     code = _run(args)
@@ -234,18 +220,28 @@ def _run(args) -> int:
         print(f"klein-ray: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return EXIT_INVALID
     except KeyboardInterrupt:
-        print("klein-ray: interrupted; re-run the same command to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _interrupted(args.command)
+    except Exception:
+        if not stop_asked():
+            raise
+        # A library swallowed the interrupt and failed after it (see ``startup``): the stop is
+        # what happened, the failure only its echo.
+        logging.getLogger(__name__).debug("failed after a stop was asked", exc_info=True)
+        return _interrupted(args.command)
+
+
+def _interrupted(command: str) -> int:
+    if command == "render":  # before the driver ran: its run() turns later stops into a summary
+        return interrupted_before_start([command])
+    print("klein-ray: interrupted; re-run the same command to resume", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def cmd_render(args) -> int:
-    try:
-        config = load_config(args.config)
-        job = RenderJob(args.manifest, args.output, config, verify_first=args.verify,
-                        rerender_outdated=args.rerender_outdated)
-        summary, code = render(job, args.executor, args.address, progress=not args.no_progress)
-    except KeyboardInterrupt:  # before the driver ran (its run() turns later ones into a summary)
-        return interrupted_before_start(["render"])
+    config = load_config(args.config)
+    job = RenderJob(args.manifest, args.output, config, verify_first=args.verify,
+                    rerender_outdated=args.rerender_outdated)
+    summary, code = render(job, args.executor, args.address, progress=not args.no_progress)
     print(json.dumps(summary), flush=True)
     return code
 

@@ -55,6 +55,7 @@ from klein_ray.scheduling.stopping import (  # the exit codes are the driver's A
     unreachable,
 )
 from klein_ray.scheduling.telemetry import Progress, RunWatch, Silent, counts
+from klein_ray.startup import stop_asked
 from klein_ray.storage import StorageError, open_store
 from klein_ray.storage.base import StorageUnavailable
 from klein_ray.types import RowError, RowSpec, UnitOutcome, WorkUnit, first_line
@@ -206,6 +207,9 @@ class Driver:
     def execute(self, plan: ResumePlan) -> None:
         """Render what ``plan`` leaves; rows found bad on the way are recorded, never rendered."""
         old_handlers = trap_signals(self._on_signal)
+        if stop_asked():  # before this handler, its interrupt swallowed by a library (see startup)
+            self.interrupted = True
+            self._stops.request(INTERRUPT)
         self._plan = plan
         try:
             if self.stopped is not None:  # stopped while preparing: start nothing
