@@ -15,9 +15,9 @@ Goal checked: the driver's planning path stays under 1 GB and is flat in rows. N
 2. For each manifest, in a fresh child process and without Ray, runs the driver's planning path
    in ``Driver.run``'s order through its real code:
        Driver(RenderJob(...))   (config, local output store, run id)
-       Manifest(...) open  ->  driver.ledger.done() on the empty local output  ->  prescan(...)
-       ->  driver.units(ResumePlan(...)) (Planner over Driver.rows), consumed to the
-       end (units and rows counted)
+       Manifest(...) open  ->  driver.prepare(manifest) on the empty local output (the
+       prescan: counts, exact duplicates, the committed set's marks)  ->  driver.units(plan)
+       (Planner over Driver.rows), consumed to the end (units and rows counted)
    while sampling RSS every ``--sample-ms`` from a psutil thread; the child also reports the
    kernel's peak, ``VmHWM`` from /proc/self/status (imports included), and
    ``resource.getrusage(RUSAGE_SELF).ru_maxrss``, which on Linux also counts the parent's RSS at
@@ -108,8 +108,8 @@ def child(manifest: str, output: str, sample_ms: float) -> dict:
     import psutil
 
     from klein_ray.config import JobConfig, VariantConfig
-    from klein_ray.intake.manifest import Manifest, prescan
-    from klein_ray.scheduling.driver import Driver, RenderJob, ResumePlan
+    from klein_ray.intake.manifest import Manifest
+    from klein_ray.scheduling.driver import Driver, RenderJob
 
     proc = psutil.Process()
     peak = {"rss": proc.memory_info().rss}
@@ -131,26 +131,25 @@ def child(manifest: str, output: str, sample_ms: float) -> dict:
     t0 = time.perf_counter()
     driver = Driver(RenderJob(manifest, output, cfg), executor=_renders_nothing)
     with Manifest(manifest, driver.cfg.storage) as m:
-        done = driver.ledger.done()
         t1 = time.perf_counter()
-        duplicates, pending = prescan(m, driver.cfg.default_variant, done.mask)
+        plan = driver.prepare(m)  # what a run does first: the prescan and the committed set
         t2 = time.perf_counter()
         rss_after_prescan = proc.memory_info().rss
         peak_prescan = peak["rss"]
         units = rows = full = 0
-        plan = ResumePlan(m, done, duplicates, pending, output_was_empty=False, log=None)
         for unit in driver.units(plan):
             units += 1
             rows += unit.size
             full += unit.size == 4
         t3 = time.perf_counter()
         total = m.total_rows
+        duplicates, pending = plan.scan.duplicates, plan.scan.to_render
     stop.set()
     thread.join()
     return {
         "manifest_rows": total, "planned_rows": rows, "units": units, "full_units": full,
         "errors": len(driver.tally.errors), "skipped": driver.tally.skipped,
-        "duplicates": len(duplicates), "pending": sum(pending.values()),
+        "duplicates": duplicates, "pending": pending,
         "rss_after_imports": rss_imports, "rss_after_prescan": rss_after_prescan,
         "peak_rss_prescan_sampled": peak_prescan, "peak_rss_sampled": peak["rss"],
         "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

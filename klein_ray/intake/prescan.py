@@ -49,7 +49,7 @@ class Prescan:
 
 
 def id_hash(value: object) -> int:
-    """An 8-byte hash of one id (the catalog's expansion and reroll key their ids by it)."""
+    """An 8-byte hash of one id (the catalog's reroll keys the ids it avoids by it)."""
     return int.from_bytes(hashlib.blake2b(str(value).encode(), digest_size=8).digest(), "big")
 
 
