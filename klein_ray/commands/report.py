@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from klein_ray.config import ConfigError, StorageConfig
 from klein_ray.output import layout
@@ -21,8 +22,7 @@ from klein_ray.output.lease import LeaseRecord
 from klein_ray.output.ledger import Ledger
 from klein_ray.output.report import build_report
 from klein_ray.output.review import group_value
-from klein_ray.storage import NotFound, open_store
-from klein_ray.uris import FILE, S3, UriError, parse
+from klein_ray.storage import NotFound, file_destination, open_store
 
 log = logging.getLogger(__name__)
 HTML = "text/html; charset=utf-8"
@@ -80,20 +80,15 @@ def _put(store, dest: str | None, page: bytes, storage: StorageConfig) -> str:
                         store.uri)
         store.put(layout.REPORT, page, content_type=HTML)
         return store.url_of(layout.REPORT)
-    try:
-        where = parse(dest, accept=(S3, FILE), what="report destination")
-    except UriError as exc:
-        raise ConfigError(str(exc)) from None
-    if where.kind == S3:
-        root, _, key = where.uri.rpartition("/")
+    root, key = file_destination(dest, "report destination", "review.html")
+    if root.startswith("s3://"):
         target = open_store(root, storage)
         target.put(key, page, content_type=HTML)
         return target.url_of(key)
-    if where.path is None or where.path.is_dir():
-        raise ConfigError(f"report destination {dest}: a directory; name the file (e.g. review.html)")
-    where.path.parent.mkdir(parents=True, exist_ok=True)
-    where.path.write_bytes(page)
-    return str(where.path)
+    path = Path(root) / key  # a plain file: no store's sidecar beside the user's page
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(page)
+    return str(path)
 
 
 def _lease_held(store) -> bool:

@@ -7,7 +7,7 @@ Every S3 call of the project goes through a ``Store``, so retries and error tran
 
 from __future__ import annotations
 
-from klein_ray.config import StorageConfig
+from klein_ray.config import ConfigError, StorageConfig
 from klein_ray.storage.base import (
     AlreadyExists,
     ConditionFailed,
@@ -22,7 +22,7 @@ from klein_ray.storage.base import (
     check_key,
 )
 from klein_ray.storage.local import LocalStore, file_sha256
-from klein_ray.uris import FILE, S3, parse
+from klein_ray.uris import FILE, S3, UriError, parse
 
 __all__ = [
     "AlreadyExists",
@@ -37,6 +37,7 @@ __all__ = [
     "VersionChanged",
     "Versioned",
     "check_key",
+    "file_destination",
     "file_sha256",
     "open_store",
     "reset_clients",
@@ -52,6 +53,25 @@ def open_store(uri: str, cfg: StorageConfig | None = None) -> Store:
 
         return S3Store(where.uri, cfg or StorageConfig())
     return LocalStore(where.path or uri)
+
+
+def file_destination(uri: str, what: str, example: str) -> tuple[str, str]:
+    """Where one named file goes: (the store's root URI, the key), for a local path or an
+    ``s3://bucket/key``. ConfigError naming ``what`` for a directory, a bucket without a key or
+    another scheme (``example``: a file name to suggest)."""
+    try:
+        where = parse(uri, accept=(S3, FILE), what=what)
+    except UriError as exc:
+        raise ConfigError(str(exc)) from None
+    if where.kind == S3:
+        root, _, key = where.uri.rpartition("/")
+        if not where.key or root == "s3:/" or uri.endswith("/"):
+            raise ConfigError(f"{what} {uri}: expected s3://bucket/{example}")
+        return root, key
+    assert where.path is not None
+    if where.path.is_dir() or uri.endswith("/"):
+        raise ConfigError(f"{what} {uri}: a directory; name the file (e.g. {example})")
+    return str(where.path.parent), where.path.name
 
 
 def reset_clients() -> None:

@@ -19,31 +19,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from klein_ray.config import ConfigError, StorageConfig
-from klein_ray.storage import open_store
-from klein_ray.uris import FILE, S3, UriError, parse
+from klein_ray.config import StorageConfig
+from klein_ray.storage import file_destination, open_store
 
 ROW_GROUP_ROWS = 65_536
 BATCH_ROWS = 8_192
 PARQUET_TYPE = "application/vnd.apache.parquet"
-
-
-def destination(uri: str) -> tuple[str, str]:
-    """Where a manifest file goes: (the store's root URI, the key), for a local path or an
-    ``s3://bucket/key``. ConfigError for a directory or an unsupported scheme."""
-    try:
-        where = parse(uri, accept=(S3, FILE), what="manifest destination")
-    except UriError as exc:
-        raise ConfigError(str(exc)) from None
-    if where.kind == S3:
-        root, _, key = where.uri.rpartition("/")
-        if not where.key or root == "s3:/" or uri.endswith("/"):
-            raise ConfigError(f"manifest destination {uri}: expected s3://bucket/name.parquet")
-        return root, key
-    assert where.path is not None
-    if where.path.is_dir() or uri.endswith("/"):
-        raise ConfigError(f"manifest destination {uri}: a directory; name the file (e.g. manifest.parquet)")
-    return str(where.path.parent), where.path.name
 
 
 class ManifestWriter:
@@ -52,7 +33,7 @@ class ManifestWriter:
 
     def __init__(self, schema: pa.Schema, dest: str, storage: StorageConfig | None = None):
         self.schema = schema
-        self.root, self.key = destination(dest)
+        self.root, self.key = file_destination(dest, "manifest destination", "manifest.parquet")
         self.storage = storage or StorageConfig()
         self.rows = 0
         self._tmp = Path(tempfile.mkdtemp(prefix="klein-ray-manifest-"))
