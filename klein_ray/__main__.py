@@ -51,9 +51,12 @@ def command() -> int:
 def end_process(code: int) -> None:
     """What Python's exit does, less the interpreter's teardown (see the module's docstring):
     end thread pools and wait for the threads that are not daemons, run the exit functions,
-    flush, exit ``code``."""
-    threading._shutdown()  # type: ignore[attr-defined]  # the interpreter's own first step: it
-    # also tells idle thread pools left open to end, which joining their threads would wait on
+    flush, exit ``code``. A stop that arrives meanwhile cuts the wait short, not the status."""
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]  # the interpreter's own first step:
+        # it also tells idle thread pools left open to end, which joining them would wait on
+    except KeyboardInterrupt:  # a stop once the command has ended: only the wait is left to stop
+        pass
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

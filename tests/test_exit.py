@@ -5,7 +5,8 @@ aborted `klein-ray verify` after it had printed "0 broken" (exit -6, about once 
 loaded machine). The race is not ours to time, so these tests force its outcome: a library
 object that aborts the process when the interpreter's teardown destroys it. The command's
 status must stand, and what Python's exit does that a user relies on must still happen: exit
-functions run, a thread still writing finishes, a thread pool left open does not hang the exit.
+functions run, a thread still writing finishes, a thread pool left open does not hang the exit;
+a stop that arrives while the exit waits on a thread ends the wait, not the status.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ _SCRIPT = textwrap.dedent("""
         (tmp / "thread-finished").touch()
 
     threading.Thread(target=finish_writing).start()
+    {extra}
 
     sys.argv = ["klein-ray", "verify", str(tmp / "not-an-output")]
     from klein_ray.__main__ import {entry}
@@ -51,8 +53,22 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run(tmp_path: Path, entry: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", _SCRIPT.replace("{entry}", entry), str(tmp_path)],
+# A thread that never ends, and stops the process once the exit is waiting on it (the main
+# thread is marked ended when Python's thread shutdown begins): the stop lands in the wait.
+_STOPS_THE_WAIT = textwrap.dedent("""
+    import signal
+    def stop_the_wait():
+        while threading.main_thread().is_alive():
+            time.sleep(0.01)  # (polls a state; the order is forced by the state, not the time)
+        os.kill(os.getpid(), signal.SIGTERM)
+        threading.Event().wait()
+    threading.Thread(target=stop_the_wait).start()
+""")
+
+
+def _run(tmp_path: Path, entry: str, extra: str = "") -> subprocess.CompletedProcess:
+    script = _SCRIPT.replace("{entry}", entry).replace("{extra}", extra)
+    return subprocess.run([sys.executable, "-c", script, str(tmp_path)],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
 
 
@@ -69,3 +85,9 @@ def test_without_the_cli_s_exit_the_same_process_aborts(tmp_path):
     done = _run(tmp_path, "command")
     assert done.returncode == -6, (done.returncode, done.stderr[-2000:])
     assert "no klein-ray output" in done.stderr  # the command had finished and said so
+
+
+def test_a_stop_while_the_exit_waits_on_a_thread_ends_the_wait_not_the_status(tmp_path):
+    done = _run(tmp_path, "entry", _STOPS_THE_WAIT)
+    assert done.returncode == EXIT_INVALID, done.stderr[-2000:]
+    assert (tmp_path / "exit-function-ran").exists()
