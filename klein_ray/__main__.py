@@ -9,21 +9,24 @@ Once the command has decided its exit status and printed its result, the process
 tearing the interpreter down. Native libraries keep threads of their own (pyarrow's Parquet
 readers do), and one still alive while the interpreter and the C++ runtime are destroyed aborts
 the process: `verify` printed "0 broken" and exited -6 (SIGABRT, "terminate called without an
-active exception"), about once in 40 runs on a loaded machine. A scheduler reads that as a failed
-job. The exit functions (Ray's shutdown, logging's flush, temporary directories' removal) still
-run, and the threads a command left running are still waited for, as Python's own exit would.
+active exception"), about once in 40 runs on a loaded machine; and `render --executor local`
+whose hung units were still inside torch exited 134. A scheduler reads either as a failed job.
+The exit functions (Ray's shutdown, logging's flush, temporary directories' removal) still run,
+and the threads a command left running are still waited for (daemons aside), as Python's own
+exit would.
 """
 
 import atexit
 import os
 import sys
 import threading
+from typing import NoReturn
 
 from klein_ray.startup import interrupted_before_start, own_stop_signals, stop_asked
 
 
-def entry() -> int:
-    """Run the command and end the process with its exit status (never returns)."""
+def entry() -> NoReturn:
+    """Run the command and end the process with its exit status."""
     try:
         code = command()
     except SystemExit as stop:  # argparse's --help and usage errors
@@ -31,7 +34,6 @@ def entry() -> int:
             raise  # a message to print: Python's own exit prints it
         code = stop.code or 0
     end_process(code)
-    return code  # (not reached; the console script's wrapper expects an int)
 
 
 def command() -> int:
@@ -48,7 +50,7 @@ def command() -> int:
     return main()
 
 
-def end_process(code: int) -> None:
+def end_process(code: int) -> NoReturn:
     """What Python's exit does, less the interpreter's teardown (see the module's docstring):
     end thread pools and wait for the threads that are not daemons, run the exit functions,
     flush, exit ``code``. A stop that arrives meanwhile cuts the wait short, not the status."""
@@ -67,4 +69,4 @@ def end_process(code: int) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(entry())
+    entry()

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from klein_ray.cli import datasets
-from klein_ray.commands.render import EXECUTORS, render, units_left_running
+from klein_ray.commands.render import EXECUTORS, render
 from klein_ray.config import ConfigError, load_config
 from klein_ray.intake.manifest import ManifestError
 from klein_ray.output.lease import LeaseHeld
@@ -192,15 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     own_stop_signals()  # (again: `main` is also called without `python -m klein_ray`)
     args = _parser().parse_args(argv)
     configure_logging(fmt=args.log_format)
-    code = _run(args)
-    if args.command in ("render", "demo") and units_left_running():
-        # `--executor local` left units on threads (hung, or cut off by a stop): exiting the
-        # usual way would kill them inside torch and abort with 134. Everything is written.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        logging.shutdown()
-        os._exit(code)
-    return code
+    return _run(args)
 
 
 def _run(args) -> int:

@@ -48,14 +48,6 @@ def progress_bar(enabled: bool) -> Callable[[int], Progress]:
     return make
 
 
-def units_left_running() -> bool:
-    """Whether the in-process executor left units running on threads (a hung worker's, or units
-    a stop cut off). Threads cannot be killed, and one cut off inside torch as the interpreter
-    exits aborts the process (exit 134), so the CLI then ends it with ``os._exit``."""
-    inprocess = sys.modules.get("klein_ray.executors.inprocess")  # only if a run used it
-    return bool(inprocess is not None and inprocess.units_running())
-
-
 def render(job: RenderJob, executor: str = "ray", address: str | None = None,
            progress: bool = True) -> tuple[dict, int]:
     """Render ``job``; returns (summary, exit code)."""

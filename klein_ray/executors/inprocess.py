@@ -14,8 +14,8 @@ hangs past ``run.unit_timeout_s`` is abandoned (its thread and its model's memor
 they return or the process exits) and a fresh worker is built for its slot; whatever the
 abandoned call returns later is dropped. Unit threads are daemons, so neither a hung call nor a
 unit still in flight when a run stops keeps the process from exiting; but a thread cut off
-inside torch as the interpreter exits aborts it, so the CLI ends a process that still has unit
-threads (``units_running``) with ``os._exit`` (the commit protocol makes a commit cut short
+inside torch as the interpreter is torn down aborts it (exit 134), so the CLI ends its process
+without that teardown (``klein_ray.__main__``; the commit protocol makes a commit cut short
 harmless). A crash takes the driver with it, and ``num_cpus`` / ``num_gpus`` reserve nothing
 (every worker uses this process's device and its torch threads).
 """
@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ThreadPoolExecutor, wait
@@ -34,13 +33,6 @@ from klein_ray.executors.base import Outcome, PoolExecutor, WorkerFailed
 from klein_ray.types import WorkUnit
 from klein_ray.worker.render import RenderWorker
 from klein_ray.worker.spec import WorkerSpec
-
-_unit_threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
-
-
-def units_running() -> int:
-    """Unit threads of this process still running: hung, abandoned, or cut off by a stop."""
-    return sum(1 for thread in list(_unit_threads) if thread.is_alive())
 
 
 class InProcessExecutor(PoolExecutor):
@@ -115,6 +107,5 @@ def _on_daemon_thread(fn: Callable[[WorkUnit], Outcome], unit: WorkUnit, name: s
             future.set_exception(exc)
 
     thread = threading.Thread(target=run, name=name, daemon=True)
-    _unit_threads.add(thread)
     thread.start()
     return future
